@@ -1,0 +1,3 @@
+from adiuva_server.cli import main
+
+main()

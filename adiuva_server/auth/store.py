@@ -1,0 +1,170 @@
+"""Account metadata: users and refresh-token families.
+
+`AccountStore` is the interface the services use; `SQLiteAccountStore` is the embedded
+implementation. No SQL lives outside this module for accounts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+import sqlean
+
+from adiuva_server import errors
+from adiuva_server.db import Database
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    email: str
+    tier: str
+    is_admin: bool
+    disabled: bool
+    session_version: int
+    created_at: str
+    password_hash: str = ""
+
+    @classmethod
+    def from_row(cls, row) -> User:
+        return cls(
+            id=row["id"],
+            email=row["email"],
+            tier=row["tier"],
+            is_admin=bool(row["is_admin"]),
+            disabled=bool(row["disabled"]),
+            session_version=row["session_version"],
+            created_at=row["created_at"],
+            password_hash=row["password_hash"],
+        )
+
+
+class Rotation(enum.Enum):
+    ROTATED = "rotated"
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    REUSED = "reused"  # the family has now been revoked
+    USER_INACTIVE = "user_inactive"
+
+
+class AccountStore(Protocol):
+    def auth_state(self, user_id: str) -> User | None:
+        """Synchronous, hot path: the user's current tier and account state."""
+
+    async def get_by_email(self, email: str) -> User | None: ...
+    async def get_by_id(self, user_id: str) -> User | None: ...
+    async def list_users(self) -> list[User]: ...
+    async def create_user(self, email: str, password_hash: str, tier: str, admin: bool | None) -> User:
+        """admin=None: admin only if this is the first user. Raises EmailTaken."""
+    async def update_user(self, email: str, **changes) -> User:
+        """tier / disabled / password_hash; disabling or a new password ends all sessions."""
+    async def delete_user(self, email: str) -> None: ...
+    async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int) -> None: ...
+    async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int) -> tuple[Rotation, User | None]: ...
+    async def purge_expired_sessions(self, now: int) -> int: ...
+
+
+_USER_COLUMNS = "id, email, tier, is_admin, disabled, session_version, created_at, password_hash"
+
+
+class SQLiteAccountStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def auth_state(self, user_id: str) -> User | None:
+        row = self.db.lookup(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        return None if row is None else User.from_row(row)
+
+    async def get_by_email(self, email: str) -> User | None:
+        row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE email = ?", (email,))
+        return None if row is None else User.from_row(row)
+
+    async def get_by_id(self, user_id: str) -> User | None:
+        row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        return None if row is None else User.from_row(row)
+
+    async def list_users(self) -> list[User]:
+        rows = await self.db.fetchall(f"SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, email")
+        return [User.from_row(r) for r in rows]
+
+    async def create_user(self, email: str, password_hash: str, tier: str, admin: bool | None) -> User:
+        user_id = str(uuid.uuid4())
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        async with self.db.write() as conn:
+            if admin is None:
+                async with conn.execute("SELECT EXISTS (SELECT 1 FROM users)") as cur:
+                    admin = not (await cur.fetchone())[0]
+            try:
+                await conn.execute(
+                    "INSERT INTO users (id, email, password_hash, tier, is_admin, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (user_id, email, password_hash, tier, int(admin), created),
+                )
+            except sqlean.IntegrityError:
+                raise errors.EmailTaken() from None
+        return User(user_id, email, tier, bool(admin), False, 0, created, password_hash)
+
+    async def update_user(self, email: str, **changes) -> User:
+        allowed = {"tier", "disabled", "password_hash", "is_admin"}
+        if not changes or set(changes) - allowed:
+            raise ValueError(f"unsupported changes: {sorted(set(changes) - allowed)}")
+        ends_sessions = "password_hash" in changes or changes.get("disabled")
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        if ends_sessions:
+            sets += ", session_version = session_version + 1"
+        async with self.db.write() as conn:
+            async with conn.execute(
+                f"UPDATE users SET {sets} WHERE email = ? RETURNING {_USER_COLUMNS}", (*changes.values(), email)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise errors.NotFound(f"no user with email {email}")
+            if ends_sessions:
+                await conn.execute("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?", (row["id"],))
+        return User.from_row(row)
+
+    async def delete_user(self, email: str) -> None:
+        # Refresh tokens go with the user (ON DELETE CASCADE); so will every later feature's rows.
+        async with self.db.write() as conn:
+            cur = await conn.execute("DELETE FROM users WHERE email = ?", (email,))
+            if cur.rowcount == 0:
+                raise errors.NotFound(f"no user with email {email}")
+
+    async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int) -> None:
+        await self.db.execute_write(
+            "INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (token_hash, family_id, user_id, now, expires_at),
+        )
+
+    async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int) -> tuple[Rotation, User | None]:
+        # One transaction: two concurrent refreshes with the same token cannot both succeed.
+        async with self.db.write() as conn:
+            async with conn.execute(
+                "SELECT family_id, user_id, expires_at, used_at, revoked FROM refresh_tokens WHERE token_hash = ?",
+                (old_hash,),
+            ) as cur:
+                token = await cur.fetchone()
+            if token is None:
+                return Rotation.UNKNOWN, None
+            if token["used_at"] is not None or token["revoked"]:
+                await conn.execute("UPDATE refresh_tokens SET revoked = 1 WHERE family_id = ?", (token["family_id"],))
+                return Rotation.REUSED, None
+            if token["expires_at"] <= now:
+                return Rotation.EXPIRED, None
+            async with conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (token["user_id"],)) as cur:
+                row = await cur.fetchone()
+            if row is None or row["disabled"]:
+                return Rotation.USER_INACTIVE, None
+            await conn.execute("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?", (now, old_hash))
+            await conn.execute(
+                "INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (new_hash, token["family_id"], token["user_id"], now, expires_at),
+            )
+            return Rotation.ROTATED, User.from_row(row)
+
+    async def purge_expired_sessions(self, now: int) -> int:
+        # Used tokens are kept until they expire: that is what makes reuse detectable.
+        return await self.db.execute_write("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,))

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+
+from adiuva_server import errors
+from adiuva_server.config import Settings, ensure_data_dir
+
+T = TypeVar("T")
+
+DataDirOption = Annotated[
+    Optional[Path],
+    typer.Option("--data-dir", help="Data directory (ADIUVA_DATA_DIR; default: the platform's user data dir).", show_default=False),
+]
+
+# Exit codes: 0 ok, 1 the operation failed (unknown user, taken email, ...), 2 bad input.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_settings(**overrides) -> Settings:
+    try:
+        return ensure_data_dir(Settings.from_env(**overrides))
+    except errors.ConfigError as exc:
+        fail(exc.detail, EXIT_USAGE)
+        raise  # unreachable
+
+
+def run_with_db(settings: Settings, fn: Callable[..., Awaitable[T]]) -> T:
+    """Open the database (migrating it if needed), run `fn(db)`, close; domain errors become
+    a message on stderr and an exit code."""
+    from adiuva_server.db import Database
+
+    async def go() -> T:
+        db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1)
+        try:
+            return await fn(db)
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(go())
+    except errors.ValidationError as exc:
+        fail(exc.detail, EXIT_USAGE)
+    except errors.AdiuvaError as exc:
+        fail(exc.detail, EXIT_FAILED)
+    raise AssertionError("unreachable")

@@ -1,0 +1,103 @@
+"""`adiuva serve`: run the server in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from adiuva_server import __version__
+from adiuva_server.app import create_app
+from adiuva_server.config import Settings
+from adiuva_server.keys import SETTINGS
+
+log = logging.getLogger("adiuva")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, without the query string: `?token=` must never reach a log."""
+
+    def log(self, request, response, time) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %d %.1fms', request.remote, request.method, request.path,
+            response.status, response.body_length, time * 1000,
+        )
+
+
+def lan_addresses() -> list[str]:
+    """This host's non-loopback IP addresses, best guess first (no packet is sent)."""
+    found: list[str] = []
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))  # UDP connect only picks the outgoing interface
+                found.append(s.getsockname()[0])
+        except OSError:
+            pass
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            found.append(info[4][0])
+    except OSError:
+        pass
+    result = []
+    for addr in found:
+        try:
+            ip = ipaddress.ip_address(addr.split("%", 1)[0])
+        except ValueError:
+            continue
+        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified) and str(ip) not in result:
+            result.append(str(ip))
+    return result
+
+
+def urls(host: str, port: int, scheme: str = "http") -> list[str]:
+    def fmt(addr: str) -> str:
+        return f"{scheme}://[{addr}]:{port}" if ":" in addr else f"{scheme}://{addr}:{port}"
+
+    if host in ("0.0.0.0", "::", ""):
+        wildcard_v6 = host == "::"
+        addrs = [a for a in lan_addresses() if wildcard_v6 or ":" not in a]
+        return [fmt(a) for a in addrs] + [fmt("127.0.0.1")]
+    return [fmt(host)]
+
+
+def run(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings) -> None:
+    """Start, announce the URLs once the socket listens, wait for SIGINT/SIGTERM, then stop
+    accepting, let in-flight requests finish (up to shutdown_timeout) and close the database."""
+    app = create_app(settings)
+    settings = app[SETTINGS]
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        port = settings.port or runner.addresses[0][1]
+        lines = [f"Adiuva server {__version__} is running.", f"  data dir: {settings.data_dir}",
+                 "  Point the Adiuva desktop app at:"]
+        lines += [f"    {u}" for u in urls(settings.host, port)]
+        if settings.signups_open:
+            lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
+        print("\n".join(lines), flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+    log.info("stopped cleanly")

@@ -1,0 +1,114 @@
+"""`adiuva user ...`: account administration, safe while the server runs (every change is one
+SQLite transaction; the server reads tier and account state on every request)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from adiuva_server.cli.common import DataDirOption, load_settings, run_with_db
+
+app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
+
+
+def _admin(settings, db):
+    from adiuva_server.auth.passwords import PasswordHasher
+    from adiuva_server.auth.service import UserAdmin
+    from adiuva_server.auth.store import SQLiteAccountStore
+
+    return UserAdmin(settings, SQLiteAccountStore(db), PasswordHasher(settings))
+
+
+def _do(data_dir, op):
+    settings = load_settings(data_dir=data_dir)
+
+    async def go(db):
+        return await op(_admin(settings, db))
+
+    return run_with_db(settings, go)
+
+
+@app.command("add")
+def add(
+    email: str,
+    password: Annotated[Optional[str], typer.Option(help="The password; generated and printed once when omitted.")] = None,
+    tier: Annotated[Optional[str], typer.Option(help="free, pro, power or team (default: ADIUVA_DEFAULT_TIER).")] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="Make the user an admin.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Create an account."""
+    user, generated = _do(data_dir, lambda a: a.add(email, password, tier, admin))
+    typer.echo(f"created {user.email} (tier {user.tier}{', admin' if user.is_admin else ''}) id {user.id}")
+    if generated:
+        typer.echo(f"password: {generated}")
+
+
+@app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List accounts."""
+    users = _do(data_dir, lambda a: a.list())
+    if as_json:
+        for u in users:
+            typer.echo(json.dumps({"id": u.id, "email": u.email, "tier": u.tier, "admin": u.is_admin,
+                                   "disabled": u.disabled, "created_at": u.created_at}))
+        return
+    if not users:
+        typer.echo("no users")
+        return
+    width = max(len(u.email) for u in users)
+    typer.echo(f"{'EMAIL':<{width}}  TIER   ADMIN  STATE     CREATED")
+    for u in users:
+        state = "disabled" if u.disabled else "active"
+        typer.echo(f"{u.email:<{width}}  {u.tier:<5}  {'yes' if u.is_admin else 'no':<5}  {state:<8}  {u.created_at}")
+
+
+@app.command("passwd")
+def passwd(
+    email: str,
+    password: Annotated[Optional[str], typer.Option(help="The new password; asked for when omitted.")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Set a user's password. Signs the user out everywhere."""
+    if password is None:
+        password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+    user = _do(data_dir, lambda a: a.set_password(email, password))
+    typer.echo(f"password changed for {user.email}; its sessions were ended")
+
+
+@app.command("set-tier")
+def set_tier(email: str, tier: str, data_dir: DataDirOption = None) -> None:
+    """Set a user's tier (free, pro, power, team); takes effect on the user's next request."""
+    user = _do(data_dir, lambda a: a.set_tier(email, tier))
+    typer.echo(f"{user.email} is now on the {user.tier} tier")
+
+
+@app.command("disable")
+def disable(email: str, data_dir: DataDirOption = None) -> None:
+    """Disable an account: its tokens stop working at once and it cannot sign in."""
+    user = _do(data_dir, lambda a: a.set_disabled(email, True))
+    typer.echo(f"{user.email} disabled")
+
+
+@app.command("enable")
+def enable(email: str, data_dir: DataDirOption = None) -> None:
+    """Enable a disabled account."""
+    user = _do(data_dir, lambda a: a.set_disabled(email, False))
+    typer.echo(f"{user.email} enabled")
+
+
+@app.command("delete")
+def delete(
+    email: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Delete an account and everything it owns."""
+    if not yes:
+        typer.confirm(f"Delete {email} and all of its data?", abort=True)
+    _do(data_dir, lambda a: a.delete(email))
+    typer.echo(f"{email.strip().lower()} deleted")

@@ -1,0 +1,218 @@
+"""Settings: read once at start from the environment (the seed's names plus ADIUVA_*).
+
+Every value is validated here so that a bad setting fails at start with a clear message,
+never later in a request. `Settings` is immutable and passed to `create_app`; nothing reads
+the environment after this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from adiuva_server.errors import ConfigError
+
+TIERS = ("free", "pro", "power", "team")
+DEFAULT_CORS_ORIGINS = ("app://.", "http://localhost:3000", "http://localhost:5173")
+JWT_SECRET_FILE = "jwt_secret"
+MIN_SECRET_BYTES = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 8000
+    env: str = "prod"
+    log_level: str = "INFO"
+    jwt_secret: str | None = None  # resolved by `ensure_data_dir` when unset
+    jwt_algorithm: str = "HS256"
+    access_token_minutes: int = 30
+    refresh_token_days: int = 30
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    signups_open: bool = True
+    default_tier: str = "free"
+    password_min_length: int = 8
+    # argon2id cost (OWASP's recommended minimum by default: 19 MiB, t=2, p=1, ~18 ms here).
+    argon2_memory_kib: int = 19 * 1024
+    argon2_time_cost: int = 2
+    argon2_parallelism: int = 1
+    max_concurrent_hashes: int = 0  # 0: one per CPU
+    # "full": every acknowledged write survives power loss; "normal": survives a crash of the
+    # process (kill -9) but the last commits may be lost on power loss. Faster writes.
+    sqlite_synchronous: str = "full"
+    rate_limits: Mapping[str, int] = dataclasses.field(
+        default_factory=lambda: {"free": 20, "pro": 60, "power": 120, "team": 200}
+    )
+    rate_window_seconds: float = 60.0
+    # Password guessing: failures per client address and per account inside the window
+    # before login answers 429 until the window slides on (a back-off, never a permanent ban).
+    login_failures_per_address: int = 20
+    login_failures_per_account: int = 10
+    login_failure_window_seconds: float = 900.0
+    registrations_per_address: int = 10
+    registration_window_seconds: float = 3600.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    llm_model: str = "ollama/llama3.2"
+    llm_router_model: str = "ollama/llama3.2"
+    stripe_secret_key: str = dataclasses.field(default="", repr=False)
+    stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
+    shutdown_timeout: float = 15.0
+
+    def __repr__(self) -> str:  # never print the secret
+        fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
+        return "Settings(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in fields) + ")"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "adiuva.db"
+
+    @property
+    def dev(self) -> bool:
+        return self.env == "dev"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `environ` (default: os.environ); keyword overrides win
+        (they come from CLI flags). Raises ConfigError naming the variable at fault."""
+        env = dict(os.environ if environ is None else environ)
+        r = _Reader(env)
+        values: dict[str, Any] = {
+            "data_dir": Path(
+                env.get("ADIUVA_DATA_DIR") or platformdirs.user_data_dir("adiuva", appauthor=False)
+            ).expanduser(),
+            "host": env.get("ADIUVA_HOST", cls.host),
+            "port": r.int("ADIUVA_PORT", cls.port, 0, 65535),
+            "env": r.choice("ENV", "prod", ("dev", "prod", "test")),
+            "log_level": r.choice(
+                "ADIUVA_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+            "jwt_secret": env.get("JWT_SECRET") or None,
+            "jwt_algorithm": r.choice("JWT_ALGORITHM", "HS256", ("HS256",)),
+            "access_token_minutes": r.int("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", 30, 1, 24 * 60),
+            "refresh_token_days": r.int("JWT_REFRESH_TOKEN_EXPIRE_DAYS", 30, 1, 365),
+            "cors_origins": r.list("CORS_ORIGINS", DEFAULT_CORS_ORIGINS),
+            "signups_open": r.choice("ADIUVA_SIGNUPS", "open", ("open", "closed")) == "open",
+            "default_tier": r.choice("ADIUVA_DEFAULT_TIER", "free", TIERS),
+            "password_min_length": r.int("ADIUVA_PASSWORD_MIN_LENGTH", 8, 6, 128),
+            "argon2_memory_kib": r.int("ADIUVA_ARGON2_MEMORY_KIB", 19 * 1024, 8 * 1024, 4 * 1024 * 1024),
+            "argon2_time_cost": r.int("ADIUVA_ARGON2_TIME_COST", 2, 1, 20),
+            "argon2_parallelism": r.int("ADIUVA_ARGON2_PARALLELISM", 1, 1, 16),
+            "max_concurrent_hashes": r.int("ADIUVA_MAX_CONCURRENT_HASHES", 0, 0, 64),
+            "sqlite_synchronous": r.choice("ADIUVA_SQLITE_SYNCHRONOUS", "full", ("full", "normal")),
+            "trusted_proxies": r.networks("ADIUVA_TRUSTED_PROXIES"),
+            "llm_model": env.get("LLM_MODEL") or cls.llm_model,
+            "llm_router_model": env.get("LLM_ROUTER_MODEL") or env.get("LLM_MODEL") or cls.llm_router_model,
+            "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
+            "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in overrides and overrides["data_dir"] is not None:
+            values["data_dir"] = Path(overrides["data_dir"]).expanduser()
+        settings = cls(**values)
+        if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes; "
+                "unset it to let the server generate and keep one in its data dir"
+            )
+        return settings
+
+    def with_secret(self) -> Settings:
+        """Return settings whose jwt_secret is set: JWT_SECRET if given, else the secret kept in
+        the data dir (created on first start, mode 0600). Never a built-in default."""
+        if self.jwt_secret:
+            return self
+        path = self.data_dir / JWT_SECRET_FILE
+        try:
+            secret = path.read_text().strip()
+        except FileNotFoundError:
+            secret = secrets.token_urlsafe(48)
+            # O_EXCL: two processes starting at once must not both write a different secret.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                secret = path.read_text().strip()
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secret + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
+        return dataclasses.replace(self, jwt_secret=secret)
+
+
+def ensure_data_dir(settings: Settings) -> Settings:
+    """Create the data dir (0700) if needed and resolve the JWT secret."""
+    d = settings.data_dir
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create data dir {d}: {exc.strerror}") from exc
+    if not d.is_dir():
+        raise ConfigError(f"data dir {d} is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"data dir {d} is not writable")
+    return settings.with_secret()
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        for option in options:  # case-insensitive, canonical spelling back
+            if raw.casefold() == option.casefold():
+                return option
+        raise ConfigError(f"{name} must be one of {', '.join(options)}; got {raw!r}")
+
+    def list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.startswith("["):
+            try:
+                items = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name} is not a valid JSON list: {exc.msg}") from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ConfigError(f"{name} must be a JSON list of strings")
+        else:
+            items = [i.strip() for i in raw.split(",")]
+        return tuple(i for i in items if i)
+
+    def networks(self, name: str) -> tuple[Any, ...]:
+        nets = []
+        for item in self.list(name, ()):
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} is not an IP address or network") from None
+        return tuple(nets)

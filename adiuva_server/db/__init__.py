@@ -1,0 +1,3 @@
+from adiuva_server.db.database import Database, connect
+
+__all__ = ["Database", "connect"]

@@ -1,0 +1,200 @@
+"""The SQLite façade: every connection is prepared in `connect`, all writes go through one
+writer connection, reads through a small pool.
+
+- The stdlib `sqlite3` of many Python builds cannot load extensions, so connections come from
+  `sqlean` (a drop-in DB-API module that can) and sqlite-vec is loaded on each of them.
+- SQLite allows one writer: `write()` serialises writers on one connection and opens each
+  transaction with BEGIN IMMEDIATE (a deferred transaction upgraded to a write fails at once with
+  "database is locked"). Never await network I/O inside `write()`.
+- `lookup()` runs a point query synchronously on the event loop. It exists for the per-request
+  auth check: a primary-key read from a WAL database costs ~3 us here, an aiosqlite round trip
+  ~300 us (a thread hand-off each way). Use it for indexed single-row reads only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import sqlean
+import sqlite_vec
+
+log = logging.getLogger(__name__)
+
+Row = sqlean.Row
+BUSY_TIMEOUT_MS = 10_000
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def connect(path: str | Path, *, synchronous: str = "full", readonly: bool = False) -> Any:
+    """Open and prepare one SQLite connection (used by the server, the CLI and tests alike)."""
+    conn = sqlean.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlean.Row
+    # busy_timeout before journal_mode: switching to WAL itself needs a lock.
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    conn.enable_load_extension(True)
+    try:
+        sqlite_vec.load(conn)
+    finally:
+        conn.enable_load_extension(False)
+    return conn
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The bundled migrations, (version, name, sql), in order."""
+    found = []
+    for entry in resources.files("adiuva_server.db.migrations").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migrations share a version: {versions}")
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    statements, buf = [], ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlean.complete_statement(buf):
+            if buf.strip().rstrip(";").strip():
+                statements.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        raise RuntimeError(f"incomplete SQL statement in migration: {buf[:80]!r}")
+    return statements
+
+
+class Database:
+    """Open with `await Database.open(path)`; close with `await db.close()`."""
+
+    def __init__(self, path: Path, synchronous: str, readers: int) -> None:
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._n_readers = readers
+        self._writer: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers: list[aiosqlite.Connection] = []
+        self._loop_conn: Any = None
+
+    @classmethod
+    async def open(cls, path: str | Path, *, synchronous: str = "full", readers: int = 2) -> Database:
+        db = cls(Path(path), synchronous, readers)
+        try:
+            db._writer = await aiosqlite.Connection(lambda: connect(db.path, synchronous=synchronous), 64)
+            await db.migrate()
+            for _ in range(readers):
+                conn = await aiosqlite.Connection(
+                    lambda: connect(db.path, synchronous=synchronous, readonly=True), 64
+                )
+                db._all_readers.append(conn)
+                db._readers.put_nowait(conn)
+            db._loop_conn = connect(db.path, synchronous=synchronous, readonly=True)
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def close(self) -> None:
+        for conn in self._all_readers:
+            await conn.close()
+        self._all_readers.clear()
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
+        if self._writer is not None:
+            # A clean close checkpoints the WAL into the main file.
+            await self._writer.close()
+            self._writer = None
+
+    # -- reads ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:  # a reader left mid-transaction would pin an old snapshot
+                await conn.rollback()
+            self._readers.put_nowait(conn)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
+        async with self.reader() as conn:
+            return list(await conn.execute_fetchall(sql, params))
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Row | None:
+        async with self.reader() as conn:
+            async with conn.execute(sql, params) as cur:
+                return await cur.fetchone()
+
+    def lookup(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        """Synchronous indexed single-row read on the event loop (see module docstring)."""
+        return self._loop_conn.execute(sql, params).fetchone()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        assert self._writer is not None, "database is closed"
+        async with self._write_lock:
+            conn = self._writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            else:
+                await conn.commit()
+
+    async def execute_write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+        """One statement in its own transaction; returns the number of rows changed."""
+        async with self.write() as conn:
+            cur = await conn.execute(sql, params)
+            return cur.rowcount
+
+    async def executemany_write(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        async with self.write() as conn:
+            await conn.executemany(sql, rows)
+
+    # -- schema -----------------------------------------------------------------------------
+
+    async def migrate(self) -> int:
+        """Apply bundled migrations newer than `PRAGMA user_version`, each in its own
+        transaction; safe when two processes start at once (re-checked under the lock)."""
+        bundled = migrations()
+        latest = bundled[-1][0] if bundled else 0
+        for version, name, sql in bundled:
+            async with self.write() as conn:
+                async with conn.execute("PRAGMA user_version") as cur:
+                    (current,) = await cur.fetchone()
+                if current > latest:
+                    raise RuntimeError(
+                        f"database schema version {current} is newer than this server "
+                        f"({latest}); upgrade adiuva"
+                    )
+                if current >= version:
+                    continue
+                log.info("applying migration %s", name)
+                for statement in split_statements(sql):
+                    await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {version}")
+        return latest

@@ -1,0 +1,148 @@
+"""One exception hierarchy for the whole server.
+
+Services raise these; `http.problem` turns them into RFC 9457 problem details and the CLI
+turns them into a message and an exit code. Nothing else decides status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AdiuvaError(Exception):
+    status = 500
+    code = "internal_error"
+    title = "Internal server error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+class ConfigError(AdiuvaError):
+    code = "config_error"
+    title = "Invalid configuration"
+
+
+class ValidationError(AdiuvaError):
+    status = 422
+    code = "validation_error"
+    title = "Request validation failed"
+
+    @classmethod
+    def field(cls, loc: str, msg: str, kind: str = "value_error") -> ValidationError:
+        """An error about one field of the body, shaped like the model validation errors."""
+        return cls(f"{loc}: {msg}", extra={"errors": [{"loc": ["body", loc], "msg": msg, "type": kind}]})
+
+
+class MalformedRequest(AdiuvaError):
+    status = 400
+    code = "malformed_request"
+    title = "Malformed request"
+
+
+class Unauthorized(AdiuvaError):
+    status = 401
+    code = "unauthorized"
+    title = "Authentication required"
+
+    def __init__(self, detail: str | None = None, **kw: Any) -> None:
+        kw.setdefault("headers", {"WWW-Authenticate": 'Bearer realm="adiuva"'})
+        super().__init__(detail, **kw)
+
+
+class InvalidCredentials(Unauthorized):
+    code = "invalid_credentials"
+    title = "Invalid email or password"
+
+
+class InvalidToken(Unauthorized):
+    code = "invalid_token"
+    title = "Invalid or expired token"
+
+
+class TokenReused(Unauthorized):
+    code = "token_reused"
+    title = "Refresh token was already used; its session has been revoked"
+
+
+class Forbidden(AdiuvaError):
+    status = 403
+    code = "forbidden"
+    title = "Forbidden"
+
+
+class AccountDisabled(Forbidden):
+    code = "account_disabled"
+    title = "This account is disabled"
+
+
+class SignupsClosed(Forbidden):
+    code = "signups_closed"
+    title = "Registration is closed on this server"
+
+
+class FeatureNotInTier(Forbidden):
+    code = "feature_not_in_tier"
+    title = "This feature is not included in your tier"
+
+
+class NotFound(AdiuvaError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(AdiuvaError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class EmailTaken(Conflict):
+    code = "email_taken"
+    title = "An account with this email already exists"
+
+
+class PreconditionFailed(AdiuvaError):
+    status = 412
+    code = "precondition_failed"
+    title = "Precondition failed"
+
+
+class PayloadTooLarge(AdiuvaError):
+    status = 413
+    code = "payload_too_large"
+    title = "Request body too large"
+
+
+class QuotaExceeded(AdiuvaError):
+    status = 402
+    code = "quota_exceeded"
+    title = "Storage quota exceeded"
+
+
+class RateLimited(AdiuvaError):
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, retry_after: float, detail: str | None = None, **kw: Any) -> None:
+        headers = kw.pop("headers", {}) or {}
+        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        super().__init__(detail, headers=headers, **kw)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(AdiuvaError):
+    status = 503
+    code = "service_unavailable"
+    title = "Service unavailable"

@@ -1,0 +1,26 @@
+"""Every object shared on the aiohttp app, declared in one place as typed keys."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from adiuva_server.auth.passwords import PasswordHasher
+    from adiuva_server.auth.service import AuthService
+    from adiuva_server.config import Settings
+    from adiuva_server.db import Database
+    from adiuva_server.http.routing import RouteSpec
+    from adiuva_server.ratelimit import RateLimitStore
+
+SETTINGS = web.AppKey("settings", "Settings")
+DB = web.AppKey("db", "Database")
+HASHER = web.AppKey("hasher", "PasswordHasher")
+AUTH = web.AppKey("auth", "AuthService")
+RATE_LIMITS = web.AppKey("rate_limits", "RateLimitStore")
+ROUTES = web.AppKey("routes", "list[RouteSpec]")
+
+# Per-request storage.
+PRINCIPAL = web.RequestKey("principal", object)
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
