@@ -100,6 +100,7 @@ class ServerProcess:
                 break
             self.output.append(line)
             if "Point the Adiuva desktop app at" in line:
+                self.output.append(self.proc.stdout.readline())  # the first URL
                 return
         self.proc.kill()
         raise RuntimeError("server did not start:\n" + "".join(self.output))

@@ -1,0 +1,200 @@
+"""Accounts over a real socket: register, login, refresh rotation and reuse, me, and every way
+a token can be bad."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+import pytest
+
+from adiuva_server.app import create_app
+from tests.conftest import make_settings, register
+
+
+def secret_of(data_dir) -> str:
+    return (data_dir / "jwt_secret").read_text().strip()
+
+
+async def test_register_returns_tokens_and_normalises_email(client):
+    resp = await client.post("/api/v1/auth/register", json={"email": "  Ada.Lovelace@Example.ORG ", "password": "correct horse battery"})
+    assert resp.status == 201
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = await resp.json()
+    assert set(body) == {"access_token", "refresh_token", "token_type", "expires_in"}
+    assert body["token_type"] == "bearer" and body["expires_in"] == 30 * 60
+    me = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert (await me.json())["email"] == "ada.lovelace@example.org"
+
+
+async def test_duplicate_email_in_any_case_is_a_conflict(client, account):
+    resp = await client.post("/api/v1/auth/register", json={"email": "ADA@example.org", "password": "another password"})
+    assert resp.status == 409
+    assert (await resp.json())["code"] == "email_taken"
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({"email": "not-an-email", "password": "long enough pw"}, "email"),
+        ({"email": "a@b@c", "password": "long enough pw"}, "email"),
+        ({"email": "ada@exa mple.org", "password": "long enough pw"}, "email"),
+        ({"email": "ada@example.org", "password": "short"}, "password"),
+        ({"email": "ada@example.org", "password": "x" * 1025}, "password"),
+        ({"email": "ada@example.org", "password": "          "}, "password"),
+        ({"email": "ada@example.org"}, "password"),
+        ({"email": 42, "password": "long enough pw"}, "email"),
+        ({"email": "ada@example.org", "password": "long enough pw", "tier": "team"}, "tier"),
+    ],
+)
+async def test_register_rejects_bad_input_and_stores_nothing(client, payload, field):
+    resp = await client.post("/api/v1/auth/register", json=payload)
+    assert resp.status == 422, await resp.text()
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    body = await resp.json()
+    assert body["code"] == "validation_error"
+    assert field in body["detail"]
+    # Nothing was stored: the address is still free.
+    ok = await client.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "long enough pw"})
+    assert ok.status == 201
+
+
+@pytest.mark.parametrize("raw", [b"", b"{bad json", b"[]", b"null", b'"text"'])
+async def test_malformed_bodies_are_problems_not_500s(client, raw):
+    resp = await client.post("/api/v1/auth/login", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status in (400, 422)
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert (await resp.json())["code"] in ("malformed_request", "validation_error")
+
+
+async def test_first_user_is_admin_later_ones_are_not(client, data_dir):
+    await register(client, "first@example.org")
+    await register(client, "second@example.org")
+    from adiuva_server.db import connect
+
+    conn = connect(data_dir / "adiuva.db")
+    rows = dict(conn.execute("SELECT email, is_admin FROM users").fetchall())
+    assert rows == {"first@example.org": 1, "second@example.org": 0}
+
+
+async def test_closed_signups(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, signups_open=False)))
+    resp = await client.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "long enough pw"})
+    assert resp.status == 403
+    assert (await resp.json())["code"] == "signups_closed"
+
+
+async def test_login(client, account):
+    resp = await client.post("/api/v1/auth/login", json={"email": "ADA@example.org", "password": account.password})
+    assert resp.status == 200
+    body = await resp.json()
+    me = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert me.status == 200
+
+
+@pytest.mark.parametrize("email, password", [("ada@example.org", "wrong password"), ("nobody@example.org", "whatever pw")])
+async def test_login_failures_look_the_same(client, account, email, password):
+    resp = await client.post("/api/v1/auth/login", json={"email": email, "password": password})
+    assert resp.status == 401
+    body = await resp.json()
+    assert body["code"] == "invalid_credentials"
+    assert body["detail"] == "Invalid email or password"
+
+
+async def test_refresh_rotates_and_reuse_revokes_the_family(client, account):
+    r1 = await client.post("/api/v1/auth/refresh", json={"refresh_token": account.refresh_token})
+    assert r1.status == 200
+    second = await r1.json()
+    assert second["refresh_token"] != account.refresh_token
+    # The first token was used: presenting it again is reuse, and revokes the whole family...
+    again = await client.post("/api/v1/auth/refresh", json={"refresh_token": account.refresh_token})
+    assert again.status == 401
+    assert (await again.json())["code"] == "token_reused"
+    # ...including the token issued by the legitimate rotation.
+    after = await client.post("/api/v1/auth/refresh", json={"refresh_token": second["refresh_token"]})
+    assert after.status == 401
+    # Another session (a second login) is a different family and keeps working.
+    login = await client.post("/api/v1/auth/login", json={"email": account.email, "password": account.password})
+    other = await client.post("/api/v1/auth/refresh", json={"refresh_token": (await login.json())["refresh_token"]})
+    assert other.status == 200
+
+
+async def test_refresh_tokens_are_stored_only_as_hashes(client, account, data_dir):
+    from adiuva_server.db import connect
+
+    conn = connect(data_dir / "adiuva.db")
+    blob = b"".join(bytes(r[0]) for r in conn.execute("SELECT token_hash FROM refresh_tokens"))
+    assert account.refresh_token.encode() not in blob
+    assert len(blob) == 32
+    raw = (data_dir / "adiuva.db").read_bytes() + (data_dir / "adiuva.db-wal").read_bytes()
+    assert account.refresh_token.encode() not in raw
+
+
+async def test_unknown_and_garbage_refresh_tokens(client):
+    for token in ["nope", "x" * 512]:
+        resp = await client.post("/api/v1/auth/refresh", json={"refresh_token": token})
+        assert resp.status == 401
+        assert (await resp.json())["code"] == "invalid_token"
+
+
+async def test_concurrent_refreshes_with_one_token_let_at_most_one_through(client, account):
+    import asyncio
+
+    results = await asyncio.gather(*[
+        client.post("/api/v1/auth/refresh", json={"refresh_token": account.refresh_token}) for _ in range(5)
+    ])
+    assert sorted(r.status for r in results).count(200) <= 1
+
+
+def _forge(payload: dict, header: dict) -> str:
+    def b64(obj) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{b64(header)}.{b64(payload)}."
+
+
+async def _claims(client, account):
+    return jwt.decode(account.access_token, options={"verify_signature": False})
+
+
+async def test_bad_access_tokens_get_401(client, account, data_dir):
+    claims = await _claims(client, account)
+    secret = secret_of(data_dir)
+    now = int(time.time())
+    bad = {
+        "alg none": _forge(claims, {"alg": "none", "typ": "JWT"}),
+        "other algorithm, same secret": jwt.encode(claims, secret, algorithm="HS512"),
+        "wrong secret": jwt.encode(claims, "y" * 48, algorithm="HS256"),
+        "expired": jwt.encode({**claims, "iat": now - 7200, "exp": now - 3600}, secret, algorithm="HS256"),
+        "tampered payload": account.access_token.split(".")[0] + "." + _forge({**claims, "sub": "someone-else"}, {}).split(".")[1] + "." + account.access_token.split(".")[2],
+        "not a jwt": "garbage",
+        "unknown user": jwt.encode({**claims, "sub": "00000000-0000-0000-0000-000000000000"}, secret, algorithm="HS256"),
+        "wrong type": jwt.encode({**claims, "typ": "refresh"}, secret, algorithm="HS256"),
+        "no expiry": jwt.encode({k: v for k, v in claims.items() if k != "exp"}, secret, algorithm="HS256"),
+    }
+    for name, token in bad.items():
+        resp = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 401, name
+        assert resp.headers["Content-Type"] == "application/problem+json", name
+        assert "WWW-Authenticate" in resp.headers
+    for header in ["", "Bearer", "Basic dXNlcjpwYXNz", f"Token {account.access_token}"]:
+        resp = await client.get("/api/v1/auth/me", headers={"Authorization": header} if header else {})
+        assert resp.status == 401, header
+    # The genuine token still works: the checks above were not vacuous.
+    assert (await client.get("/api/v1/auth/me", headers=account.headers)).status == 200
+
+
+async def test_tier_comes_from_the_database_not_the_token(client, account, data_dir):
+    from adiuva_server.db import connect
+
+    claims = await _claims(client, account)
+    forged = jwt.encode({**claims, "tier": "team"}, secret_of(data_dir), algorithm="HS256")
+    resp = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {forged}"})
+    assert (await resp.json())["tier"] == "free"
+    conn = connect(data_dir / "adiuva.db")
+    conn.execute("UPDATE users SET tier = 'pro'")
+    resp = await client.get("/api/v1/auth/me", headers=account.headers)
+    assert (await resp.json())["tier"] == "pro"
+    assert resp.headers["X-RateLimit-Limit"] == "60"

@@ -1,0 +1,158 @@
+"""The real `adiuva` CLI (python -m adiuva_server) against a real data dir, also while the
+server runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import sqlite3
+
+import aiohttp
+import pytest
+
+from tests.conftest import run_cli
+
+
+def users(data_dir) -> list[dict]:
+    out = run_cli(data_dir, "user", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_user_lifecycle(data_dir):
+    out = run_cli(data_dir, "user", "add", "Ada@Example.org", "--password", "correct horse", "--tier", "pro")
+    assert out.returncode == 0, out.stderr
+    assert "created ada@example.org (tier pro" in out.stdout
+    out = run_cli(data_dir, "user", "add", "bob@example.org")
+    assert out.returncode == 0, out.stderr
+    generated = out.stdout.split("password: ")[1].strip()
+    assert len(generated) >= 16
+    listed = {u["email"]: u for u in users(data_dir)}
+    assert listed["ada@example.org"]["tier"] == "pro" and listed["ada@example.org"]["admin"] is True
+    assert listed["bob@example.org"]["tier"] == "free" and listed["bob@example.org"]["admin"] is False
+
+    assert run_cli(data_dir, "user", "set-tier", "bob@example.org", "team").returncode == 0
+    assert run_cli(data_dir, "user", "disable", "bob@example.org").returncode == 0
+    listed = {u["email"]: u for u in users(data_dir)}
+    assert listed["bob@example.org"]["tier"] == "team" and listed["bob@example.org"]["disabled"] is True
+    assert run_cli(data_dir, "user", "enable", "BOB@example.org").returncode == 0
+    assert run_cli(data_dir, "user", "passwd", "bob@example.org", "--password", "a new password").returncode == 0
+    out = run_cli(data_dir, "user", "delete", "bob@example.org", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert [u["email"] for u in users(data_dir)] == ["ada@example.org"]
+    table = run_cli(data_dir, "user", "list")
+    assert "ada@example.org" in table.stdout and "pro" in table.stdout
+
+
+def test_passwd_prompts_when_no_password_is_given(data_dir):
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    out = run_cli(data_dir, "user", "passwd", "ada@example.org", input="brand new pw\nbrand new pw\n")
+    assert out.returncode == 0, out.stderr
+    assert "brand new pw" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (("user", "set-tier", "nobody@example.org", "pro"), 1, "no user with email nobody@example.org"),
+        (("user", "disable", "nobody@example.org"), 1, "no user"),
+        (("user", "delete", "nobody@example.org", "--yes"), 1, "no user"),
+        (("user", "passwd", "nobody@example.org", "--password", "long enough"), 1, "no user"),
+        (("user", "set-tier", "ada@example.org", "platinum"), 2, "tier must be one of free, pro, power, team"),
+        (("user", "add", "carol@example.org", "--tier", "gold"), 2, "tier must be one of"),
+        (("user", "add", "not-an-email"), 2, "email"),
+        (("user", "add", "carol@example.org", "--password", "short"), 2, "at least 8 characters"),
+        (("user", "add", "ADA@example.org", "--password", "long enough"), 1, "already exists"),
+    ],
+)
+def test_clear_errors_and_nothing_half_written(data_dir, args, code, message):
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    before = users(data_dir)
+    out = run_cli(data_dir, *args)
+    assert out.returncode == code, (out.stdout, out.stderr)
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert users(data_dir) == before
+
+
+def test_bad_settings_fail_at_start_with_a_clear_message(data_dir):
+    for env, message in [
+        ({"ADIUVA_PORT": "eighty"}, "ADIUVA_PORT must be an integer"),
+        ({"JWT_SECRET": "short"}, "JWT_SECRET must be at least 32 bytes"),
+        ({"JWT_ALGORITHM": "none"}, "JWT_ALGORITHM must be one of HS256"),
+        ({"ADIUVA_SIGNUPS": "maybe"}, "ADIUVA_SIGNUPS must be one of open, closed"),
+        ({"CORS_ORIGINS": "[1, 2"}, "CORS_ORIGINS is not a valid JSON list"),
+        ({"ADIUVA_TRUSTED_PROXIES": "my-proxy"}, "not an IP address or network"),
+    ]:
+        out = run_cli(data_dir, "serve", **env)
+        assert out.returncode == 2, (env, out.stdout, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_admin_changes_reach_a_running_server(data_dir, server_process):
+    server = server_process()
+    async with aiohttp.ClientSession(server.url) as http:
+        resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
+        tokens = await resp.json()
+        auth = {"Authorization": f"Bearer {tokens['access_token']}"}
+        assert (await (await http.get("/api/v1/auth/me", headers=auth)).json())["tier"] == "free"
+
+        assert run_cli(data_dir, "user", "set-tier", "ada@example.org", "power").returncode == 0
+        resp = await http.get("/api/v1/auth/me", headers=auth)
+        assert (await resp.json())["tier"] == "power" and resp.headers["X-RateLimit-Limit"] == "120"
+
+        assert run_cli(data_dir, "user", "disable", "ada@example.org").returncode == 0
+        assert (await http.get("/api/v1/auth/me", headers=auth)).status == 401
+        refresh = await http.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert refresh.status == 401
+        login = await http.post("/api/v1/auth/login", json={"email": "ada@example.org", "password": "correct horse"})
+        assert login.status == 403 and (await login.json())["code"] == "account_disabled"
+
+        assert run_cli(data_dir, "user", "enable", "ada@example.org").returncode == 0
+        login = await http.post("/api/v1/auth/login", json={"email": "ada@example.org", "password": "correct horse"})
+        auth = {"Authorization": f"Bearer {(await login.json())['access_token']}"}
+        assert (await http.get("/api/v1/auth/me", headers=auth)).status == 200
+
+        # A new password ends every session at once.
+        assert run_cli(data_dir, "user", "passwd", "ada@example.org", "--password", "another secret").returncode == 0
+        assert (await http.get("/api/v1/auth/me", headers=auth)).status == 401
+
+        assert run_cli(data_dir, "user", "delete", "ada@example.org", "--yes").returncode == 0
+        login = await http.post("/api/v1/auth/login", json={"email": "ada@example.org", "password": "another secret"})
+        assert login.status == 401
+    assert server.stop() == 0
+
+
+def test_first_start_creates_a_private_data_dir_and_secret(data_dir, server_process):
+    server = server_process()
+    out = "".join(server.output)
+    assert f"http://127.0.0.1:{server.port}" in out
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    secret = data_dir / "jwt_secret"
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert len(secret.read_text().strip()) >= 32
+    first = secret.read_text()
+    assert server.stop(signal.SIGINT) == 0
+    assert "stopped cleanly" in "".join(server.output)
+    # The secret is kept across restarts (tokens survive a restart) and the schema is current.
+    server = server_process()
+    assert secret.read_text() == first
+    assert server.stop() == 0
+    conn = sqlite3.connect(data_dir / "adiuva.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_jwt_secret_from_the_environment_is_used_and_not_written(data_dir, server_process):
+    server = server_process(JWT_SECRET="s" * 40)
+    assert not (data_dir / "jwt_secret").exists()
+    assert server.stop() == 0
+
+
+def test_module_and_version(data_dir):
+    out = run_cli(data_dir, "--version")
+    assert out.returncode == 0 and out.stdout.startswith("adiuva ")
+    out = run_cli(data_dir, "openapi")
+    assert json.loads(out.stdout)["openapi"] == "3.1.0"
