@@ -109,6 +109,7 @@ class Settings:
             "max_concurrent_hashes": r.int("ADIUVA_MAX_CONCURRENT_HASHES", 0, 0, 64),
             "sqlite_synchronous": r.choice("ADIUVA_SQLITE_SYNCHRONOUS", "full", ("full", "normal")),
             "trusted_proxies": r.networks("ADIUVA_TRUSTED_PROXIES"),
+            "rate_limits": r.tier_limits("ADIUVA_RATE_LIMITS", {"free": 20, "pro": 60, "power": 120, "team": 200}),
             "llm_model": env.get("LLM_MODEL") or cls.llm_model,
             "llm_router_model": env.get("LLM_ROUTER_MODEL") or env.get("LLM_MODEL") or cls.llm_router_model,
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
@@ -207,6 +208,16 @@ class _Reader:
         else:
             items = [i.strip() for i in raw.split(",")]
         return tuple(i for i in items if i)
+
+    def tier_limits(self, name: str, default: dict[str, int]) -> dict[str, int]:
+        """`free=20,pro=60,...`: requests per minute by tier; tiers not named keep defaults."""
+        limits = dict(default)
+        for item in self.list(name, ()):
+            tier, sep, value = item.partition("=")
+            if not sep or tier.strip() not in limits or not value.strip().isdigit() or int(value) < 1:
+                raise ConfigError(f"{name} must look like 'free=20,pro=60,power=120,team=200'; got {item!r}")
+            limits[tier.strip()] = int(value)
+        return limits
 
     def networks(self, name: str) -> tuple[Any, ...]:
         nets = []

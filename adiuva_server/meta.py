@@ -21,13 +21,16 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=_HEALTH, content_type="application/json")
 
 
+_OPENAPI_DOC = web.AppKey("openapi_doc", bytes)
+
+
+@api.cleanup_ctx
+async def _build_openapi(app: web.Application):
+    # Every feature has added its routes by now; the document is built once.
+    app[_OPENAPI_DOC] = json.dumps(build_openapi(app[ROUTES])).encode()
+    yield
+
+
 @api.get("/openapi.json", summary="This API's OpenAPI 3.1 document", auth=False)
 async def openapi(request: web.Request) -> web.Response:
-    doc = request.app.get(_OPENAPI_CACHE)
-    if doc is None:
-        doc = json.dumps(build_openapi(request.app[ROUTES])).encode()
-        request.app[_OPENAPI_CACHE] = doc
-    return web.Response(body=doc, content_type="application/json")
-
-
-_OPENAPI_CACHE = web.AppKey("openapi_cache", bytes)
+    return web.Response(body=request.app[_OPENAPI_DOC], content_type="application/json")
