@@ -66,6 +66,9 @@ class Settings:
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     shutdown_timeout: float = 15.0
+    tls: bool = False
+    tls_cert: Path | None = None  # the admin's own certificate and key (imply tls)
+    tls_key: Path | None = None
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -115,10 +118,20 @@ class Settings:
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
         }
+        values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
+        values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))
+        values["tls"] = r.choice("ADIUVA_TLS", "off", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
             values["data_dir"] = Path(overrides["data_dir"]).expanduser()
         settings = cls(**values)
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise ConfigError("give both a TLS certificate and its key (--cert/--key or ADIUVA_TLS_CERT/ADIUVA_TLS_KEY)")
+        for path in (settings.tls_cert, settings.tls_key):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"TLS file {path} does not exist")
+        if settings.tls_cert is not None:
+            settings = dataclasses.replace(settings, tls=True)
         if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(
                 f"JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes; "
@@ -163,6 +176,10 @@ def ensure_data_dir(settings: Settings) -> Settings:
     if not os.access(d, os.W_OK | os.X_OK):
         raise ConfigError(f"data dir {d} is not writable")
     return settings.with_secret()
+
+
+def _path(raw: str | None) -> Path | None:
+    return Path(raw).expanduser() if raw and raw.strip() else None
 
 
 class _Reader:

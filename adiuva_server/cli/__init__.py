@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from adiuva_server import __version__
+from adiuva_server import __version__, errors
 from adiuva_server.cli.common import DataDirOption, fail, load_settings
 from adiuva_server.cli.user import app as user_app
 
@@ -43,13 +43,18 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (ADIUVA_HOST; default 0.0.0.0, every interface).")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port (ADIUVA_PORT; default 8000).")] = None,
     data_dir: DataDirOption = None,
+    tls: Annotated[Optional[bool], typer.Option("--tls/--no-tls", help="Serve HTTPS with a self-signed certificate kept in the data dir (ADIUVA_TLS).", show_default=False)] = None,
+    cert: Annotated[Optional[Path], typer.Option(help="Your own TLS certificate (PEM, chain first); implies --tls.")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="The private key of --cert (PEM).")] = None,
 ) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM."""
     from adiuva_server.cli.serve import run
 
-    settings = load_settings(data_dir=data_dir, host=host, port=port)
+    settings = load_settings(data_dir=data_dir, host=host, port=port, tls=tls, tls_cert=cert, tls_key=key)
     try:
         run(settings)
+    except errors.ConfigError as exc:
+        fail(exc.detail, code=2)
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", code=1)
 

@@ -12,7 +12,7 @@ import sys
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from adiuva_server import __version__
+from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
 from adiuva_server.keys import SETTINGS
@@ -80,10 +80,18 @@ async def serve(settings: Settings) -> None:
     accepting, let in-flight requests finish (up to shutdown_timeout) and close the database."""
     app = create_app(settings)
     settings = app[SETTINGS]
+    ssl_context, pin = None, None
+    if settings.tls:
+        if settings.tls_cert and settings.tls_key:
+            cert, key = settings.tls_cert, settings.tls_key
+        else:
+            cert, key = tls.self_signed(settings.data_dir, lan_addresses())
+        ssl_context = tls.server_context(cert, key)
+        pin = tls.fingerprint(cert.read_bytes())
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -92,7 +100,9 @@ async def serve(settings: Settings) -> None:
         port = settings.port or runner.addresses[0][1]
         lines = [f"Adiuva server {__version__} is running.", f"  data dir: {settings.data_dir}",
                  "  Point the Adiuva desktop app at:"]
-        lines += [f"    {u}" for u in urls(settings.host, port)]
+        lines += [f"    {u}" for u in urls(settings.host, port, "https" if ssl_context else "http")]
+        if pin:
+            lines.append(f"  TLS certificate SHA-256 fingerprint (pin this in the app): {pin}")
         if settings.signups_open:
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         print("\n".join(lines), flush=True)
