@@ -218,8 +218,9 @@ async def main(a: argparse.Namespace) -> None:
     print(f"file size          : {size / 1e6:.1f} MB for {n} vectors of dim {a.dim} = {size / n:.0f} B/vector "
           f"(raw float32 {4 * a.dim} B + 32 B payload)")
 
-    grown, per_vec = await small_users(tmp, a.small_users, 3, a.dim)
-    print(f"small users        : {a.small_users} users x 3 vectors of dim {a.dim}: {grown / 1e6:.1f} MB, {per_vec:.0f} B/vector")
+    if a.small_users:
+        grown, per_vec = await small_users(tmp, a.small_users, 3, a.dim)
+        print(f"small users        : {a.small_users} users x 3 vectors of dim {a.dim}: {grown / 1e6:.1f} MB, {per_vec:.0f} B/vector")
 
     if a.api_vectors:
         upload, e2e = await api_run(tmp, a.api_vectors, a.dim, queries, a.k)
