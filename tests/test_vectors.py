@@ -249,3 +249,23 @@ async def test_cli_user_delete_deletes_their_vectors(client, account, data_dir):
 async def test_routes_are_in_the_openapi_document(client):
     doc = await (await client.get("/api/v1/openapi.json")).json()
     assert {"/api/v1/storage/vectors/upsert", "/api/v1/storage/vectors/search", "/api/v1/storage/vectors"} <= set(doc["paths"])
+
+
+async def test_acknowledged_upsert_survives_kill_9(server_process):
+    import signal
+
+    import aiohttp
+
+    server = server_process(ADIUVA_DEFAULT_TIER="pro")
+    async with aiohttp.ClientSession(server.url) as http:
+        r = await http.post("/api/v1/auth/register", json={"email": "kill@example.org", "password": "correct horse battery"})
+        tokens = await r.json()
+        headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+        r = await http.post(UPSERT, json={"vectors": [item("kept", [0.5, 0.25])]}, headers=headers)
+        assert r.status == 200, await r.text()
+    server.stop(signal.SIGKILL)
+
+    again = server_process(ADIUVA_DEFAULT_TIER="pro")
+    async with aiohttp.ClientSession(again.url) as http:
+        r = await http.post(SEARCH, json={"values": [0.5, 0.25]}, headers=headers)
+        assert [m["id"] for m in (await r.json())["matches"]] == ["kept"]
