@@ -269,3 +269,15 @@ async def test_acknowledged_upsert_survives_kill_9(server_process):
     async with aiohttp.ClientSession(again.url) as http:
         r = await http.post(SEARCH, json={"values": [0.5, 0.25]}, headers=headers)
         assert [m["id"] for m in (await r.json())["matches"]] == ["kept"]
+
+
+def test_vector_limits_come_from_the_environment():
+    from adiuva_server.config import Settings
+    from adiuva_server.errors import ConfigError
+
+    s = Settings.from_env({"ADIUVA_VECTOR_MAX_TOP_K": "500", "ADIUVA_VECTOR_MAX_BATCH": "10",
+                           "ADIUVA_VECTOR_MAX_PAYLOAD_BYTES": "0", "ADIUVA_VECTOR_MAX_REQUEST_BYTES": "2097152"})
+    assert (s.vector_max_top_k, s.vector_max_batch, s.vector_max_payload_bytes, s.vector_max_request_bytes) == (
+        500, 10, 0, 2 * 1024 * 1024)
+    with pytest.raises(ConfigError, match="ADIUVA_VECTOR_MAX_TOP_K"):
+        Settings.from_env({"ADIUVA_VECTOR_MAX_TOP_K": "4097"})  # sqlite-vec caps k at 4096
