@@ -26,7 +26,6 @@ import hashlib
 import os
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import time
