@@ -69,6 +69,12 @@ class Settings:
     tls: bool = False
     tls_cert: Path | None = None  # the admin's own certificate and key (imply tls)
     tls_key: Path | None = None
+    # Vector store: vectors per upsert, the largest top_k (sqlite-vec caps k at 4096), the
+    # largest payload of one vector, and the body limit of an upsert (other JSON bodies: 1 MiB).
+    vector_max_batch: int = 1000
+    vector_max_top_k: int = 100
+    vector_max_payload_bytes: int = 64 * 1024
+    vector_max_request_bytes: int = 16 * 1024 * 1024
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -117,6 +123,10 @@ class Settings:
             "llm_router_model": env.get("LLM_ROUTER_MODEL") or env.get("LLM_MODEL") or cls.llm_router_model,
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
+            "vector_max_batch": r.int("ADIUVA_VECTOR_MAX_BATCH", 1000, 1, 100_000),
+            "vector_max_top_k": r.int("ADIUVA_VECTOR_MAX_TOP_K", 100, 1, 4096),
+            "vector_max_payload_bytes": r.int("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES", 64 * 1024, 0, 16 * 1024 * 1024),
+            "vector_max_request_bytes": r.int("ADIUVA_VECTOR_MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024 * 1024, 1024**3),
         }
         values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
         values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))

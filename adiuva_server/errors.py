@@ -146,3 +146,25 @@ class ServiceUnavailable(AdiuvaError):
     status = 503
     code = "service_unavailable"
     title = "Service unavailable"
+
+
+class ChecksumMismatch(AdiuvaError):
+    status = 400
+    code = "checksum_mismatch"
+    title = "Checksum does not match the bytes sent"
+
+
+class InvalidVector(AdiuvaError):
+    status = 400
+    code = "invalid_vector"
+    title = "Invalid vector request"
+
+
+class DimensionMismatch(InvalidVector):
+    code = "dimension_mismatch"
+    title = "Vector dimension does not match the collection"
+
+
+class MetricMismatch(InvalidVector):
+    code = "metric_mismatch"
+    title = "Metric does not match the collection"

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 Row = sqlean.Row
 BUSY_TIMEOUT_MS = 10_000
+# Memory-mapped reads: sqlite-vec's KNN scans read every chunk of a partition; mmap saves
+# a copy per page (a 100k x 384 search: 50 ms -> 37 ms here). Address space, not resident memory.
+MMAP_BYTES = 1024**3
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -42,6 +45,7 @@ def connect(path: str | Path, *, synchronous: str = "full", readonly: bool = Fal
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
     if readonly:
         conn.execute("PRAGMA query_only = ON")
