@@ -66,6 +66,12 @@ class Settings:
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     shutdown_timeout: float = 15.0
+    # Encrypted storage (records and backups): body size limits, records per user, and how many
+    # backups each user keeps (older ones are deleted when a new one arrives).
+    max_record_bytes: int = 64 * 1024**2
+    max_backup_bytes: int = 2 * 1024**3
+    max_records_per_user: int = 1_000_000
+    backup_retention: int = 5
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -113,6 +119,10 @@ class Settings:
             "llm_router_model": env.get("LLM_ROUTER_MODEL") or env.get("LLM_MODEL") or cls.llm_router_model,
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
+            "max_record_bytes": r.int("ADIUVA_MAX_RECORD_BYTES", cls.max_record_bytes, 1, 2**40),
+            "max_backup_bytes": r.int("ADIUVA_MAX_BACKUP_BYTES", cls.max_backup_bytes, 1, 2**44),
+            "max_records_per_user": r.int("ADIUVA_MAX_RECORDS_PER_USER", cls.max_records_per_user, 1, 10**9),
+            "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from adiuva_server.db import Database
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.ratelimit import RateLimitStore
+    from adiuva_server.storage.service import StorageService
 
 SETTINGS = web.AppKey("settings", "Settings")
 DB = web.AppKey("db", "Database")
@@ -20,6 +21,7 @@ HASHER = web.AppKey("hasher", "PasswordHasher")
 AUTH = web.AppKey("auth", "AuthService")
 RATE_LIMITS = web.AppKey("rate_limits", "RateLimitStore")
 ROUTES = web.AppKey("routes", "list[RouteSpec]")
+STORAGE = web.AppKey("storage", "StorageService")
 
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)
