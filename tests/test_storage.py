@@ -494,3 +494,64 @@ async def test_openapi_documents_storage(client):
     post = doc["paths"][RECORDS]["post"]
     assert "application/octet-stream" in post["requestBody"]["content"]
     assert {"402", "413"} <= set(post["responses"])
+
+
+async def test_empty_record(client, pro):
+    meta = await created(client, pro, b"")
+    assert meta["size_bytes"] == 0 and meta["checksum"] == sha(b"")
+    resp = await client.get(f"{RECORDS}/{meta['id']}", headers=pro.headers)
+    assert resp.status == 200 and await resp.read() == b""
+
+
+async def test_client_vanishing_mid_upload_leaves_nothing(client, pro):
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write((f"POST {RECORDS}?table=notes HTTP/1.1\r\nHost: x\r\nAuthorization: {pro.headers['Authorization']}\r\n"
+                  f"X-Checksum: {'a' * 64}\r\nContent-Length: 200000\r\n\r\n").encode() + os.urandom(50_000))
+    await writer.drain()
+    deadline = asyncio.get_running_loop().time() + 10
+    while not temporaries(client):  # the upload has started
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    writer.close()
+    while temporaries(client):
+        assert asyncio.get_running_loop().time() < deadline, temporaries(client)
+        await asyncio.sleep(0.01)
+    assert objects(client) == []
+    assert (await (await client.get(RECORDS, headers=pro.headers)).json())["total"] == 0
+
+
+def test_storage_limits_come_from_the_environment(tmp_path):
+    from adiuva_server.config import Settings
+    from adiuva_server.errors import ConfigError
+
+    s = Settings.from_env({"ADIUVA_DATA_DIR": str(tmp_path), "ADIUVA_MAX_RECORD_BYTES": "1024",
+                           "ADIUVA_MAX_BACKUP_BYTES": "4096", "ADIUVA_BACKUP_RETENTION": "2",
+                           "ADIUVA_MAX_RECORDS_PER_USER": "10"})
+    assert (s.max_record_bytes, s.max_backup_bytes, s.backup_retention, s.max_records_per_user) == (1024, 4096, 2, 10)
+    defaults = Settings.from_env({"ADIUVA_DATA_DIR": str(tmp_path)})
+    assert (defaults.max_record_bytes, defaults.max_backup_bytes) == (64 * 1024**2, 2 * 1024**3)
+    with pytest.raises(ConfigError, match="ADIUVA_BACKUP_RETENTION"):
+        Settings.from_env({"ADIUVA_DATA_DIR": str(tmp_path), "ADIUVA_BACKUP_RETENTION": "0"})
+
+
+async def test_same_bytes_uploaded_while_deleted_stay_readable(client, pro):
+    """Deleting the last record of some bytes while another upload of the same bytes is in
+    flight must never leave a record pointing at a deleted object."""
+    data = os.urandom(300)
+    live = [(await created(client, pro, data))["id"]]
+
+    async def churn(i: int) -> None:
+        if i % 2:
+            live.append((await created(client, pro, data))["id"])
+        elif live:
+            rid = live.pop(0)
+            assert (await client.delete(f"{RECORDS}/{rid}", headers=pro.headers)).status == 204
+
+    for _ in range(10):
+        await asyncio.gather(*(churn(i) for i in range(8)))
+        for rid in live:
+            resp = await client.get(f"{RECORDS}/{rid}", headers=pro.headers)
+            assert resp.status == 200 and await resp.read() == data
+    app = client.server.app
+    report = await maintenance.check(app[DB], app[STORAGE].blobs)
+    assert report.ok and report.unreferenced == 0, report
