@@ -81,7 +81,7 @@ class FileBlobStore:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def local_path(self, digest: str) -> Path:
-        if not DIGEST.match(digest):  # never let a name reach the filesystem unchecked
+        if not DIGEST.fullmatch(digest):  # never let a name reach the filesystem unchecked
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
         return self.objects / digest[:2] / digest
 
@@ -182,7 +182,7 @@ class FileBlobStore:
             batch = []
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if DIGEST.match(entry.name) and entry.name[:2] == folder.name:
+                    if DIGEST.fullmatch(entry.name) and entry.name[:2] == folder.name:
                         with contextlib.suppress(FileNotFoundError):
                             batch.append((entry.name, entry.stat().st_mtime))
             if batch:

@@ -20,13 +20,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from adiuva_server.storage.blobs import BlobStore, Staged
-from adiuva_server.storage.store import SQLiteStorageStore
+from adiuva_server.storage.store import StorageStore
 
 T = TypeVar("T")
 
 
 class BlobKeeper:
-    def __init__(self, blobs: BlobStore, store: SQLiteStorageStore) -> None:
+    def __init__(self, blobs: BlobStore, store: StorageStore) -> None:
         self.blobs = blobs
         self.store = store
         self._pins: Counter[str] = Counter()

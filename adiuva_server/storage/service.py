@@ -23,7 +23,7 @@ from adiuva_server import errors, quota
 from adiuva_server.config import Settings
 from adiuva_server.storage.blobs import BlobStore, Staged
 from adiuva_server.storage.keeper import BlobKeeper
-from adiuva_server.storage.store import Backup, Record, SQLiteStorageStore
+from adiuva_server.storage.store import Backup, Record, StorageStore
 
 CHECKSUM = re.compile(r"^[0-9a-fA-F]{64}$")
 TABLE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
@@ -52,7 +52,7 @@ def parse_checksum(value: str | None, header: str) -> str:
             extra={"errors": [{"loc": ["header", header], "msg": "field required", "type": "missing"}]},
         )
     value = value.strip()
-    if not CHECKSUM.match(value):
+    if not CHECKSUM.fullmatch(value):
         raise errors.ValidationError(
             f"{header} must be a SHA-256 digest in hex (64 characters)",
             extra={"errors": [{"loc": ["header", header], "msg": "not a SHA-256 hex digest", "type": "value_error"}]},
@@ -107,7 +107,7 @@ def parse_backup_headers(version: str | None, timestamp: str | None) -> tuple[st
 
 
 class StorageService:
-    def __init__(self, settings: Settings, store: SQLiteStorageStore, blobs: BlobStore) -> None:
+    def __init__(self, settings: Settings, store: StorageStore, blobs: BlobStore) -> None:
         self.settings = settings
         self.store = store
         self.blobs = blobs
