@@ -4,10 +4,10 @@ blob store on disk behind them."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 from email.utils import format_datetime
-import datetime as dt
 
 import pytest
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+# Private, but the only seam to keep sendfile while replacing FileResponse's own validators;
+# tests/test_storage.py (ETag, 304, Range) notices if it moves.
 from aiohttp.web_fileresponse import _FileResponseResult
 
 from adiuva_server.db import Database
