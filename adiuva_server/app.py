@@ -25,6 +25,7 @@ from adiuva_server.http.ratelimit import setup_rate_limits
 from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
 from adiuva_server.ratelimit import MemoryRateLimitStore
 from adiuva_server.vectors import routes as vector_routes
+from adiuva_server.storage import routes as storage_routes
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ JSON_BODY_LIMIT = 1024 * 1024
 HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
-FEATURES = (meta.api, auth_routes.api, vector_routes.api)
+FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api)
 
 
 def create_app(settings: Settings) -> web.Application:

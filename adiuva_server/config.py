@@ -75,6 +75,12 @@ class Settings:
     vector_max_top_k: int = 100
     vector_max_payload_bytes: int = 64 * 1024
     vector_max_request_bytes: int = 16 * 1024 * 1024
+    # Encrypted storage (records and backups): body size limits, records per user, and how many
+    # backups each user keeps (older ones are deleted when a new one arrives).
+    max_record_bytes: int = 64 * 1024**2
+    max_backup_bytes: int = 2 * 1024**3
+    max_records_per_user: int = 1_000_000
+    backup_retention: int = 5
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -127,6 +133,10 @@ class Settings:
             "vector_max_top_k": r.int("ADIUVA_VECTOR_MAX_TOP_K", 100, 1, 4096),
             "vector_max_payload_bytes": r.int("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES", 64 * 1024, 0, 16 * 1024 * 1024),
             "vector_max_request_bytes": r.int("ADIUVA_VECTOR_MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024 * 1024, 1024**3),
+            "max_record_bytes": r.int("ADIUVA_MAX_RECORD_BYTES", cls.max_record_bytes, 1, 2**40),
+            "max_backup_bytes": r.int("ADIUVA_MAX_BACKUP_BYTES", cls.max_backup_bytes, 1, 2**44),
+            "max_records_per_user": r.int("ADIUVA_MAX_RECORDS_PER_USER", cls.max_records_per_user, 1, 10**9),
+            "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
         }
         values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
         values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))

@@ -49,6 +49,12 @@ class MalformedRequest(AdiuvaError):
     title = "Malformed request"
 
 
+class ChecksumMismatch(AdiuvaError):
+    status = 400
+    code = "checksum_mismatch"
+    title = "Checksum does not match the uploaded bytes"
+
+
 class Unauthorized(AdiuvaError):
     status = 401
     code = "unauthorized"
@@ -148,10 +154,6 @@ class ServiceUnavailable(AdiuvaError):
     title = "Service unavailable"
 
 
-class ChecksumMismatch(AdiuvaError):
-    status = 400
-    code = "checksum_mismatch"
-    title = "Checksum does not match the bytes sent"
 
 
 class InvalidVector(AdiuvaError):

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
+    from adiuva_server.storage.service import StorageService
 
 SETTINGS = web.AppKey("settings", "Settings")
 DB = web.AppKey("db", "Database")
@@ -22,6 +23,7 @@ AUTH = web.AppKey("auth", "AuthService")
 RATE_LIMITS = web.AppKey("rate_limits", "RateLimitStore")
 ROUTES = web.AppKey("routes", "list[RouteSpec]")
 VECTORS = web.AppKey("vectors", "VectorService")
+STORAGE = web.AppKey("storage", "StorageService")
 
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)
