@@ -146,3 +146,14 @@ class ServiceUnavailable(AdiuvaError):
     status = 503
     code = "service_unavailable"
     title = "Service unavailable"
+
+
+class LLMUnavailable(ServiceUnavailable):
+    code = "llm_unavailable"
+    title = "The language model is unavailable"
+
+
+class ActiveBatchLimit(AdiuvaError):
+    status = 429
+    code = "active_batch_limit"
+    title = "Too many active batches"
