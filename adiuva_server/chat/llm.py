@@ -204,10 +204,12 @@ class LiteLLMProvider:
         )
         text: list[str] = []
         partial: dict[int, dict[str, str]] = {}
+        answered = False
         async for chunk in chunks:
             if not chunk.choices:
                 continue
             delta = chunk.choices[0].delta
+            answered = answered or bool(delta.content or getattr(delta, "tool_calls", None))
             if delta.content:
                 text.append(delta.content)
                 yield Delta(text=delta.content)
@@ -217,6 +219,10 @@ class LiteLLMProvider:
                 if call.function is not None:
                     slot["name"] = call.function.name or slot["name"]
                     slot["arguments"] += call.function.arguments or ""
+        if not answered:
+            # LiteLLM skips whatever is not an SSE event and still makes up a final chunk, so a
+            # body of garbage looks like an empty answer: treat an empty answer as a failure.
+            raise ValueError("the provider's stream held no text and no tool calls")
         calls = []
         for index in sorted(partial):
             slot = partial[index]

@@ -49,6 +49,11 @@ class PlanSpec(pydantic.BaseModel):
     steps: list[PlanStep] = pydantic.Field(min_length=1, max_length=MAX_STEPS)
 
 
+def _invalid(loc: str, msg: str) -> errors.ValidationError:
+    """Shaped like the model validation errors: loc is the path inside the body."""
+    return errors.ValidationError(f"{loc}: {msg}", extra={"errors": [{"loc": ["body", *loc.split(".")], "msg": msg, "type": "value_error"}]})
+
+
 class ExecutionPlanBuilder:
     def __init__(self, templates: PromptTemplateRegistry, name: str, description: str = "") -> None:
         self.templates = templates
@@ -72,29 +77,29 @@ class ExecutionPlanBuilder:
     def build(self, plan_id: str | None = None, *, builtin: bool = False) -> ExecutionPlan:
         """Raises ValidationError naming the first bad step."""
         if not self.steps:
-            raise errors.ValidationError.field("steps", "a plan needs at least one step")
+            raise _invalid("steps", "a plan needs at least one step")
         if len(self.steps) > MAX_STEPS:
-            raise errors.ValidationError.field("steps", f"a plan has at most {MAX_STEPS} steps")
+            raise _invalid("steps", f"a plan has at most {MAX_STEPS} steps")
         seen: dict[str, PlanStep] = {}
         for i, step in enumerate(self.steps):
             loc = f"steps.{i}"
             if step.id in seen:
-                raise errors.ValidationError.field(f"{loc}.id", f"duplicate step id {step.id!r}")
+                raise _invalid(f"{loc}.id", f"duplicate step id {step.id!r}")
             if step.kind == "llm":
                 if step.template_id not in self.templates:
-                    raise errors.ValidationError.field(f"{loc}.template_id", f"unknown template id {step.template_id!r}")
+                    raise _invalid(f"{loc}.template_id", f"unknown template id {step.template_id!r}")
                 if step.action or step.data_from_step:
-                    raise errors.ValidationError.field(loc, "an llm step takes template_id and vars only")
+                    raise _invalid(loc, "an llm step takes template_id and vars only")
             else:
                 if step.action not in WRITE_TOOLS:
-                    raise errors.ValidationError.field(f"{loc}.action", f"action must be one of {', '.join(sorted(WRITE_TOOLS))}")
+                    raise _invalid(f"{loc}.action", f"action must be one of {', '.join(sorted(WRITE_TOOLS))}")
                 source = seen.get(step.data_from_step or "")
                 if source is None:
-                    raise errors.ValidationError.field(f"{loc}.data_from_step", "must name an earlier step")
+                    raise _invalid(f"{loc}.data_from_step", "must name an earlier step")
                 if source.kind != "llm":
-                    raise errors.ValidationError.field(f"{loc}.data_from_step", "must name an llm step")
+                    raise _invalid(f"{loc}.data_from_step", "must name an llm step")
                 if step.template_id or step.vars:
-                    raise errors.ValidationError.field(loc, "a data step takes action and data_from_step only")
+                    raise _invalid(loc, "a data step takes action and data_from_step only")
             seen[step.id] = step
         return ExecutionPlan(plan_id=plan_id or "pl_" + secrets.token_urlsafe(12), name=self.name,
                              description=self.description, steps=list(self.steps), builtin=builtin)
