@@ -113,7 +113,7 @@ async def tool_loop(llm: LLM, model: str, messages: list[dict], tools: Sequence[
     """Call the model, run the tools it asks for, feed the results back; at most
     MAX_TOOL_ITERATIONS model calls. Text is emitted as the model produces it."""
     by_name = {t.name: t for t in tools}
-    schemas = [t.schema() for t in tools]
+    schemas = [t.schema for t in tools]
     texts: list[str] = []
     actions: list[dict[str, Any]] = []
     for _ in range(MAX_TOOL_ITERATIONS):
