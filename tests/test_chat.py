@@ -511,3 +511,22 @@ def test_bad_llm_settings_fail_at_start(tmp_path, env, message):
 
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env, data_dir=tmp_path)
+
+
+async def test_openapi_documents_chat_and_plans(client):
+    doc = await (await client.get("/api/v1/openapi.json")).json()
+    for path in ("/api/v1/chat", "/api/v1/chat/stream", "/api/v1/chat/models", "/api/v1/plans/playbook",
+                 "/api/v1/plans/playbook/{plan_id}", "/api/v1/plans", "/api/v1/plans/{plan_id}/run"):
+        assert path in doc["paths"], path
+    assert {"ChatRequest", "ChatResponse", "ExecutionPlan"} <= set(doc["components"]["schemas"])
+
+
+async def test_ws_token_never_reaches_our_logs(client, account, fake, caplog):
+    caplog.set_level("DEBUG", logger="adiuva_server")
+    fake.script(Reply(status=500), Reply(text="<thinking>x</thinking>"))
+    for _ in range(2):
+        ws = await ws_chat(client, account, "hi")
+        await collect(ws)
+        await ws.close()
+    assert "llm_unavailable" in caplog.text or "unavailable" in caplog.text  # something was logged
+    assert account.access_token not in caplog.text
