@@ -12,10 +12,10 @@ from aiohttp import web
 
 from adiuva_server import meta
 from adiuva_server.auth import routes as auth_routes
-from adiuva_server.chat import routes as chat_routes
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.auth.service import AuthService
 from adiuva_server.auth.store import SQLiteAccountStore
+from adiuva_server.chat import routes as chat_routes
 from adiuva_server.config import Settings, ensure_data_dir
 from adiuva_server.db import Database
 from adiuva_server.http.auth import setup_auth

@@ -110,6 +110,10 @@ async def chat_stream(request: web.Request) -> web.WebSocketResponse:
             except (ConnectionResetError, RuntimeError) as exc:  # the socket went away mid-send
                 log.info("chat stream closed while sending: %s", type(exc).__name__)
                 break
+            except Exception:  # a bug: the socket is already upgraded, so answer with a frame
+                log.exception("chat stream: unexpected error")
+                await _send_error(ws, errors.AdiuvaError("an unexpected error occurred; see the server log"))
+                continue
             await ws.send_str(_final(result))
     finally:
         if receive is not None:
