@@ -3,6 +3,7 @@ validates them, an LRU cache of plans and the built-in playbooks."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import OrderedDict
 from typing import Any, Literal
@@ -153,8 +154,6 @@ class PlanCache:
 
 def parse_items(text: str) -> list[Any]:
     """The JSON an llm step produced, tolerating code fences and prose around it."""
-    import json
-
     text = text.strip()
     candidates = [text]
     for opener, closer in (("[", "]"), ("{", "}")):
