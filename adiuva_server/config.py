@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import secrets
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,13 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     llm_model: str = "ollama/llama3.2"
     llm_router_model: str = "ollama/llama3.2"
+    # Models besides llm_model that paying tiers may pick per request (LLM_MODELS, comma list).
+    llm_models: tuple[str, ...] = ()
+    ollama_host: str = "http://127.0.0.1:11434"
+    llm_api_base: str = ""  # LiteLLM's api_base for non-Ollama models; "" = the provider's own
+    # Bounds one provider call; when streaming, the wait for each next chunk.
+    llm_timeout: float = 60.0
+    chat_heartbeat_seconds: float = 30.0
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     shutdown_timeout: float = 15.0
@@ -127,6 +135,10 @@ class Settings:
             "rate_limits": r.tier_limits("ADIUVA_RATE_LIMITS", {"free": 20, "pro": 60, "power": 120, "team": 200}),
             "llm_model": env.get("LLM_MODEL") or cls.llm_model,
             "llm_router_model": env.get("LLM_ROUTER_MODEL") or env.get("LLM_MODEL") or cls.llm_router_model,
+            "llm_models": r.list("LLM_MODELS", ()),
+            "ollama_host": r.url("OLLAMA_HOST", cls.ollama_host),
+            "llm_api_base": r.url("LLM_API_BASE", ""),
+            "llm_timeout": r.float("LLM_TIMEOUT", cls.llm_timeout, 0.1, 3600.0),
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
             "vector_max_batch": r.int("ADIUVA_VECTOR_MAX_BATCH", 1000, 1, 100_000),
@@ -157,7 +169,19 @@ class Settings:
                 f"JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes; "
                 "unset it to let the server generate and keep one in its data dir"
             )
+        settings.check_llm_models()
         return settings
+
+    @property
+    def chat_models(self) -> tuple[str, ...]:
+        """The models a request may pick, default first."""
+        return tuple(dict.fromkeys((self.llm_model, *self.llm_models)))
+
+    def check_llm_models(self) -> None:
+        for name in (*self.chat_models, self.llm_router_model):
+            provider, sep, model = name.partition("/")
+            if not name.strip() or name != name.strip() or (provider == "ollama" and not (sep and model)):
+                raise ConfigError(f"invalid LLM model name {name!r}; use 'ollama/<name>' or a LiteLLM model name")
 
     def with_secret(self) -> Settings:
         """Return settings whose jwt_secret is set: JWT_SECRET if given, else the secret kept in
@@ -221,6 +245,33 @@ class _Reader:
         if not lo <= value <= hi:
             raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
         return value
+
+    def float(self, name: str, default: float, lo: float, hi: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if "://" not in raw:  # Ollama's own convention: OLLAMA_HOST=127.0.0.1:11434
+            raw = "http://" + raw
+        parsed = urllib.parse.urlsplit(raw)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+        try:
+            parsed.port
+        except ValueError:
+            raise ConfigError(f"{name} has an invalid port: {raw!r}") from None
+        return raw.rstrip("/")
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         raw = self._raw(name)

@@ -170,3 +170,12 @@ class DimensionMismatch(InvalidVector):
 class MetricMismatch(InvalidVector):
     code = "metric_mismatch"
     title = "Metric does not match the collection"
+class LLMUnavailable(ServiceUnavailable):
+    code = "llm_unavailable"
+    title = "The language model is unavailable"
+
+
+class ActiveBatchLimit(AdiuvaError):
+    status = 429
+    code = "active_batch_limit"
+    title = "Too many active batches"

@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from adiuva_server.auth.passwords import PasswordHasher
     from adiuva_server.auth.service import AuthService
+    from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
     from adiuva_server.db import Database
     from adiuva_server.http.routing import RouteSpec
@@ -24,6 +25,7 @@ RATE_LIMITS = web.AppKey("rate_limits", "RateLimitStore")
 ROUTES = web.AppKey("routes", "list[RouteSpec]")
 VECTORS = web.AppKey("vectors", "VectorService")
 STORAGE = web.AppKey("storage", "StorageService")
+CHAT = web.AppKey("chat", "Orchestrator")
 
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)
