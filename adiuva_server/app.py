@@ -25,6 +25,7 @@ from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.ratelimit import setup_rate_limits
 from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
 from adiuva_server.ratelimit import MemoryRateLimitStore
+from adiuva_server.server_backup import scheduled_backups
 from adiuva_server.vectors import routes as vector_routes
 from adiuva_server.storage import routes as storage_routes
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     setup_rate_limits(app)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(scheduled_backups)
     for feature in FEATURES:
         feature.setup(app)
     return app

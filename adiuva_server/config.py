@@ -74,6 +74,10 @@ class Settings:
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     shutdown_timeout: float = 15.0
+    # Scheduled whole-server backups into <data dir>/server-backups: every N seconds (0: off),
+    # keeping the newest `backup_keep` archives.
+    backup_interval: float = 0.0
+    backup_keep: int = 7
     tls: bool = False
     tls_cert: Path | None = None  # the admin's own certificate and key (imply tls)
     tls_key: Path | None = None
@@ -150,6 +154,8 @@ class Settings:
             "max_records_per_user": r.int("ADIUVA_MAX_RECORDS_PER_USER", cls.max_records_per_user, 1, 10**9),
             "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
         }
+        values["backup_interval"] = r.duration("ADIUVA_BACKUP_INTERVAL", 0.0)
+        values["backup_keep"] = r.int("ADIUVA_BACKUP_KEEP", 7, 1, 10_000)
         values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
         values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))
         values["tls"] = r.choice("ADIUVA_TLS", "off", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
@@ -296,6 +302,21 @@ class _Reader:
         else:
             items = [i.strip() for i in raw.split(",")]
         return tuple(i for i in items if i)
+
+    def duration(self, name: str, default: float) -> float:
+        """Seconds, or a number with s/m/h/d (`24h`); 0 means off; at least a minute otherwise."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        number, unit = (raw[:-1], raw[-1]) if raw[-1].lower() in units else (raw, "s")
+        try:
+            seconds = float(number) * units[unit.lower()]
+        except ValueError:
+            raise ConfigError(f"{name} must be a duration such as 3600, 30m, 24h or 7d; got {raw!r}") from None
+        if seconds != 0 and not 60 <= seconds <= 365 * 86400:
+            raise ConfigError(f"{name} must be 0 (off) or between 1 minute and 365 days; got {raw!r}")
+        return seconds
 
     def tier_limits(self, name: str, default: dict[str, int]) -> dict[str, int]:
         """`free=20,pro=60,...`: requests per minute by tier; tiers not named keep defaults."""

@@ -16,6 +16,7 @@ from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
 from adiuva_server.keys import SETTINGS
+from adiuva_server.server_backup import hold_server_lock
 
 log = logging.getLogger("adiuva")
 
@@ -88,6 +89,11 @@ async def serve(settings: Settings) -> None:
             cert, key = tls.self_signed(settings.data_dir, lan_addresses())
         ssl_context = tls.server_context(cert, key)
         pin = tls.fingerprint(cert.read_bytes())
+    with hold_server_lock(settings.data_dir):
+        await _run(app, settings, ssl_context, pin)
+
+
+async def _run(app: web.Application, settings: Settings, ssl_context, pin: str | None) -> None:
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     try:

@@ -22,11 +22,17 @@ from typing import Protocol
 
 from adiuva_server import errors
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # Bytes handed to a worker thread at a time: large enough that the thread hand-off (~0.1 ms)
 # is noise, small enough that memory stays flat (at most two buffers per upload in flight).
 WRITE_BUFFER = 1024 * 1024
 TEMP_PREFIX = "upload-"
+DELETION_LOCK = "deletions.lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +158,21 @@ class FileBlobStore:
 
     def _delete(self, digest: str, older_than: float | None) -> bool:
         path = self.local_path(digest)
-        try:
-            if older_than is not None and path.stat().st_mtime >= older_than:
+        with _file_lock(self.root / DELETION_LOCK, exclusive=False):
+            try:
+                if older_than is not None and path.stat().st_mtime >= older_than:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
                 return False
-            path.unlink()
-        except FileNotFoundError:
-            return False
         return True
+
+    @contextlib.contextmanager
+    def deletions_paused(self) -> Iterator[None]:
+        """Blocking: while held, no process deletes an object from this store (a server backup
+        holds it while it links the objects its database snapshot references)."""
+        with _file_lock(self.root / DELETION_LOCK, exclusive=True):
+            yield
 
     async def size_and_hash(self, digest: str) -> tuple[int, str] | None:
         return await asyncio.get_running_loop().run_in_executor(None, self._size_and_hash, digest)
@@ -209,6 +223,20 @@ class FileBlobStore:
 
 
 # -- blocking helpers (run in worker threads) ------------------------------------------------
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, *, exclusive: bool) -> Iterator[None]:
+    """An advisory lock shared between processes (flock); a no-op where flock does not exist."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adiuva_server import quota
 from adiuva_server.config import Settings
 from adiuva_server.db import Database
 from adiuva_server.storage.blobs import FileBlobStore
@@ -108,5 +109,5 @@ async def check(db: Database, blobs: FileBlobStore, *, verify_hashes: bool = Tru
     while (batch := await loop.run_in_executor(None, next, batches, None)) is not None:
         report.unreferenced += sum(1 for digest, _ in batch if digest not in referenced)
     report.temporary = await loop.run_in_executor(None, blobs.temporary_count)
-    report.usage_drift = await store.usage_drift()
+    report.usage_drift = await quota.drift(db)
     return report

@@ -186,26 +186,6 @@ class SQLiteStorageStore:
         )
         return [(r[0], r[1]) for r in rows]
 
-    async def usage_drift(self) -> list[tuple[str, str, int, int]]:
-        """(user_id, kind, counted, actual) wherever storage_usage disagrees with the rows."""
-        rows = await self.db.fetchall(
-            """
-            WITH actual(user_id, kind, bytes) AS (
-                SELECT user_id, 'cloud', SUM(size_bytes) FROM storage_records WHERE checksum IS NOT NULL GROUP BY user_id
-                UNION ALL
-                SELECT user_id, 'backup', SUM(size_bytes) FROM storage_backups GROUP BY user_id
-            )
-            SELECT u.user_id, u.kind, u.bytes, COALESCE(a.bytes, 0) FROM storage_usage u
-              LEFT JOIN actual a ON a.user_id = u.user_id AND a.kind = u.kind
-             WHERE u.bytes != COALESCE(a.bytes, 0)
-            UNION ALL
-            SELECT a.user_id, a.kind, 0, a.bytes FROM actual a
-             WHERE a.bytes != 0 AND NOT EXISTS (
-                 SELECT 1 FROM storage_usage u WHERE u.user_id = a.user_id AND u.kind = a.kind)
-            """
-        )
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
-
     # -- record writes --------------------------------------------------------------------------
 
     async def insert_record(self, user_id: str, tier: str, table: str, checksum: str, size: int, max_records: int) -> Record:
