@@ -154,8 +154,6 @@ class ServiceUnavailable(AdiuvaError):
     title = "Service unavailable"
 
 
-
-
 class InvalidVector(AdiuvaError):
     status = 400
     code = "invalid_vector"

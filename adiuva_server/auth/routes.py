@@ -38,10 +38,10 @@ async def login(request: web.Request, body: Credentials) -> AuthTokens:
 
 @api.post(
     "/auth/refresh", summary="Exchange a refresh token for new tokens (the old one stops working)",
-    auth=False, body=RefreshRequest, response=AuthTokens, errors=(401, 422),
+    auth=False, body=RefreshRequest, response=AuthTokens, errors=(401, 422, 429),
 )
 async def refresh(request: web.Request, body: RefreshRequest) -> AuthTokens:
-    return _tokens(await request.app[AUTH].refresh(body.refresh_token))
+    return _tokens(await request.app[AUTH].refresh(body.refresh_token, client_address(request)))
 
 
 @api.get("/auth/me", summary="The signed-in account", response=Me, errors=(401, 429))

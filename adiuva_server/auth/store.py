@@ -140,6 +140,10 @@ class SQLiteAccountStore:
         )
 
     async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int) -> tuple[Rotation, User | None]:
+        # Unknown tokens (garbage, guesses) are answered from a primary-key read, without
+        # queueing for the single writer.
+        if self.db.lookup("SELECT 1 FROM refresh_tokens WHERE token_hash = ?", (old_hash,)) is None:
+            return Rotation.UNKNOWN, None
         # One transaction: two concurrent refreshes with the same token cannot both succeed.
         async with self.db.write() as conn:
             async with conn.execute(

@@ -3,6 +3,7 @@ responses and generate the OpenAPI document, so the document cannot drift from t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from adiuva_server import errors
 from adiuva_server.keys import ROUTES, SETTINGS
 
 JSON = "application/json"
+OFFLOAD_JSON_BYTES = 64 * 1024
 API_PREFIX = "/api/v1"
 
 
@@ -126,7 +128,11 @@ def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callabl
             if not raw:
                 raise errors.MalformedRequest("a JSON request body is required")
             try:
-                kwargs["body"] = body_model.model_validate_json(raw)
+                if len(raw) > OFFLOAD_JSON_BYTES:
+                    # Parsing a multi-MB body takes tens of ms: not on the event loop.
+                    kwargs["body"] = await asyncio.to_thread(body_model.model_validate_json, raw)
+                else:
+                    kwargs["body"] = body_model.model_validate_json(raw)
             except pydantic.ValidationError as exc:
                 raise validation_problem(exc, "body") from None
         if query_model is not None:

@@ -4,6 +4,7 @@ every store call is keyed by the authenticated user's id."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -40,6 +41,9 @@ def to_float32(values: Sequence[float], loc: list[str | int], metric: str | None
     return vec.tobytes()
 
 
+OFFLOAD_BATCH = 32
+
+
 class VectorService:
     def __init__(self, settings: Settings, store: VectorStore) -> None:
         self.settings = settings
@@ -54,6 +58,19 @@ class VectorService:
         existing = await self.store.get_collection(user_id, collection)
         dimension = existing.dimension if existing else len(vectors[0].values)
         effective_metric = existing.metric if existing else (metric or "cosine")
+        args = (vectors, dimension, effective_metric, collection, existing is not None)
+        # Decoding, float conversion and hashing cost ~10 us a vector: off the event loop
+        # when the batch is big enough to stall other requests.
+        if len(vectors) > OFFLOAD_BATCH:
+            batch = await asyncio.to_thread(self._prepare, *args)
+        else:
+            batch = self._prepare(*args)
+        return await self.store.upsert(user_id, tier, collection, metric, dimension, batch)
+
+    def _prepare(self, vectors: Sequence[VectorIn], dimension: int, effective_metric: str, collection: str,
+                 existing: bool) -> list[NewVector]:
+        """Validate a whole batch before anything is written (all or nothing)."""
+        s = self.settings
         seen: set[str] = set()
         batch = []
         for i, v in enumerate(vectors):
@@ -84,7 +101,7 @@ class VectorService:
                     extra={"errors": [{"loc": ["body", *loc, "checksum"], "msg": "checksum mismatch"}]},
                 )
             batch.append(NewVector(v.id, embedding, payload, checksum))
-        return await self.store.upsert(user_id, tier, collection, metric, dimension, batch)
+        return batch
 
     async def search(self, user_id: str, collection: str, values: Sequence[float], top_k: int) -> list[Match]:
         bound = self.settings.vector_max_top_k
