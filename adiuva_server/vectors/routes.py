@@ -19,6 +19,7 @@ from adiuva_server.vectors.models import (
     UpsertRequest,
     UpsertResponse,
 )
+from adiuva_server.vectors.mirror import VectorMirror
 from adiuva_server.vectors.service import VectorService
 from adiuva_server.vectors.store import SQLiteVectorStore
 
@@ -27,8 +28,12 @@ api = Api("vectors")
 
 @api.cleanup_ctx
 async def _vectors(app: web.Application) -> AsyncIterator[None]:
-    app[VECTORS] = VectorService(app[SETTINGS], SQLiteVectorStore(app[DB]))
+    settings = app[SETTINGS]
+    mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
+    store = SQLiteVectorStore(app[DB], mirror if mirror.enabled else None)
+    app[VECTORS] = VectorService(settings, store)
     yield
+    await store.close()
 
 
 @api.post(

@@ -18,17 +18,29 @@ sqlite-vec 0.1.9 traps handled here (DESIGN.md):
 - `k` is capped at 4096 (the service bounds top_k below it);
 - cosine runs as L2 over unit vectors, sqlite-vec's fastest path: the distance returned is
   1 - cos = L2^2 / 2, exact up to float32 rounding.
+
+Large collections (`VectorMirror.min_vectors` and up) are searched from an in-memory float32
+copy with numpy when one is current (vectors/mirror.py says why and how it stays exact and
+isolated); otherwise, and while a copy is being read, sqlite-vec serves the search.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from adiuva_server import errors, quota
 from adiuva_server.db import Database
+from adiuva_server.vectors.mirror import Key, MirrorEntry, VectorMirror
+
+log = logging.getLogger(__name__)
 
 MAX_DIMENSION = 4096
 # Slots per chunk. Each partition (collection) allocates at least one chunk of
@@ -62,6 +74,7 @@ class Collection:
     dimension: int
     metric: str
     count: int
+    user_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +112,33 @@ def _table(dimension: int) -> str:
     return f"vec_f32_{dimension}"
 
 
+def _knn_sql(table: str, cosine: bool) -> str:
+    return (
+        "SELECT i.item_id, v.distance, i.payload, i.checksum FROM ("
+        f"  SELECT rowid, distance FROM {table}"
+        f"  WHERE embedding MATCH {'vec_normalize(vec_f32(?))' if cosine else 'vec_f32(?)'}"
+        "   AND k = ? AND collection_id = ?"
+        ") v JOIN vector_items i ON i.vec_rowid = v.rowid AND i.collection_id = ? "
+        "ORDER BY v.distance"
+    )
+
+
+def _knn_rows_to_matches(rows: Sequence[Any], cosine: bool) -> list[Match]:
+    if cosine:  # L2 between unit vectors -> cosine distance
+        return [Match(r[0], r[1] * r[1] / 2.0, r[2], r[3]) for r in rows]
+    return [Match(*r) for r in rows]
+
+
 class SQLiteVectorStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, mirror: VectorMirror | None = None) -> None:
         self.db = db
+        self.mirror = mirror
+        self._loading: dict[Key, asyncio.Task[None]] = {}
 
     async def get_collection(self, user_id: str, name: str) -> Collection | None:
         # An indexed single-row read: cheaper on the event loop than a thread hand-off.
         row = self.db.lookup(
-            "SELECT id, name, dimension, metric, count FROM vector_collections WHERE user_id = ? AND name = ?",
+            "SELECT id, name, dimension, metric, count, user_id FROM vector_collections WHERE user_id = ? AND name = ?",
             (user_id, name),
         )
         return None if row is None else Collection(*row)
@@ -144,12 +176,12 @@ class SQLiteVectorStore:
             )
             inserted = len(vectors) - len(existing)
             await conn.execute("UPDATE vector_collections SET count = count + ? WHERE id = ?", (inserted, coll.id))
-        coll = Collection(coll.id, coll.name, coll.dimension, coll.metric, coll.count + inserted)
+        coll = Collection(coll.id, coll.name, coll.dimension, coll.metric, coll.count + inserted, user_id)
         return UpsertResult(coll, inserted, len(existing))
 
     async def _collection_for_write(self, conn: Any, user_id: str, name: str, metric: str | None, dimension: int) -> Collection:
         async with conn.execute(
-            "SELECT id, name, dimension, metric, count FROM vector_collections WHERE user_id = ? AND name = ?",
+            "SELECT id, name, dimension, metric, count, user_id FROM vector_collections WHERE user_id = ? AND name = ?",
             (user_id, name),
         ) as cur:
             row = await cur.fetchone()
@@ -173,7 +205,7 @@ class SQLiteVectorStore:
             (user_id, name, dimension, metric),
         ) as cur:
             (coll_id,) = await cur.fetchone()
-        return Collection(coll_id, name, dimension, metric, 0)
+        return Collection(coll_id, name, dimension, metric, 0, user_id)
 
     async def _ensure_table(self, conn: Any, dimension: int) -> None:
         table = _table(dimension)
@@ -192,21 +224,115 @@ class SQLiteVectorStore:
         )
 
     async def search(self, collection: Collection, query: bytes, k: int) -> list[Match]:
+        mirror = self.mirror
+        if mirror is not None and mirror.wants(collection.count):
+            matches, stale_version = await self.db.run_read(self._search_mirrored, collection, query, k)
+            if stale_version is not None:
+                self._schedule_load(collection, stale_version)
+            return matches
         table = _table(collection.dimension)
         cosine = collection.metric == "cosine"
-        sql = (
-            "SELECT i.item_id, v.distance, i.payload, i.checksum FROM ("
-            f"  SELECT rowid, distance FROM {table}"
-            f"  WHERE embedding MATCH {'vec_normalize(vec_f32(?))' if cosine else 'vec_f32(?)'}"
-            "   AND k = ? AND collection_id = ?"
-            ") v JOIN vector_items i ON i.vec_rowid = v.rowid AND i.collection_id = ? "
-            "ORDER BY v.distance"
-        )
         # On a pooled reader connection (its own thread): a large search never blocks the loop.
-        rows = await self.db.fetchall(sql, (query, k, collection.id, collection.id))
-        if cosine:  # L2 between unit vectors -> cosine distance
-            return [Match(r[0], r[1] * r[1] / 2.0, r[2], r[3]) for r in rows]
-        return [Match(*r) for r in rows]
+        rows = await self.db.fetchall(_knn_sql(table, cosine), (query, k, collection.id, collection.id))
+        return _knn_rows_to_matches(rows, cosine)
+
+    def _search_mirrored(self, conn: Any, coll: Collection, query: bytes, k: int) -> tuple[list[Match], int | None]:
+        """On a reader thread, in one read transaction: the collection's version (for this user),
+        then either numpy over a current in-memory copy or sqlite-vec, and the payloads.
+        Returns the matches and, when no current copy was there, the version to load."""
+        assert self.mirror is not None
+        cosine = coll.metric == "cosine"
+        conn.execute("BEGIN")
+        row = conn.execute(
+            "SELECT version, count FROM vector_collections WHERE id = ? AND user_id = ?", (coll.id, coll.user_id)
+        ).fetchone()
+        if row is None:  # deleted since the caller looked it up
+            return [], None
+        version, count = row
+        key = (coll.user_id, coll.id)
+        entry = self.mirror.get(key, version)
+        if entry is None:
+            rows = conn.execute(_knn_sql(_table(coll.dimension), cosine), (query, k, coll.id, coll.id)).fetchall()
+            wanted = self.mirror.wants(count) and self.mirror.fits(key, version, count, coll.dimension)
+            return _knn_rows_to_matches(rows, cosine), version if wanted else None
+        if cosine:  # normalised exactly as the stored embeddings were (vec_normalize)
+            query = conn.execute("SELECT vec_normalize(vec_f32(?))", (query,)).fetchone()[0]
+        q = np.frombuffer(query, dtype=np.float32)
+        rowids, d2 = entry.top_k(q, k)
+        found = {
+            r[0]: r[1:]
+            for r in conn.execute(
+                # Primary-key lookups; `+` keeps the planner off the (collection_id, item_id)
+                # index, which would scan the whole collection.
+                "SELECT vec_rowid, item_id, payload, checksum FROM vector_items "
+                "WHERE vec_rowid IN (SELECT value FROM json_each(?)) AND +collection_id = ?",
+                (json.dumps(rowids.tolist()), coll.id),
+            )
+        }
+        if len(found) != len(rowids):  # cannot happen while versions are bumped by the triggers
+            raise RuntimeError(f"vector mirror of collection {coll.id} disagrees with the database")
+        out = []
+        for rowid, dist2 in zip(rowids.tolist(), d2.tolist(), strict=True):
+            item_id, payload, checksum = found[rowid]
+            out.append(Match(item_id, dist2 / 2.0 if cosine else math.sqrt(dist2), payload, checksum))
+        return out, None
+
+    def _schedule_load(self, coll: Collection, version: int) -> None:
+        key = (coll.user_id, coll.id)
+        if key in self._loading:
+            return  # one load per collection at a time; the next search retries if it went stale
+        task = asyncio.create_task(self._load(coll))
+        self._loading[key] = task
+        task.add_done_callback(lambda _t: self._loading.pop(key, None))
+
+    async def _load(self, coll: Collection) -> None:
+        try:
+            await self.db.run_read(self._load_sync, coll)
+        except Exception:
+            log.exception("could not load the vector mirror of collection %s", coll.id)
+
+    def _load_sync(self, conn: Any, coll: Collection) -> bool:
+        """Read a collection's embeddings and version from one snapshot into the mirror."""
+        assert self.mirror is not None
+        key = (coll.user_id, coll.id)
+        conn.execute("BEGIN")
+        row = conn.execute(
+            "SELECT version, count, dimension FROM vector_collections WHERE id = ? AND user_id = ?",
+            (coll.id, coll.user_id),
+        ).fetchone()
+        if row is None:
+            self.mirror.discard(key)
+            return False
+        version, count, dimension = row
+        if not (self.mirror.wants(count) and self.mirror.fits(key, version, count, dimension)):
+            return False
+        if self.mirror.get(key, version) is not None:
+            return True
+        rows = conn.execute(
+            f"SELECT i.vec_rowid, v.embedding FROM vector_items i JOIN {_table(dimension)} v ON v.rowid = i.vec_rowid "
+            "WHERE i.collection_id = ?",
+            (coll.id,),
+        ).fetchall()
+        rowids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        x = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dimension)
+        del rows
+        return self.mirror.put(key, MirrorEntry.build(version, rowids, x))
+
+    async def warm(self, collection: Collection) -> bool:
+        """Load the in-memory copy of `collection` now (benchmarks, tests, start-up warming).
+        True when a current copy is in memory afterwards."""
+        if self.mirror is None or not self.mirror.wants(collection.count):
+            return False
+        pending = self._loading.get((collection.user_id, collection.id))
+        if pending is not None:
+            await asyncio.shield(pending)
+        return await self.db.run_read(self._load_sync, collection)
+
+    async def close(self) -> None:
+        """Wait for loads under way (they hold a database connection)."""
+        pending = list(self._loading.values())
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def delete(self, user_id: str, tier: str, name: str, ids: Sequence[str]) -> int:
         async with self.db.write() as conn:
