@@ -154,6 +154,8 @@ class Settings:
             "vector_max_batch": r.int("ADIUVA_VECTOR_MAX_BATCH", 1000, 1, 100_000),
             "vector_max_top_k": r.int("ADIUVA_VECTOR_MAX_TOP_K", 100, 1, 4096),
             "vector_max_payload_bytes": r.int("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES", 64 * 1024, 0, 16 * 1024 * 1024),
+            "vector_cache_bytes": r.int("ADIUVA_VECTOR_CACHE_BYTES", cls.vector_cache_bytes, 0, 1 << 40),
+            "vector_cache_min_vectors": r.int("ADIUVA_VECTOR_CACHE_MIN_VECTORS", cls.vector_cache_min_vectors, 1, 10**9),
             "vector_max_request_bytes": r.int("ADIUVA_VECTOR_MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024 * 1024, 1024**3),
             "max_record_bytes": r.int("ADIUVA_MAX_RECORD_BYTES", cls.max_record_bytes, 1, 2**40),
             "max_backup_bytes": r.int("ADIUVA_MAX_BACKUP_BYTES", cls.max_backup_bytes, 1, 2**44),
