@@ -21,6 +21,7 @@ from adiuva_server.db import Database
 from adiuva_server.http.auth import setup_auth
 from adiuva_server.http.cors import setup_cors
 from adiuva_server.http.headers import setup_security_headers
+from adiuva_server.http.inflight import setup_inflight
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.ratelimit import setup_rate_limits
 from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
@@ -45,8 +46,10 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=JSON_BODY_LIMIT)
     app[SETTINGS] = settings
     app[ROUTES] = []
-    # Middleware order, outermost first: CORS (so errors carry CORS headers too), security
-    # headers, problem+json for every error, authentication, per-user rate limits.
+    # Middleware order, outermost first: in-flight tracking (for graceful shutdown), CORS (so
+    # errors carry CORS headers too), security headers, problem+json for every error,
+    # authentication, per-user rate limits.
+    setup_inflight(app)
     setup_cors(app)
     setup_security_headers(app)
     setup_problems(app)

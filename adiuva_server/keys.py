@@ -27,6 +27,8 @@ VECTORS = web.AppKey("vectors", "VectorService")
 STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 
+INFLIGHT = web.AppKey("inflight", object)
+
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)
 CLIENT_ADDRESS = web.RequestKey("client_address", str)

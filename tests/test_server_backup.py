@@ -192,3 +192,35 @@ def test_doctor_finds_and_fixes(tmp_path, data_dir):
     assert fixed.returncode == 0, fixed.stdout
     assert (os.stat(data_dir / "jwt_secret").st_mode & 0o777) == 0o600
     assert not (orphan / ("ab" + "0" * 62)).exists()
+
+
+async def test_sigterm_lets_in_flight_requests_finish(tmp_path):
+    """SIGTERM: stop accepting, finish what is in flight, close the database cleanly."""
+    import signal
+
+    server = ServerProcess(tmp_path / "data", **FAST)
+    data = os.urandom(256 * 1024)
+
+    async def slow_body():
+        for i in range(0, len(data), 32 * 1024):
+            yield data[i:i + 32 * 1024]
+            await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession(server.url) as http:
+        resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
+        auth = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+        upload = asyncio.create_task(http.post("/api/v1/storage/records?table=notes", data=slow_body(),
+                                               headers={**auth, "X-Checksum": sha(data)}))
+        await asyncio.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        resp = await upload
+        assert resp.status == 201, await resp.text()
+        record = await resp.json()
+    assert server.stop() == 0
+    again = ServerProcess(tmp_path / "data", **FAST)
+    async with aiohttp.ClientSession(again.url) as http:
+        resp = await http.post("/api/v1/auth/login", json={"email": "ada@example.org", "password": "correct horse"})
+        auth = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+        body = await (await http.get(f"/api/v1/storage/records/{record['id']}", headers=auth)).read()
+        assert body == data
+    assert again.stop() == 0

@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
-from adiuva_server.keys import SETTINGS
+from adiuva_server.keys import INFLIGHT, SETTINGS
 from adiuva_server.server_backup import hold_server_lock
 
 log = logging.getLogger("adiuva")
@@ -113,7 +113,12 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         print("\n".join(lines), flush=True)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: no new connections; letting requests in flight finish")
+        for running in list(runner.sites):
+            await running.stop()
+        if not await app[INFLIGHT].wait_idle(settings.shutdown_timeout):
+            log.warning("%d request(s) still running after %.0f s; cutting them off",
+                        app[INFLIGHT].count, settings.shutdown_timeout)
     finally:
         await runner.cleanup()
     log.info("stopped cleanly")
