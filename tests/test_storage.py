@@ -555,3 +555,200 @@ async def test_same_bytes_uploaded_while_deleted_stay_readable(client, pro):
     app = client.server.app
     report = await maintenance.check(app[DB], app[STORAGE].blobs)
     assert report.ok and report.unreferenced == 0, report
+
+
+# -- regressions ------------------------------------------------------------------------------------
+
+
+async def test_integer_query_parameters_are_bounded(client, pro):
+    """Values past SQLite's 64-bit INTEGER are a 422, never an OverflowError (500)."""
+    huge = str(2**63)
+    for path, name in ((CHANGES, "since"), (CHANGES, "limit"), (RECORDS, "page"), (RECORDS, "limit")):
+        for value in (huge, "9" * 40):
+            resp = await client.get(path, params={name: value}, headers=pro.headers)
+            body = await problem(resp, 422, "validation_error")
+            assert body["errors"][0]["loc"] == ["query", name], body
+    resp = await client.get(CHANGES, params={"since": str(2**63 - 1)}, headers=pro.headers)
+    assert resp.status == 200
+    assert await resp.json() == {"changes": [], "next_cursor": 2**63 - 1, "has_more": False}
+
+
+async def test_backups_in_the_same_second_have_distinct_validators(client, pro, monkeypatch):
+    from adiuva_server.storage import store
+
+    real = store.utc_now
+    frozen = real()
+    monkeypatch.setattr(store, "utc_now", lambda: frozen)  # both uploads land in the same second
+    first, second = os.urandom(3000), os.urandom(3000)
+    await put_backup(client, pro, first)
+    resp = await client.get(BACKUP, headers=pro.headers)
+    assert await resp.read() == first
+    first_modified, first_etag = resp.headers["Last-Modified"], resp.headers["ETag"]
+    assert first_etag == f'"{sha(first)}"'
+    await put_backup(client, pro, second)
+
+    resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": first_modified})
+    assert resp.status == 200, resp.headers
+    assert await resp.read() == second
+    assert resp.headers["Last-Modified"] != first_modified
+    assert resp.headers["ETag"] == f'"{sha(second)}"'
+    second_modified, second_etag = resp.headers["Last-Modified"], resp.headers["ETag"]
+    resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": second_modified})
+    assert resp.status == 304 and resp.headers["ETag"] == second_etag
+
+    # If-None-Match decides, and overrides If-Modified-Since.
+    resp = await client.get(BACKUP, headers={**pro.headers, "If-None-Match": second_etag})
+    assert resp.status == 304
+    resp = await client.get(BACKUP, headers={**pro.headers, "If-None-Match": first_etag,
+                                             "If-Modified-Since": second_modified})
+    assert resp.status == 200 and await resp.read() == second
+    # The older backup keeps its own validators.
+    history = (await (await client.get(f"{BACKUP}/history", headers=pro.headers)).json())["items"]
+    resp = await client.get(f"{BACKUP}/{history[1]['id']}", headers={**pro.headers, "If-None-Match": first_etag})
+    assert resp.status == 304 and resp.headers["Last-Modified"] == first_modified
+
+
+async def test_if_range_with_a_stale_etag_sends_the_whole_new_body(client, pro):
+    old = os.urandom(20_000)
+    meta = await created(client, pro, old)
+    url = f"{RECORDS}/{meta['id']}"
+    resp = await client.get(url, headers={**pro.headers, "Range": "bytes=0-9999"})
+    assert resp.status == 206 and await resp.read() == old[:10_000]
+    old_etag = resp.headers["ETag"]
+    new = os.urandom(20_000)
+    resp = await client.put(url, data=new, headers={**pro.headers, "X-Checksum": sha(new)})
+    assert resp.status == 200
+
+    # Resuming with the old ETag must not splice the new bytes onto the old ones.
+    resp = await client.get(url, headers={**pro.headers, "Range": "bytes=10000-", "If-Range": old_etag})
+    assert resp.status == 200 and "Content-Range" not in resp.headers
+    assert await resp.read() == new and resp.headers["ETag"] == f'"{sha(new)}"'
+    # The current ETag: the range. A weak tag or a date (records send no Last-Modified): all.
+    resp = await client.get(url, headers={**pro.headers, "Range": "bytes=10000-", "If-Range": f'"{sha(new)}"'})
+    assert resp.status == 206 and await resp.read() == new[10_000:]
+    assert resp.headers["Content-Range"] == f"bytes 10000-19999/{len(new)}"
+    for if_range in (f'W/"{sha(new)}"', format_datetime(dt.datetime.now(dt.UTC), usegmt=True)):
+        resp = await client.get(url, headers={**pro.headers, "Range": "bytes=10000-", "If-Range": if_range})
+        assert resp.status == 200 and await resp.read() == new
+
+
+async def test_backup_if_range_accepts_its_exact_last_modified(client, pro):
+    data = os.urandom(5000)
+    await put_backup(client, pro, data)
+    resp = await client.get(BACKUP, headers=pro.headers)
+    last_modified = resp.headers["Last-Modified"]
+    for if_range, status in ((last_modified, 206), (resp.headers["ETag"], 206), ('"stale"', 200),
+                             (format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(days=1), usegmt=True), 200)):
+        resp = await client.get(BACKUP, headers={**pro.headers, "Range": "bytes=-100", "If-Range": if_range})
+        assert resp.status == status, if_range
+        assert await resp.read() == (data[-100:] if status == 206 else data)
+
+
+async def test_unsatisfiable_range_is_a_problem(client, pro):
+    data = os.urandom(5000)
+    meta = await created(client, pro, data)
+    url = f"{RECORDS}/{meta['id']}"
+    for rng in ("bytes=5000-", "bytes=99999999999999999999999-", "bytes=10-5", "bytes=-0", "pages=1-2",
+                "bytes=0-1,5-6"):
+        resp = await client.get(url, headers={**pro.headers, "Range": rng})
+        await problem(resp, 416, "range_not_satisfiable")
+        assert resp.headers["Content-Range"] == f"bytes */{len(data)}", rng
+    await put_backup(client, pro, data)
+    resp = await client.get(BACKUP, headers={**pro.headers, "Range": "bytes=6000-7000"})
+    await problem(resp, 416, "range_not_satisfiable")
+    # Ranges that reach past the end are cut to it; a suffix longer than the body is all of it.
+    resp = await client.get(url, headers={**pro.headers, "Range": "bytes=4990-9999"})
+    assert resp.status == 206 and await resp.read() == data[4990:]
+    resp = await client.get(url, headers={**pro.headers, "Range": "bytes=-9999"})
+    assert resp.status == 206 and await resp.read() == data
+
+
+async def test_a_missing_object_is_a_problem_not_a_bare_404(client, pro):
+    meta = await created(client, pro, b"soon gone")
+    client.server.app[STORAGE].blobs.local_path(meta["checksum"]).unlink()
+    resp = await client.get(f"{RECORDS}/{meta['id']}", headers=pro.headers)
+    await problem(resp, 404, "not_found")
+
+
+async def test_backup_headers_must_be_printable_ascii(client, pro):
+    data = b"encrypted db"
+    for header, value in (("X-Backup-Version", "7\u00e9"), ("X-Backup-Version", "v" * 65),
+                          ("X-Backup-Version", "7\t1"), ("X-Backup-Timestamp", "2025-03-01T10:00:00\u00e9"),
+                          ("X-Backup-Timestamp", "2025-03-01T10:00:00.000000+00:00" + " " * 40 + "Z")):
+        token = pro.headers["Authorization"]
+        head = (f"PUT {BACKUP} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\nContent-Length: {len(data)}\r\n"
+                f"X-Backup-Checksum: {sha(data)}\r\nX-Backup-Version: 7\r\nX-Backup-Timestamp: 2025-03-01T10:00:00Z\r\n")
+        head = head.replace(f"{header}: ", f"{header}: {value}\r\nX-Ignored: ", 1)
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        try:
+            writer.write(head.encode() + b"\r\n" + data)  # UTF-8 on the wire, as a client would send it
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+            rest = await asyncio.wait_for(reader.read(65536), timeout=10)
+        finally:
+            writer.close()
+        assert int(status_line.split()[1]) == 422, (header, value, rest)
+        assert b"validation_error" in rest and header.encode() in rest
+    assert objects(client) == []
+    meta = await put_backup(client, pro, data, version="1.2.3 (build 7)")
+    assert meta["version"] == "1.2.3 (build 7)"
+
+
+async def test_change_cursors_are_per_user(client, pro):
+    """Another user's writes must not show as gaps in my cursors."""
+    other = await register(client, "other@example.org")
+    await set_tier(client, other.email, "pro")
+    mine = await created(client, pro, b"m1")
+    for i in range(3):
+        await created(client, other, f"o{i}".encode())
+    await created(client, pro, b"m2")
+    resp = await client.put(f"{RECORDS}/{mine['id']}", data=b"m3", headers={**pro.headers, "X-Checksum": sha(b"m3")})
+    assert resp.status == 200
+    await created(client, other, b"o3")
+    assert (await client.delete(f"{RECORDS}/{mine['id']}", headers=pro.headers)).status == 204
+
+    page = await (await client.get(CHANGES, headers=pro.headers)).json()
+    assert [c["cursor"] for c in page["changes"]] == [2, 4]  # m2 at 2; m1 replaced (3) then deleted (4)
+    assert page["next_cursor"] == 4
+    page = await (await client.get(CHANGES, headers=other.headers)).json()
+    assert [c["cursor"] for c in page["changes"]] == [1, 2, 3, 4]
+
+
+async def test_sweep_from_another_process_cannot_delete_an_object_being_stored_again(client, pro):
+    """An admin's sweep (another process, by age) checks an orphan's mtime; meanwhile the server
+    stores the same bytes again (which only freshens the object) and commits a row: the sweep
+    must not then unlink the object under that row."""
+    import threading
+    import time
+
+    from adiuva_server.storage.blobs import FileBlobStore
+
+    app = client.server.app
+    data = os.urandom(1000)
+    path = app[STORAGE].blobs.local_path(sha(data))
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)  # an orphan (say, of a deleted user), old enough to sweep
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+
+    checked, stored = threading.Event(), threading.Event()
+
+    class Paused(type(path)):
+        def stat(self, *args, **kw):
+            result = super().stat(*args, **kw)
+            checked.set()
+            stored.wait(0.5)  # without the lock, the server freshens the object right here
+            return result
+
+    doctor = FileBlobStore(app[STORAGE].blobs.root)  # its own lock descriptors, like another process
+    doctor.local_path = lambda digest: Paused(FileBlobStore.local_path(doctor, digest))
+    loop = asyncio.get_running_loop()
+    sweeping = asyncio.ensure_future(maintenance.sweep(app[DB], doctor, grace_seconds=60))
+    assert await loop.run_in_executor(None, checked.wait, 10)
+    meta = await created(client, pro, data)
+    stored.set()
+    await sweeping
+
+    resp = await client.get(f"{RECORDS}/{meta['id']}", headers=pro.headers)
+    assert resp.status == 200 and await resp.read() == data
+    assert (await maintenance.check(app[DB], app[STORAGE].blobs)).ok

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 from collections.abc import AsyncIterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,7 +33,21 @@ DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # is noise, small enough that memory stays flat (at most two buffers per upload in flight).
 WRITE_BUFFER = 1024 * 1024
 TEMP_PREFIX = "upload-"
+# The lock file that orders storing against deleting across processes (flock):
+# - storing an object (rename into place, or freshening an existing one) holds it shared;
+# - the server's own deletions hold it shared (the keeper's pins already order them against
+#   the server's stores);
+# - a deletion by age (`older_than`, what a sweep from another process relies on) holds it
+#   exclusive around its check-and-unlink, so it cannot unlink an object that a store has
+#   just freshened for a row about to be committed;
+# - a server backup (`deletions_paused`) holds it exclusive while it links objects.
+# Each acquisition opens its own descriptor (flock is per open file description), and no
+# holder ever waits for another acquisition, so there is no lock-order cycle.
 DELETION_LOCK = "deletions.lock"
+# Threads that may wait on that lock. Not the loop's default executor: an in-process server
+# backup holds the lock exclusively while it needs default-executor threads, so stores waiting
+# for the lock there could starve it of threads and never be released.
+LOCKING_THREADS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +95,7 @@ class FileBlobStore:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self._locking = ThreadPoolExecutor(LOCKING_THREADS, thread_name_prefix="blob-lock")
 
     def open(self) -> None:
         """Blocking: create the folders (0700)."""
@@ -131,22 +147,25 @@ class FileBlobStore:
         return tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.tmp)
 
     async def store(self, staged: Staged) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._store, staged)
+        await asyncio.get_running_loop().run_in_executor(self._locking, self._store, staged)
 
     def _store(self, staged: Staged) -> None:
         final = self.local_path(staged.digest)
-        if final.exists():
-            # Identical bytes are kept once. Freshen the object so a sweep running in another
-            # process (which goes by age) leaves it alone until the new row is committed.
-            os.unlink(staged.token)
-            os.utime(final)
-            return
-        folder = final.parent
-        if not folder.exists():
-            folder.mkdir(mode=0o700, exist_ok=True)
-            _fsync_dir(self.objects)
-        os.rename(staged.token, final)
-        _fsync_dir(folder)
+        # Shared: stores run in parallel, but never between a deletion by age's check of the
+        # object's mtime and its unlink (see DELETION_LOCK).
+        with _file_lock(self.root / DELETION_LOCK, exclusive=False):
+            if final.exists():
+                # Identical bytes are kept once. Freshen the object so a sweep running in another
+                # process (which goes by age) leaves it alone until the new row is committed.
+                os.unlink(staged.token)
+                os.utime(final)
+                return
+            folder = final.parent
+            if not folder.exists():
+                folder.mkdir(mode=0o700, exist_ok=True)
+                _fsync_dir(self.objects)
+            os.rename(staged.token, final)
+            _fsync_dir(folder)
 
     async def discard(self, staged: Staged) -> None:
         await asyncio.get_running_loop().run_in_executor(None, _remove, staged.token)
@@ -154,11 +173,12 @@ class FileBlobStore:
     # -- maintenance ----------------------------------------------------------------------------
 
     async def delete(self, digest: str, *, older_than: float | None = None) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(None, self._delete, digest, older_than)
+        return await asyncio.get_running_loop().run_in_executor(self._locking, self._delete, digest, older_than)
 
     def _delete(self, digest: str, older_than: float | None) -> bool:
         path = self.local_path(digest)
-        with _file_lock(self.root / DELETION_LOCK, exclusive=False):
+        # By age: exclusive, so no store freshens the object between the check and the unlink.
+        with _file_lock(self.root / DELETION_LOCK, exclusive=older_than is not None):
             try:
                 if older_than is not None and path.stat().st_mtime >= older_than:
                     return False

@@ -10,6 +10,10 @@ from adiuva_server.storage.service import TABLE_NAME
 from adiuva_server.storage.store import Backup, Record
 
 MAX_PAGE_SIZE = 1000
+MAX_PAGE = 10**7
+# Cursors are SQLite INTEGERs (signed 64-bit): a larger value must be a 422, not an
+# OverflowError on the way into the database.
+MAX_CURSOR = 2**63 - 1
 
 
 class RecordCreateQuery(BaseModel):
@@ -20,13 +24,13 @@ class RecordCreateQuery(BaseModel):
 class RecordListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     table: str | None = Field(default=None, pattern=TABLE_NAME)
-    page: int = Field(default=1, ge=1, le=10**7)
+    page: int = Field(default=1, ge=1, le=MAX_PAGE)
     limit: int = Field(default=100, ge=1, le=MAX_PAGE_SIZE)
 
 
 class ChangesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    since: int = Field(default=0, ge=0, description="the cursor from the previous answer; 0 for everything")
+    since: int = Field(default=0, ge=0, le=MAX_CURSOR, description="the cursor from the previous answer; 0 for everything")
     limit: int = Field(default=100, ge=1, le=MAX_PAGE_SIZE)
 
 

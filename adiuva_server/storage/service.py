@@ -28,6 +28,7 @@ from adiuva_server.storage.store import Backup, Record, StorageStore
 CHECKSUM = re.compile(r"^[0-9a-fA-F]{64}$")
 TABLE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 MAX_VERSION_LENGTH = 64
+MAX_TIMESTAMP_LENGTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,12 @@ def none_match(header: str | None, checksum: str) -> bool:
     return "*" in tags or etag_of(checksum) in tags
 
 
+def _printable_ascii(value: str) -> bool:
+    """Visible ASCII and spaces only: these values are echoed back in response headers, which
+    are Latin-1 on the wire, so anything else would come back garbled."""
+    return all(" " <= c <= "~" for c in value)
+
+
 def parse_backup_headers(version: str | None, timestamp: str | None) -> tuple[str, str]:
     def bad(header: str, msg: str) -> errors.ValidationError:
         return errors.ValidationError(
@@ -92,17 +99,17 @@ def parse_backup_headers(version: str | None, timestamp: str | None) -> tuple[st
     if not version or not version.strip():
         raise bad("X-Backup-Version", "field required")
     version = version.strip()
-    if len(version) > MAX_VERSION_LENGTH or not version.isprintable():
-        raise bad("X-Backup-Version", f"at most {MAX_VERSION_LENGTH} printable characters")
+    if len(version) > MAX_VERSION_LENGTH or not _printable_ascii(version):
+        raise bad("X-Backup-Version", f"at most {MAX_VERSION_LENGTH} printable ASCII characters")
     if not timestamp or not timestamp.strip():
         raise bad("X-Backup-Timestamp", "field required")
     timestamp = timestamp.strip()
+    if len(timestamp) > MAX_TIMESTAMP_LENGTH or not _printable_ascii(timestamp):
+        raise bad("X-Backup-Timestamp", f"at most {MAX_TIMESTAMP_LENGTH} printable ASCII characters")
     try:
         dt.datetime.fromisoformat(timestamp)
     except ValueError:
         raise bad("X-Backup-Timestamp", "not an ISO 8601 date and time") from None
-    if len(timestamp) > 64:
-        raise bad("X-Backup-Timestamp", "too long")
     return version, timestamp
 
 

@@ -64,8 +64,15 @@ async def _one(conn: Any, sql: str, params: Sequence[Any]) -> Any:
         return await cur.fetchone()
 
 
-async def _next_seq(conn: Any) -> int:
-    (seq,) = await _one(conn, "SELECT COALESCE(MAX(seq), 0) + 1 FROM storage_records", ())
+async def _next_seq(conn: Any, user_id: str) -> int:
+    """The next position in `user_id`'s change feed: a counter of their own, so the gaps in
+    one user's cursors say nothing about other users' writes."""
+    (seq,) = await _one(
+        conn,
+        "INSERT INTO storage_record_counts (user_id, records, last_seq) VALUES (?, 0, 1) "
+        "ON CONFLICT (user_id) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+        (user_id,),
+    )
     return seq
 
 
@@ -200,7 +207,7 @@ class SQLiteStorageStore:
                     extra={"max_records": max_records},
                 )
             await quota.apply(conn, user_id, tier, "cloud", size)
-            seq = await _next_seq(conn)
+            seq = await _next_seq(conn, user_id)
             await conn.execute(
                 "INSERT INTO storage_records (id, user_id, table_name, checksum, size_bytes, seq, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -234,7 +241,7 @@ class SQLiteStorageStore:
         async with self.db.write() as conn:
             old = await self._live_record(conn, user_id, record_id, precondition)
             await quota.apply(conn, user_id, tier, "cloud", size - old["size_bytes"])
-            seq = await _next_seq(conn)
+            seq = await _next_seq(conn, user_id)
             await conn.execute(
                 "UPDATE storage_records SET checksum = ?, size_bytes = ?, seq = ?, updated_at = ? WHERE id = ?",
                 (checksum, size, seq, now, record_id),
@@ -247,7 +254,7 @@ class SQLiteStorageStore:
         async with self.db.write() as conn:
             old = await self._live_record(conn, user_id, record_id, precondition)
             await quota.apply(conn, user_id, tier, "cloud", -old["size_bytes"])
-            seq = await _next_seq(conn)
+            seq = await _next_seq(conn, user_id)
             await conn.execute(
                 "UPDATE storage_records SET checksum = NULL, size_bytes = 0, seq = ?, updated_at = ?, deleted_at = ? "
                 "WHERE id = ?",
@@ -268,6 +275,14 @@ class SQLiteStorageStore:
         now, unix = utc_now()
         backup_id = str(uuid.uuid4())
         async with self.db.write() as conn:
+            # Last-Modified (whole seconds) must tell this backup from the user's previous one,
+            # or If-Modified-Since would answer 304 for a backup taken in the same second: no
+            # two backups of one user share a second (read before pruning, which may drop it).
+            (previous,) = await _one(
+                conn, "SELECT MAX(created_unix) FROM storage_backups WHERE user_id = ?", (user_id,)
+            )
+            if previous is not None:
+                unix = max(unix, previous + 1)
             pruned = await conn.execute_fetchall(
                 "SELECT id, checksum, size_bytes FROM storage_backups WHERE user_id = ? "
                 "ORDER BY rowid DESC LIMIT -1 OFFSET ?",
