@@ -71,6 +71,10 @@ class Settings:
     # Bounds one provider call; when streaming, the wait for each next chunk.
     llm_timeout: float = 60.0
     chat_heartbeat_seconds: float = 30.0
+    # Chat WebSockets one account may hold open at once (more are refused with 429), and the
+    # plans (plan-mode answers, built plans) kept in memory per account, its oldest dropped first.
+    chat_max_sockets: int = 4
+    chat_max_plans_per_user: int = 50
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     shutdown_timeout: float = 15.0
@@ -149,6 +153,8 @@ class Settings:
             "ollama_host": r.url("OLLAMA_HOST", cls.ollama_host),
             "llm_api_base": r.url("LLM_API_BASE", ""),
             "llm_timeout": r.float("LLM_TIMEOUT", cls.llm_timeout, 0.1, 3600.0),
+            "chat_max_sockets": r.int("ADIUVA_CHAT_MAX_SOCKETS", cls.chat_max_sockets, 1, 1000),
+            "chat_max_plans_per_user": r.int("ADIUVA_CHAT_MAX_PLANS", cls.chat_max_plans_per_user, 1, 1000),
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
             "vector_max_batch": r.int("ADIUVA_VECTOR_MAX_BATCH", 1000, 1, 100_000),

@@ -148,6 +148,11 @@ class RateLimited(AdiuvaError):
         self.retry_after = retry_after
 
 
+class TooManyConnections(RateLimited):
+    code = "too_many_connections"
+    title = "Too many open connections"
+
+
 class ServiceUnavailable(AdiuvaError):
     status = 503
     code = "service_unavailable"
@@ -177,3 +182,9 @@ class ActiveBatchLimit(AdiuvaError):
     status = 429
     code = "active_batch_limit"
     title = "Too many active batches"
+    retry_after = 5  # seconds: a guess at when a running batch may have finished
+
+    def __init__(self, detail: str | None = None, **kw: Any) -> None:
+        headers = kw.pop("headers", {}) or {}
+        headers.setdefault("Retry-After", str(self.retry_after))
+        super().__init__(detail, headers=headers, **kw)

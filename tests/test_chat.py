@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -344,6 +345,111 @@ async def test_ws_sanitizes_markers_split_across_chunks(client, account, fake):
     await ws.close()
 
 
+async def start_slow_answer(client, account, fake, gate):
+    """A socket whose first answer streams its first chunk, then waits for `gate`."""
+    fake.script(Reply(text="slow answer", gate=gate))
+    ws = await ws_chat(client, account, "first")
+    assert (await ws.receive(timeout=10)).data == "slow "
+    return ws
+
+
+async def test_ws_queues_at_most_two_requests_while_answering(client, account, fake):
+    gate = asyncio.Event()
+    ws = await start_slow_answer(client, account, fake, gate)
+    for i in range(3):
+        await ws.send_str(json.dumps({"message": f"queued {i}"}))
+    await asyncio.sleep(0.3)  # all three reach the server while the first answer streams
+    gate.set()
+    answers = [(await collect(ws))[1] for _ in range(4)]
+    assert [a["response"] for a in answers[:3]] == ["slow answer", "Done.", "Done."]
+    refused = answers[3]["error"]
+    assert refused["status"] == 429 and refused["code"] == "rate_limited" and int(refused["retry_after"]) >= 1
+    assert len(fake.requests) == 3  # the dropped frame never reached the model
+    await ws.send_str(json.dumps({"message": "after"}))  # the socket goes on working
+    assert (await collect(ws))[1]["response"] == "Done."
+    await ws.close()
+
+
+async def test_ws_client_that_keeps_flooding_is_disconnected(client, account, fake):
+    fake.script(Reply(text=" ".join(["word"] * 200), chunk_delay=0.05))
+    ws = await ws_chat(client, account, "tell me a long story")
+    await ws.receive(timeout=10)
+    frame = json.dumps({"message": "more", "context": {"blob": "x" * 100_000}})
+    with contextlib.suppress(ConnectionResetError):
+        for _ in range(30):
+            await ws.send_str(frame)
+    msg = await ws.receive(timeout=10)
+    while msg.type == aiohttp.WSMsgType.TEXT:  # error frames, if any were sent before the close
+        msg = await ws.receive(timeout=10)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and ws.close_code == 1008
+    await asyncio.wait_for(fake.disconnected.wait(), 5)  # the answer in progress was cancelled upstream
+    assert fake.chunks_sent < 150
+
+
+async def test_ws_frames_count_against_the_rate_limit_when_they_arrive(aiohttp_client, data_dir, fake):
+    limits = {"free": 2, "pro": 60, "power": 120, "team": 200}
+    client = await aiohttp_client(create_app(chat_settings(data_dir, fake, rate_limits=limits)))
+    account = await register(client)
+    gate = asyncio.Event()
+    ws = await start_slow_answer(client, account, fake, gate)
+    await ws.send_str(json.dumps({"message": "queued"}))
+    await asyncio.sleep(0.3)
+    # Two frames arrived, so the limit is reached now, not when the queued one gets its turn.
+    resp = await client.get("/api/v1/chat/models", headers=account.headers)
+    assert resp.status == 429 and resp.headers["Retry-After"]
+    await ws.send_str(json.dumps({"message": "one too many"}))  # the queue has room, the account has not
+    await asyncio.sleep(0.1)
+    gate.set()
+    answers = [(await collect(ws))[1] for _ in range(3)]
+    assert [a["response"] for a in answers[:2]] == ["slow answer", "Done."]
+    assert answers[2]["error"]["code"] == "rate_limited" and "2 requests per minute" in answers[2]["error"]["detail"]
+    # An account over its limit may not open another socket either (opening it does not count).
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await client.ws_connect(f"/api/v1/chat/stream?token={account.access_token}")
+    assert err.value.status == 429 and err.value.headers["Retry-After"]
+    await ws.close()
+
+
+async def test_ws_sockets_per_account_are_capped(aiohttp_client, data_dir, fake):
+    client = await aiohttp_client(create_app(chat_settings(data_dir, fake, chat_max_sockets=2)))
+    account = await register(client)
+    url = f"/api/v1/chat/stream?token={account.access_token}"
+    sockets = [await client.ws_connect(url) for _ in range(2)]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await client.ws_connect(url)
+    assert err.value.status == 429 and err.value.headers["Retry-After"] == "5"
+    resp = await client.get(url)  # the refusal is a problem answer, before any upgrade
+    body = await resp.json()
+    assert resp.status == 429 and body["code"] == "too_many_connections" and "at most 2" in body["detail"]
+    other = await register(client, "bob@example.org")  # the cap is per account
+    bobs = await client.ws_connect(f"/api/v1/chat/stream?token={other.access_token}")
+    await sockets[0].close()
+    for _ in range(100):  # the slot frees once the server's handler has finished
+        try:
+            sockets[0] = await client.ws_connect(url)
+            break
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 429
+            await asyncio.sleep(0.02)
+    else:
+        pytest.fail("closing a socket did not free its slot")
+    await sockets[0].send_str(json.dumps({"message": "hi"}))
+    assert (await collect(sockets[0]))[1]["response"] == "Done."
+    for ws in (*sockets, bobs):
+        await ws.close()
+
+
+def test_chat_socket_and_plan_caps_are_settings(tmp_path):
+    from adiuva_server.config import Settings
+    from adiuva_server.errors import ConfigError
+
+    settings = Settings.from_env({"ADIUVA_CHAT_MAX_SOCKETS": "7", "ADIUVA_CHAT_MAX_PLANS": "9"}, data_dir=tmp_path)
+    assert (settings.chat_max_sockets, settings.chat_max_plans_per_user) == (7, 9)
+    assert (Settings(data_dir=tmp_path).chat_max_sockets, Settings(data_dir=tmp_path).chat_max_plans_per_user) == (4, 50)
+    with pytest.raises(ConfigError, match="ADIUVA_CHAT_MAX_SOCKETS"):
+        Settings.from_env({"ADIUVA_CHAT_MAX_SOCKETS": "0"}, data_dir=tmp_path)
+
+
 # -- plans, playbooks, batches ------------------------------------------------------------------
 
 
@@ -396,6 +502,49 @@ async def test_batch_builder_needs_power_and_validates_steps(client, account, fa
     assert plan["plan_id"] in [p["plan_id"] for p in (await resp.json())["items"]]
 
 
+async def test_plans_are_capped_per_account_and_listed_without_vars(aiohttp_client, data_dir, fake):
+    client = await aiohttp_client(create_app(chat_settings(data_dir, fake, chat_max_plans_per_user=3)))
+    alice, bob = await register(client), await register(client, "bob@example.org")
+    for who in (alice, bob):
+        await set_tier(client, who.email, "power")
+    spec = {"name": "Digest", "steps": [{"id": "s1", "kind": "llm", "template_id": "tpl_note_weekly_summary",
+                                         "vars": {"week": "10"}}]}
+
+    async def build(who):
+        resp = await client.post("/api/v1/plans", json=spec, headers=who.headers)
+        assert resp.status == 201, await resp.text()
+        return (await resp.json())["plan_id"]
+
+    bobs = await build(bob)
+    alices = [await build(alice) for _ in range(5)]
+    resp = await client.get("/api/v1/plans/playbook", headers=alice.headers)
+    items = (await resp.json())["items"]
+    assert [p["plan_id"] for p in items if not p["builtin"]] == alices[-3:]  # her oldest were dropped
+    assert all("vars" not in step for p in items for step in p["steps"])
+    assert items[-1]["steps"] == [{"id": "s1", "kind": "llm", "template_id": "tpl_note_weekly_summary",
+                                   "action": None, "data_from_step": None}]
+    resp = await client.get(f"/api/v1/plans/playbook/{alices[-1]}", headers=alice.headers)
+    assert (await resp.json())["steps"][0]["vars"] == {"week": "10"}  # one plan has them
+    assert (await client.get(f"/api/v1/plans/playbook/{alices[0]}", headers=alice.headers)).status == 404
+    assert (await client.get(f"/api/v1/plans/playbook/{bobs}", headers=bob.headers)).status == 200  # not evicted by alice
+    doc = await (await client.get("/api/v1/openapi.json")).json()
+    listed = doc["components"]["schemas"]["PlanStepSummary"]["properties"]
+    assert "vars" not in listed and "vars" in doc["components"]["schemas"]["PlanStep"]["properties"]
+
+
+async def test_a_plan_over_64_kib_is_refused(client, account, fake):
+    await set_tier(client, account.email, "power")
+    big = {f"v{i}": "x" * 20_000 for i in range(4)}  # each var within its own limit, 80 KB together
+    spec = {"name": "Huge", "steps": [{"id": "s1", "kind": "llm", "template_id": "tpl_note_weekly_summary", "vars": big}]}
+    resp = await client.post("/api/v1/plans", json=spec, headers=account.headers)
+    body = await resp.json()
+    assert resp.status == 413 and body["code"] == "payload_too_large" and "64 KiB" in body["detail"]
+    resp = await client.get("/api/v1/plans/playbook", headers=account.headers)
+    assert [p["plan_id"] for p in (await resp.json())["items"]] == ["create_tasks_from_project", "generate_weekly_note"]
+    spec["steps"][0]["vars"] = {"v": "x" * 20_000}
+    assert (await client.post("/api/v1/plans", json=spec, headers=account.headers)).status == 201
+
+
 async def test_active_batches_are_capped_per_tier(client, account, fake):
     gate = asyncio.Event()
     fake.script(*[Reply(text='{"title": "W", "content": "x"}', gate=gate) for _ in range(2)])
@@ -408,6 +557,7 @@ async def test_active_batches_are_capped_per_tier(client, account, fake):
         await asyncio.sleep(0.02)
     resp = await run()
     assert resp.status == 429 and (await resp.json())["code"] == "active_batch_limit"
+    assert resp.headers["Retry-After"] == "5"  # every 429 says when to come back
     await set_tier(client, account.email, "power")  # unlimited: the same call now starts
     fake.script(Reply(text='{"title": "W", "content": "x"}'))
     assert (await run()).status == 200
@@ -501,6 +651,21 @@ def test_plan_cache_evicts_least_recently_used():
     assert [p.plan_id for p in cache.list("u")] == ["p2", "p0", "p3"]
 
 
+def test_plan_cache_evicts_per_owner_first():
+    from adiuva_server.chat.plans import ExecutionPlan, PlanCache
+
+    cache = PlanCache([], maxsize=4, per_user=2)
+    plan = lambda i: ExecutionPlan(plan_id=f"p{i}", name="x", steps=[])  # noqa: E731
+    cache.put("a", plan(0))
+    for i in range(1, 5):
+        cache.put("b", plan(i))  # b only ever pushes out b's own plans
+    assert [p.plan_id for p in cache.list("a")] == ["p0"] and [p.plan_id for p in cache.list("b")] == ["p3", "p4"]
+    assert len(cache) == 3
+    cache.put("c", plan(5))
+    cache.put("c", plan(6))  # the total cap drops the least recently used of all
+    assert len(cache) == 4 and cache.list("a") == [] and [p.plan_id for p in cache.list("c")] == ["p5", "p6"]
+
+
 @pytest.mark.parametrize("env,message", [
     ({"OLLAMA_HOST": "ftp://x"}, "OLLAMA_HOST"), ({"LLM_TIMEOUT": "soon"}, "LLM_TIMEOUT"),
     ({"LLM_MODEL": "ollama/"}, "invalid LLM model"), ({"LLM_API_BASE": "http://:99"}, "LLM_API_BASE"),
@@ -530,3 +695,29 @@ async def test_ws_token_never_reaches_our_logs(client, account, fake, caplog):
         await ws.close()
     assert "llm_unavailable" in caplog.text or "unavailable" in caplog.text  # something was logged
     assert account.access_token not in caplog.text
+
+
+async def test_provider_urls_never_reach_the_log(client, account, fake, caplog):
+    caplog.set_level("DEBUG")
+    await chat(client, account, "hi")
+    assert fake.url not in caplog.text  # httpx logs every request URL at INFO; OLLAMA_HOST may hold credentials
+    assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore")) and r.levelno < 30]
+
+
+async def test_serve_logs_neither_tokens_nor_query_strings(server_process, fake):
+    server = server_process(LLM_MODEL="ollama/fake", LLM_ROUTER_MODEL="ollama/fake-router", OLLAMA_HOST=fake.url)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(server.url + "/api/v1/auth/register",
+                                  json={"email": "ada@example.org", "password": "correct horse battery"})
+        token = (await resp.json())["access_token"]
+        resp = await session.get(server.url + "/api/v1/health?token=SECRET-IN-QUERY&x=1")
+        assert resp.status == 200
+        ws = await session.ws_connect(f"{server.url}/api/v1/chat/stream?token={token}")
+        await ws.send_str(json.dumps({"message": "hi"}))
+        assert (await collect(ws))[1]["response"] == "Done."
+        await ws.close()
+    assert server.stop() == 0
+    out = "".join(server.output)
+    assert '"GET /api/v1/health" 200' in out and '"GET /api/v1/chat/stream" 101' in out  # the access log ran
+    assert "SECRET-IN-QUERY" not in out and token not in out and "token=" not in out
+    assert fake.url not in out  # nor did httpx log the provider's URL

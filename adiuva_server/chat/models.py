@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from adiuva_server.chat.plans import ExecutionPlan
+from adiuva_server.chat.plans import ExecutionPlan, PlaybookSummary
 
 
 class ChatRequest(pydantic.BaseModel):
@@ -35,7 +35,7 @@ class ChatModels(pydantic.BaseModel):
 
 
 class PlaybookList(pydantic.BaseModel):
-    items: list[ExecutionPlan]
+    items: list[PlaybookSummary] = pydantic.Field(description="Steps without their vars; fetch one plan for those.")
 
 
 class PlanRunRequest(pydantic.BaseModel):

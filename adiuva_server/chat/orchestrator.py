@@ -35,7 +35,7 @@ class Orchestrator:
         self.registry = agents
         self.prompts = PromptTemplateRegistry()
         self.sanitizer = Sanitizer(self.prompts.fingerprints(), [a.name for a in agents] + [PIPELINE_RESULTS])
-        self.plans = PlanCache(builtin_playbooks(self.prompts))
+        self.plans = PlanCache(builtin_playbooks(self.prompts), per_user=settings.chat_max_plans_per_user)
         self._agent_names = re.compile(r"\b(" + "|".join(re.escape(a.name) for a in agents) + r")\b")
 
     # -- tier gates ------------------------------------------------------------------------------

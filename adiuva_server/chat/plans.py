@@ -15,6 +15,8 @@ from adiuva_server.chat.prompts import PromptTemplateRegistry
 from adiuva_server.chat.tools import TOOLS
 
 PLAN_CACHE_SIZE = 1000
+PLANS_PER_USER = 50
+MAX_PLAN_BYTES = 64 * 1024  # a stored plan's JSON (name, description, steps with their vars)
 MAX_STEPS = 20
 WRITE_TOOLS = frozenset(name for name, tool in TOOLS.items() if tool.read is None)
 Var = pydantic.constr(max_length=20_000)
@@ -40,8 +42,35 @@ class ExecutionPlan(pydantic.BaseModel):
     builtin: bool = False
 
 
+class PlanStepSummary(pydantic.BaseModel):
+    """A step as the playbook listing shows it: without its vars."""
+
+    id: str
+    kind: Literal["llm", "data"]
+    template_id: str | None = None
+    action: str | None = None
+    data_from_step: str | None = None
+
+
+class PlaybookSummary(pydantic.BaseModel):
+    """A plan in the playbook listing; GET /plans/playbook/{plan_id} has its steps' vars."""
+
+    plan_id: str
+    name: str
+    description: str = ""
+    steps: list[PlanStepSummary]
+    builtin: bool = False
+
+    @classmethod
+    def of(cls, plan: ExecutionPlan) -> PlaybookSummary:
+        return cls(plan_id=plan.plan_id, name=plan.name, description=plan.description, builtin=plan.builtin,
+                   steps=[PlanStepSummary(id=s.id, kind=s.kind, template_id=s.template_id, action=s.action,
+                                          data_from_step=s.data_from_step) for s in plan.steps])
+
+
 class PlanSpec(pydantic.BaseModel):
-    """A plan a power or team user builds through the API."""
+    """A plan a power or team user builds through the API. Its JSON (name, description and
+    steps with their vars) may take at most 64 KiB (413 above)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -122,22 +151,47 @@ def builtin_playbooks(templates: PromptTemplateRegistry) -> list[ExecutionPlan]:
 
 
 class PlanCache:
-    """Plans built by users (and plan-mode answers), least recently used evicted first. Kept in
-    memory only: plan variables may hold user content, which is never persisted."""
+    """Plans built by users (and plan-mode answers). Kept in memory only: plan variables may hold
+    user content, which is never persisted. Each plan is at most MAX_PLAN_BYTES; each owner keeps
+    at most `per_user` plans (their own least recently used is dropped first, so one account
+    cannot push out everyone else's), and `maxsize` bounds them all (least recently used first)."""
 
-    def __init__(self, builtins: list[ExecutionPlan], maxsize: int = PLAN_CACHE_SIZE) -> None:
+    def __init__(self, builtins: list[ExecutionPlan], maxsize: int = PLAN_CACHE_SIZE,
+                 per_user: int = PLANS_PER_USER, max_bytes: int = MAX_PLAN_BYTES) -> None:
         self.builtins = {p.plan_id: p for p in builtins}
         self.maxsize = maxsize
+        self.per_user = per_user
+        self.max_bytes = max_bytes
         self._plans: OrderedDict[str, tuple[str, ExecutionPlan]] = OrderedDict()
+        self._owned: dict[str, OrderedDict[str, None]] = {}  # owner -> plan ids, least recently used first
 
     def __len__(self) -> int:
         return len(self._plans)
 
     def put(self, owner: str, plan: ExecutionPlan) -> None:
+        """Raises PayloadTooLarge when the plan is over the size limit (nothing is stored)."""
+        size = len(plan.model_dump_json().encode())
+        if size > self.max_bytes:
+            raise errors.PayloadTooLarge(
+                f"a plan may take at most {self.max_bytes // 1024} KiB (name, description, steps and their vars); "
+                f"this one takes {size // 1024 + 1} KiB"
+            )
+        self._discard(plan.plan_id)
+        while len(self._owned.get(owner, ())) >= self.per_user:
+            self._discard(next(iter(self._owned[owner])))
         self._plans[plan.plan_id] = (owner, plan)
-        self._plans.move_to_end(plan.plan_id)
+        self._owned.setdefault(owner, OrderedDict())[plan.plan_id] = None
         while len(self._plans) > self.maxsize:
-            self._plans.popitem(last=False)
+            self._discard(next(iter(self._plans)))
+
+    def _discard(self, plan_id: str) -> None:
+        entry = self._plans.pop(plan_id, None)
+        if entry is None:
+            return
+        owned = self._owned[entry[0]]
+        del owned[plan_id]
+        if not owned:
+            del self._owned[entry[0]]
 
     def get(self, owner: str, plan_id: str) -> ExecutionPlan:
         if plan_id in self.builtins:
@@ -146,10 +200,11 @@ class PlanCache:
         if entry is None or entry[0] != owner:  # someone else's plan does not exist for you
             raise errors.NotFound(f"no playbook {plan_id!r}")
         self._plans.move_to_end(plan_id)
+        self._owned[owner].move_to_end(plan_id)
         return entry[1]
 
     def list(self, owner: str) -> list[ExecutionPlan]:
-        return [*self.builtins.values(), *(plan for o, plan in self._plans.values() if o == owner)]
+        return [*self.builtins.values(), *(self._plans[i][1] for i in self._owned.get(owner, ()))]
 
 
 def parse_items(text: str) -> list[Any]:

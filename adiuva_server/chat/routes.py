@@ -10,7 +10,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import pydantic
-from aiohttp import WSMsgType, web
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from adiuva_server import errors
 from adiuva_server.chat.batches import SQLiteBatchStore
@@ -19,7 +20,7 @@ from adiuva_server.chat.models import (
     BatchInfo, BatchList, BatchResult, ChatModels, ChatReply, ChatRequest, ChatResponse, PlanRunRequest, PlaybookList,
 )
 from adiuva_server.chat.orchestrator import Orchestrator
-from adiuva_server.chat.plans import ExecutionPlan, PlanSpec
+from adiuva_server.chat.plans import ExecutionPlan, PlanSpec, PlaybookSummary
 from adiuva_server.http.auth import principal
 from adiuva_server.http.routing import Api, validation_problem
 from adiuva_server.keys import AUTH, CHAT, DB, RATE_LIMITS, SETTINGS
@@ -29,11 +30,24 @@ log = logging.getLogger(__name__)
 api = Api("chat")
 plans_api = Api("plans")
 WS_MESSAGE_LIMIT = 1024 * 1024
+# Requests that may wait on a socket while an answer streams. Frames beyond that (or over the
+# account's rate limit) are dropped and answered, in order, with a rate_limited error frame; a
+# client that sends WS_MAX_REFUSALS refused frames in a row is disconnected (1008).
+WS_QUEUE_LIMIT = 2
+WS_MAX_REFUSALS = 8
+WS_RETRY_AFTER = 5  # seconds, when an account has all its sockets open
 _CLOSING = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+# Chat sockets open per user id (Settings.chat_max_sockets caps them).
+WS_OPEN = web.AppKey("chat_ws_open", collections.Counter)
 
 
 @api.cleanup_ctx
 async def _chat_service(app: web.Application) -> AsyncIterator[None]:
+    # httpx (under the ollama and litellm clients) logs every request URL at INFO; OLLAMA_HOST
+    # and LLM_API_BASE may carry credentials, so only its warnings reach our log.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    app[WS_OPEN] = collections.Counter()
     llm = LLM(app[SETTINGS])
     batches = SQLiteBatchStore(app[DB])
     interrupted = await batches.interrupt_running()
@@ -47,7 +61,7 @@ async def _chat_service(app: web.Application) -> AsyncIterator[None]:
 
 
 @api.post("/chat", summary="Send a message to the assistant (plan mode: get the plan instead)", body=ChatRequest,
-          response=ChatReply, errors=(401, 403, 422, 429, 503))
+          response=ChatReply, errors=(401, 403, 413, 422, 429, 503))
 async def chat(request: web.Request, body: ChatRequest) -> ChatResponse | ExecutionPlan:
     return await request.app[CHAT].orchestrate(principal(request), body)
 
@@ -60,31 +74,90 @@ async def chat_models(request: web.Request) -> ChatModels:
 
 
 @api.get("/chat/stream", summary="Streaming chat over a WebSocket (token as ?token= or Authorization)",
-         auth=False, status=101, errors=(401,))
+         auth=False, status=101, errors=(401, 429))
 async def chat_stream(request: web.Request) -> web.WebSocketResponse:
     token = _ws_token(request)
-    auth = request.app[AUTH]
-    auth.authenticate_token(token)  # before the upgrade: a bad token gets a plain 401
-    ws = web.WebSocketResponse(heartbeat=request.app[SETTINGS].chat_heartbeat_seconds, max_msg_size=WS_MESSAGE_LIMIT)
-    await ws.prepare(request)
-    chat = request.app[CHAT]
-    backlog: collections.deque = collections.deque()
+    # Before the upgrade, so these get a plain problem answer: a bad token 401, an account over
+    # its request limit or with all its sockets open 429.
+    who = request.app[AUTH].authenticate_token(token)
+    _check_rate(request, who)
+    limit, sockets = request.app[SETTINGS].chat_max_sockets, request.app[WS_OPEN]
+    if sockets[who.id] >= limit:
+        raise errors.TooManyConnections(WS_RETRY_AFTER, f"at most {limit} chat streams may be open per account; close one first")
+    sockets[who.id] += 1
+    try:
+        ws = web.WebSocketResponse(heartbeat=request.app[SETTINGS].chat_heartbeat_seconds, max_msg_size=WS_MESSAGE_LIMIT)
+        await ws.prepare(request)
+        await _converse(request, ws, token)
+    finally:
+        sockets[who.id] -= 1
+        if sockets[who.id] <= 0:
+            del sockets[who.id]
+    return ws
+
+
+class _Inbox:
+    """Frames waiting to be answered, in arrival order. Each frame is counted against the
+    account's rate limit when it arrives; at most WS_QUEUE_LIMIT requests wait, and a refused
+    frame is dropped at once: only the small error it will be answered with waits in its place."""
+
+    def __init__(self, request: web.Request, token: str) -> None:
+        self.request = request
+        self.token = token
+        self.items: collections.deque[aiohttp.WSMessage | errors.AdiuvaError] = collections.deque()
+        self.refusals = 0  # refused frames in a row
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def popleft(self) -> aiohttp.WSMessage | errors.AdiuvaError:
+        return self.items.popleft()
+
+    def add(self, msg: aiohttp.WSMessage) -> bool:
+        """Queue the frame or its refusal; False when the client keeps flooding."""
+        refusal: errors.AdiuvaError | None = None
+        if sum(not isinstance(i, errors.AdiuvaError) for i in self.items) >= WS_QUEUE_LIMIT:
+            refusal = errors.RateLimited(1, f"at most {WS_QUEUE_LIMIT} messages may wait while an answer streams; "
+                                            "this one was dropped")
+        else:
+            try:
+                _count(self.request, self.request.app[AUTH].authenticate_token(self.token))
+            except errors.RateLimited as exc:
+                refusal = exc
+            except errors.AdiuvaError:
+                pass  # a bad token is answered when the frame's turn comes, as before
+        if refusal is None:
+            self.refusals = 0
+            self.items.append(msg)
+            return True
+        self.refusals += 1
+        self.items.append(refusal)
+        return self.refusals < WS_MAX_REFUSALS
+
+
+async def _converse(request: web.Request, ws: web.WebSocketResponse, token: str) -> None:
+    auth, chat = request.app[AUTH], request.app[CHAT]
+    inbox = _Inbox(request, token)
     receive: asyncio.Task | None = None
     try:
         while True:
-            if backlog:
-                msg = backlog.popleft()
-            else:
+            if not inbox:
                 receive = receive or asyncio.create_task(ws.receive())
                 msg = await receive
                 receive = None
-            if msg.type in _CLOSING:
-                break
+                if msg.type in _CLOSING:
+                    break
+                if not inbox.add(msg):
+                    await _close_flooded(ws)
+                    return
+            item = inbox.popleft()
+            if isinstance(item, errors.AdiuvaError):
+                await _send_error(ws, item)
+                continue
             try:
                 # Tier and account state are read again for every message, as for every request.
                 who = auth.authenticate_token(token)
-                _count(request, who)
-                chat_request = _parse(msg)
+                chat_request = _parse(item)
             except errors.AdiuvaError as exc:
                 await _send_error(ws, exc)
                 continue
@@ -94,14 +167,16 @@ async def chat_stream(request: web.Request) -> web.WebSocketResponse:
                 await asyncio.wait({answer, receive}, return_when=asyncio.FIRST_COMPLETED)
                 if receive.done():
                     incoming, receive = receive.result(), None
-                    if incoming.type in _CLOSING:
-                        # The client left: cancelling the answer closes the upstream response,
-                        # which stops the provider's generation.
+                    flooded = incoming.type not in _CLOSING and not inbox.add(incoming)  # answered after the current one
+                    if incoming.type in _CLOSING or flooded:
+                        # The client left (or is cut off): cancelling the answer closes the
+                        # upstream response, which stops the provider's generation.
                         answer.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await answer
-                        return ws
-                    backlog.append(incoming)  # answered after the current one
+                        if flooded:
+                            await _close_flooded(ws)
+                        return
             try:
                 result = answer.result()
             except errors.AdiuvaError as exc:
@@ -119,7 +194,11 @@ async def chat_stream(request: web.Request) -> web.WebSocketResponse:
         if receive is not None:
             receive.cancel()
         await ws.close()
-    return ws
+
+
+async def _close_flooded(ws: web.WebSocketResponse) -> None:
+    log.info("chat stream closed: the client kept sending refused messages")
+    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many messages; wait for each answer")
 
 
 def _ws_token(request: web.Request) -> str:
@@ -132,12 +211,20 @@ def _ws_token(request: web.Request) -> str:
     raise errors.Unauthorized("pass the access token as ?token=<jwt> or an Authorization: Bearer header")
 
 
-def _count(request: web.Request, who) -> None:
-    """Each message on the socket counts against the per-minute limit like a request."""
-    settings = request.app[SETTINGS]
-    decision = request.app[RATE_LIMITS].hit(f"user:{who.id}", settings.rate_limits[who.tier], settings.rate_window_seconds)
+def _count(request: web.Request, who, *, hit: bool = True) -> None:
+    """Each message on the socket counts against the per-minute limit like a request (when it
+    arrives, not when its turn comes). `hit=False`: only check that one more would fit."""
+    settings, store = request.app[SETTINGS], request.app[RATE_LIMITS]
+    decide = store.hit if hit else store.check
+    decision = decide(f"user:{who.id}", settings.rate_limits[who.tier], settings.rate_window_seconds)
     if not decision.allowed:
-        raise errors.RateLimited(decision.retry_after, f"limit of {decision.limit} requests per minute reached")
+        raise errors.RateLimited(decision.retry_after, f"limit of {decision.limit} requests per minute reached",
+                                 headers=decision.headers())
+
+
+def _check_rate(request: web.Request, who) -> None:
+    """Opening a socket is not a request, but an account over its limit may not open one."""
+    _count(request, who, hit=False)
 
 
 def _parse(msg) -> ChatRequest:
@@ -159,8 +246,8 @@ async def _send_error(ws: web.WebSocketResponse, exc: errors.AdiuvaError) -> Non
     if exc.status >= 500:
         log.warning("chat stream: %s", exc.detail)
     error = {"status": exc.status, "code": exc.code, "title": exc.title, "detail": exc.detail}
-    if isinstance(exc, errors.RateLimited):
-        error["retry_after"] = exc.headers.get("Retry-After")
+    if "Retry-After" in exc.headers:
+        error["retry_after"] = exc.headers["Retry-After"]
     with contextlib.suppress(ConnectionResetError, RuntimeError):
         await ws.send_str(json.dumps({"done": True, "response": "", "actions": [], "error": error}))
 
@@ -170,16 +257,16 @@ async def _send_error(ws: web.WebSocketResponse, exc: errors.AdiuvaError) -> Non
 
 @plans_api.get("/plans/playbook", summary="Built-in playbooks and your own plans", response=PlaybookList, errors=(401,))
 async def list_playbooks(request: web.Request) -> PlaybookList:
-    return PlaybookList(items=request.app[CHAT].plans.list(principal(request).id))
+    return PlaybookList(items=[PlaybookSummary.of(p) for p in request.app[CHAT].plans.list(principal(request).id)])
 
 
-@plans_api.get("/plans/playbook/{plan_id}", summary="One playbook or plan", response=ExecutionPlan, errors=(401, 404))
+@plans_api.get("/plans/playbook/{plan_id}", summary="One playbook or plan, with its steps' vars", response=ExecutionPlan, errors=(401, 404))
 async def get_playbook(request: web.Request) -> ExecutionPlan:
     return request.app[CHAT].plans.get(principal(request).id, request.match_info["plan_id"])
 
 
 @plans_api.post("/plans", summary="Build a plan from template steps (batch builder: power and team)", body=PlanSpec,
-                response=ExecutionPlan, status=201, errors=(401, 403, 422))
+                response=ExecutionPlan, status=201, errors=(401, 403, 413, 422))
 async def build_plan(request: web.Request, body: PlanSpec) -> ExecutionPlan:
     return request.app[CHAT].build_plan(principal(request), body)
 
