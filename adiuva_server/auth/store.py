@@ -76,8 +76,11 @@ class SQLiteAccountStore:
         self.db = db
 
     def auth_state(self, user_id: str) -> User | None:
-        row = self.db.lookup(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
-        return None if row is None else User.from_row(row)
+        # Per request: no password hash, and a tuple straight into the dataclass.
+        row = self.db.lookup(
+            "SELECT id, email, tier, is_admin, disabled, session_version, created_at FROM users WHERE id = ?", (user_id,)
+        )
+        return None if row is None else User(*row[:3], bool(row[3]), bool(row[4]), *row[5:])
 
     async def get_by_email(self, email: str) -> User | None:
         row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE email = ?", (email,))

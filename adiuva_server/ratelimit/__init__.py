@@ -73,8 +73,7 @@ class MemoryRateLimitStore:
             return self._decision(events, limit, window, now)
         events.append(now)
         self._events[key] = (window, events)
-        counted = self._decision(events, limit, window, now)
-        return Decision(True, limit, counted.remaining, 0.0, counted.reset_after)
+        return Decision(True, limit, limit - len(events), 0.0, window)
 
     def check(self, key: str, limit: int, window: float) -> Decision:
         now = self._clock()
