@@ -15,15 +15,20 @@ from adiuva_server.auth import routes as auth_routes
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.auth.service import AuthService
 from adiuva_server.auth.store import SQLiteAccountStore
+from adiuva_server.chat import routes as chat_routes
 from adiuva_server.config import Settings, ensure_data_dir
 from adiuva_server.db import Database
 from adiuva_server.http.auth import setup_auth
 from adiuva_server.http.cors import setup_cors
 from adiuva_server.http.headers import setup_security_headers
+from adiuva_server.http.inflight import setup_inflight
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.ratelimit import setup_rate_limits
 from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
 from adiuva_server.ratelimit import MemoryRateLimitStore
+from adiuva_server.server_backup import scheduled_backups
+from adiuva_server.vectors import routes as vector_routes
+from adiuva_server.storage import routes as storage_routes
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ JSON_BODY_LIMIT = 1024 * 1024
 HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
-FEATURES = (meta.api, auth_routes.api)
+FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -41,8 +46,10 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=JSON_BODY_LIMIT)
     app[SETTINGS] = settings
     app[ROUTES] = []
-    # Middleware order, outermost first: CORS (so errors carry CORS headers too), security
-    # headers, problem+json for every error, authentication, per-user rate limits.
+    # Middleware order, outermost first: in-flight tracking (for graceful shutdown), CORS (so
+    # errors carry CORS headers too), security headers, problem+json for every error,
+    # authentication, per-user rate limits.
+    setup_inflight(app)
     setup_cors(app)
     setup_security_headers(app)
     setup_problems(app)
@@ -50,6 +57,7 @@ def create_app(settings: Settings) -> web.Application:
     setup_rate_limits(app)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(scheduled_backups)
     for feature in FEATURES:
         feature.setup(app)
     return app

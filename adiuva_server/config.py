@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import secrets
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,45 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     llm_model: str = "ollama/llama3.2"
     llm_router_model: str = "ollama/llama3.2"
+    # Models besides llm_model that paying tiers may pick per request (LLM_MODELS, comma list).
+    llm_models: tuple[str, ...] = ()
+    ollama_host: str = "http://127.0.0.1:11434"
+    llm_api_base: str = ""  # LiteLLM's api_base for non-Ollama models; "" = the provider's own
+    # Bounds one provider call; when streaming, the wait for each next chunk.
+    llm_timeout: float = 60.0
+    chat_heartbeat_seconds: float = 30.0
+    # Chat WebSockets one account may hold open at once (more are refused with 429), and the
+    # plans (plan-mode answers, built plans) kept in memory per account, its oldest dropped first.
+    chat_max_sockets: int = 4
+    chat_max_plans_per_user: int = 50
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     shutdown_timeout: float = 15.0
+    # Scheduled whole-server backups into <data dir>/server-backups: every N seconds (0: off),
+    # keeping the newest `backup_keep` archives.
+    backup_interval: float = 0.0
+    backup_keep: int = 7
+    tls: bool = False
+    tls_cert: Path | None = None  # the admin's own certificate and key (imply tls)
+    tls_key: Path | None = None
+    # Vector store: vectors per upsert, the largest top_k (sqlite-vec caps k at 4096), the
+    # largest payload of one vector, and the body limit of an upsert (other JSON bodies: 1 MiB).
+    vector_max_batch: int = 1000
+    vector_max_top_k: int = 100
+    vector_max_payload_bytes: int = 64 * 1024
+    vector_max_request_bytes: int = 16 * 1024 * 1024
+    # In-memory copies of large vector collections for exact numpy search (vectors/mirror.py):
+    # at most this many bytes in all (0 turns it off; a 100k x 384 collection takes ~155 MB),
+    # for collections of at least this many vectors (smaller ones are fast in sqlite-vec).
+    # Not read from the environment yet: README.md's settings table must list a variable first.
+    vector_cache_bytes: int = 512 * 1024**2
+    vector_cache_min_vectors: int = 20_000
+    # Encrypted storage (records and backups): body size limits, records per user, and how many
+    # backups each user keeps (older ones are deleted when a new one arrives).
+    max_record_bytes: int = 64 * 1024**2
+    max_backup_bytes: int = 2 * 1024**3
+    max_records_per_user: int = 1_000_000
+    backup_retention: int = 5
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -112,19 +149,59 @@ class Settings:
             "rate_limits": r.tier_limits("ADIUVA_RATE_LIMITS", {"free": 20, "pro": 60, "power": 120, "team": 200}),
             "llm_model": env.get("LLM_MODEL") or cls.llm_model,
             "llm_router_model": env.get("LLM_ROUTER_MODEL") or env.get("LLM_MODEL") or cls.llm_router_model,
+            "llm_models": r.list("LLM_MODELS", ()),
+            "ollama_host": r.url("OLLAMA_HOST", cls.ollama_host),
+            "llm_api_base": r.url("LLM_API_BASE", ""),
+            "llm_timeout": r.float("LLM_TIMEOUT", cls.llm_timeout, 0.1, 3600.0),
+            "chat_max_sockets": r.int("ADIUVA_CHAT_MAX_SOCKETS", cls.chat_max_sockets, 1, 1000),
+            "chat_max_plans_per_user": r.int("ADIUVA_CHAT_MAX_PLANS", cls.chat_max_plans_per_user, 1, 1000),
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
+            "vector_max_batch": r.int("ADIUVA_VECTOR_MAX_BATCH", 1000, 1, 100_000),
+            "vector_max_top_k": r.int("ADIUVA_VECTOR_MAX_TOP_K", 100, 1, 4096),
+            "vector_max_payload_bytes": r.int("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES", 64 * 1024, 0, 16 * 1024 * 1024),
+            "vector_cache_bytes": r.int("ADIUVA_VECTOR_CACHE_BYTES", cls.vector_cache_bytes, 0, 1 << 40),
+            "vector_cache_min_vectors": r.int("ADIUVA_VECTOR_CACHE_MIN_VECTORS", cls.vector_cache_min_vectors, 1, 10**9),
+            "vector_max_request_bytes": r.int("ADIUVA_VECTOR_MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024 * 1024, 1024**3),
+            "max_record_bytes": r.int("ADIUVA_MAX_RECORD_BYTES", cls.max_record_bytes, 1, 2**40),
+            "max_backup_bytes": r.int("ADIUVA_MAX_BACKUP_BYTES", cls.max_backup_bytes, 1, 2**44),
+            "max_records_per_user": r.int("ADIUVA_MAX_RECORDS_PER_USER", cls.max_records_per_user, 1, 10**9),
+            "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
         }
+        values["backup_interval"] = r.duration("ADIUVA_BACKUP_INTERVAL", 0.0)
+        values["backup_keep"] = r.int("ADIUVA_BACKUP_KEEP", 7, 1, 10_000)
+        values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
+        values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))
+        values["tls"] = r.choice("ADIUVA_TLS", "off", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
             values["data_dir"] = Path(overrides["data_dir"]).expanduser()
         settings = cls(**values)
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise ConfigError("give both a TLS certificate and its key (--cert/--key or ADIUVA_TLS_CERT/ADIUVA_TLS_KEY)")
+        for path in (settings.tls_cert, settings.tls_key):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"TLS file {path} does not exist")
+        if settings.tls_cert is not None:
+            settings = dataclasses.replace(settings, tls=True)
         if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(
                 f"JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes; "
                 "unset it to let the server generate and keep one in its data dir"
             )
+        settings.check_llm_models()
         return settings
+
+    @property
+    def chat_models(self) -> tuple[str, ...]:
+        """The models a request may pick, default first."""
+        return tuple(dict.fromkeys((self.llm_model, *self.llm_models)))
+
+    def check_llm_models(self) -> None:
+        for name in (*self.chat_models, self.llm_router_model):
+            provider, sep, model = name.partition("/")
+            if not name.strip() or name != name.strip() or (provider == "ollama" and not (sep and model)):
+                raise ConfigError(f"invalid LLM model name {name!r}; use 'ollama/<name>' or a LiteLLM model name")
 
     def with_secret(self) -> Settings:
         """Return settings whose jwt_secret is set: JWT_SECRET if given, else the secret kept in
@@ -165,6 +242,10 @@ def ensure_data_dir(settings: Settings) -> Settings:
     return settings.with_secret()
 
 
+def _path(raw: str | None) -> Path | None:
+    return Path(raw).expanduser() if raw and raw.strip() else None
+
+
 class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
@@ -184,6 +265,33 @@ class _Reader:
         if not lo <= value <= hi:
             raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
         return value
+
+    def float(self, name: str, default: float, lo: float, hi: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if "://" not in raw:  # Ollama's own convention: OLLAMA_HOST=127.0.0.1:11434
+            raw = "http://" + raw
+        parsed = urllib.parse.urlsplit(raw)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+        try:
+            parsed.port
+        except ValueError:
+            raise ConfigError(f"{name} has an invalid port: {raw!r}") from None
+        return raw.rstrip("/")
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         raw = self._raw(name)
@@ -208,6 +316,21 @@ class _Reader:
         else:
             items = [i.strip() for i in raw.split(",")]
         return tuple(i for i in items if i)
+
+    def duration(self, name: str, default: float) -> float:
+        """Seconds, or a number with s/m/h/d (`24h`); 0 means off; at least a minute otherwise."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        number, unit = (raw[:-1], raw[-1]) if raw[-1].lower() in units else (raw, "s")
+        try:
+            seconds = float(number) * units[unit.lower()]
+        except ValueError:
+            raise ConfigError(f"{name} must be a duration such as 3600, 30m, 24h or 7d; got {raw!r}") from None
+        if seconds != 0 and not 60 <= seconds <= 365 * 86400:
+            raise ConfigError(f"{name} must be 0 (off) or between 1 minute and 365 days; got {raw!r}")
+        return seconds
 
     def tier_limits(self, name: str, default: dict[str, int]) -> dict[str, int]:
         """`free=20,pro=60,...`: requests per minute by tier; tiers not named keep defaults."""

@@ -49,6 +49,12 @@ class MalformedRequest(AdiuvaError):
     title = "Malformed request"
 
 
+class ChecksumMismatch(AdiuvaError):
+    status = 400
+    code = "checksum_mismatch"
+    title = "Checksum does not match the uploaded bytes"
+
+
 class Unauthorized(AdiuvaError):
     status = 401
     code = "unauthorized"
@@ -142,7 +148,43 @@ class RateLimited(AdiuvaError):
         self.retry_after = retry_after
 
 
+class TooManyConnections(RateLimited):
+    code = "too_many_connections"
+    title = "Too many open connections"
+
+
 class ServiceUnavailable(AdiuvaError):
     status = 503
     code = "service_unavailable"
     title = "Service unavailable"
+
+
+class InvalidVector(AdiuvaError):
+    status = 400
+    code = "invalid_vector"
+    title = "Invalid vector request"
+
+
+class DimensionMismatch(InvalidVector):
+    code = "dimension_mismatch"
+    title = "Vector dimension does not match the collection"
+
+
+class MetricMismatch(InvalidVector):
+    code = "metric_mismatch"
+    title = "Metric does not match the collection"
+class LLMUnavailable(ServiceUnavailable):
+    code = "llm_unavailable"
+    title = "The language model is unavailable"
+
+
+class ActiveBatchLimit(AdiuvaError):
+    status = 429
+    code = "active_batch_limit"
+    title = "Too many active batches"
+    retry_after = 5  # seconds: a guess at when a running batch may have finished
+
+    def __init__(self, detail: str | None = None, **kw: Any) -> None:
+        headers = kw.pop("headers", {}) or {}
+        headers.setdefault("Retry-After", str(self.retry_after))
+        super().__init__(detail, headers=headers, **kw)

@@ -9,10 +9,13 @@ from aiohttp import web
 if TYPE_CHECKING:
     from adiuva_server.auth.passwords import PasswordHasher
     from adiuva_server.auth.service import AuthService
+    from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
     from adiuva_server.db import Database
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.ratelimit import RateLimitStore
+    from adiuva_server.vectors.service import VectorService
+    from adiuva_server.storage.service import StorageService
 
 SETTINGS = web.AppKey("settings", "Settings")
 DB = web.AppKey("db", "Database")
@@ -20,6 +23,11 @@ HASHER = web.AppKey("hasher", "PasswordHasher")
 AUTH = web.AppKey("auth", "AuthService")
 RATE_LIMITS = web.AppKey("rate_limits", "RateLimitStore")
 ROUTES = web.AppKey("routes", "list[RouteSpec]")
+VECTORS = web.AppKey("vectors", "VectorService")
+STORAGE = web.AppKey("storage", "StorageService")
+CHAT = web.AppKey("chat", "Orchestrator")
+
+INFLIGHT = web.AppKey("inflight", object)
 
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)

@@ -41,3 +41,34 @@ async def apply(conn: Any, user_id: str, tier: str, kind: str, delta: int) -> in
         (user_id, kind, new),
     )
     return new
+
+
+# What each feature charges, recomputed from its rows: records and vectors ("cloud"), desktop
+# backups ("backup"). A new feature that calls `apply` adds its source here.
+_ACTUAL_USAGE = """
+    SELECT user_id, kind, SUM(bytes) AS bytes FROM (
+        SELECT user_id, 'cloud' AS kind, size_bytes AS bytes FROM storage_records WHERE checksum IS NOT NULL
+        UNION ALL
+        SELECT user_id, 'backup', size_bytes FROM storage_backups
+        UNION ALL
+        SELECT c.user_id, 'cloud', length(i.payload) + 4 * i.dimension
+          FROM vector_items i JOIN vector_collections c ON c.id = i.collection_id
+    ) GROUP BY user_id, kind
+"""
+
+
+async def drift(db: Any) -> list[tuple[str, str, int, int]]:
+    """(user_id, kind, counted, actual) wherever storage_usage disagrees with the rows."""
+    rows = await db.fetchall(
+        f"""
+        WITH actual(user_id, kind, bytes) AS ({_ACTUAL_USAGE})
+        SELECT u.user_id, u.kind, u.bytes, COALESCE(a.bytes, 0) FROM storage_usage u
+          LEFT JOIN actual a ON a.user_id = u.user_id AND a.kind = u.kind
+         WHERE u.bytes != COALESCE(a.bytes, 0)
+        UNION ALL
+        SELECT a.user_id, a.kind, 0, a.bytes FROM actual a
+         WHERE a.bytes != 0 AND NOT EXISTS (
+             SELECT 1 FROM storage_usage u WHERE u.user_id = a.user_id AND u.kind = a.kind)
+        """
+    )
+    return [(r[0], r[1], r[2], r[3]) for r in rows]

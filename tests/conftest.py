@@ -84,12 +84,12 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m adiuva_server serve` on a free loopback port."""
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = (), **env: str) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adiuva_server", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "adiuva_server", "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(data_dir, **env),
         )
         self.output: list[str] = []
@@ -123,8 +123,8 @@ class ServerProcess:
 def server_process(data_dir):
     servers = []
 
-    def start(**env: str) -> ServerProcess:
-        server = ServerProcess(data_dir, **env)
+    def start(extra_args: tuple[str, ...] = (), **env: str) -> ServerProcess:
+        server = ServerProcess(data_dir, extra_args, **env)
         servers.append(server)
         return server
 

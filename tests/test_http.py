@@ -71,7 +71,7 @@ async def test_cors_preflight_and_response_for_allowed_origins(client, account, 
 
 async def test_cors_refuses_other_origins(client):
     pre = await client.options("/api/v1/auth/me", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
-    assert pre.status == 403
+    await problem(pre, 403, "origin_not_allowed")
     resp = await client.get("/api/v1/health", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in resp.headers
 
@@ -157,3 +157,14 @@ async def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(aioht
 async def test_json_routes_refuse_non_object_bodies_before_hashing(client):
     resp = await client.post("/api/v1/auth/register", json=["ada@example.org", "pw"])
     await problem(resp, 422, "validation_error")
+
+
+async def test_refresh_guessing_is_throttled_per_address(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, login_failures_per_address=3)))
+    account = await register(client)
+    for i in range(3):
+        resp = await client.post("/api/v1/auth/refresh", json={"refresh_token": f"guess-{i}"})
+        assert resp.status == 401
+    resp = await client.post("/api/v1/auth/refresh", json={"refresh_token": account.refresh_token})
+    body = await problem(resp, 429, "rate_limited")
+    assert "refresh" in body["detail"] and int(resp.headers["Retry-After"]) > 0

@@ -135,12 +135,19 @@ class AuthService:
             user = await self.store.get_by_email(email) or user
         return await self._new_session(user)
 
-    async def refresh(self, refresh_token: str) -> IssuedTokens:
+    async def refresh(self, refresh_token: str, client: str) -> IssuedTokens:
+        s = self.settings
+        failures = f"refresh-fail:addr:{client}"
+        decision = self.limits.check(failures, s.login_failures_per_address, s.login_failure_window_seconds)
+        if not decision.allowed:
+            raise errors.RateLimited(decision.retry_after, "too many invalid refresh tokens from this address")
         new_token, new_digest = new_refresh_token()
         now = int(time.time())
         outcome, user = await self.store.rotate_session(
             refresh_token_hash(refresh_token), new_digest, now, now + self.refresh_lifetime
         )
+        if outcome is not Rotation.ROTATED:
+            self.limits.hit(failures, s.login_failures_per_address, s.login_failure_window_seconds)
         if outcome is Rotation.REUSED:
             raise errors.TokenReused("this refresh token was already used; sign in again")
         if outcome is not Rotation.ROTATED or user is None:

@@ -76,8 +76,11 @@ class SQLiteAccountStore:
         self.db = db
 
     def auth_state(self, user_id: str) -> User | None:
-        row = self.db.lookup(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
-        return None if row is None else User.from_row(row)
+        # Per request: no password hash, and a tuple straight into the dataclass.
+        row = self.db.lookup(
+            "SELECT id, email, tier, is_admin, disabled, session_version, created_at FROM users WHERE id = ?", (user_id,)
+        )
+        return None if row is None else User(*row[:3], bool(row[3]), bool(row[4]), *row[5:])
 
     async def get_by_email(self, email: str) -> User | None:
         row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE email = ?", (email,))
@@ -140,6 +143,10 @@ class SQLiteAccountStore:
         )
 
     async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int) -> tuple[Rotation, User | None]:
+        # Unknown tokens (garbage, guesses) are answered from a primary-key read, without
+        # queueing for the single writer.
+        if self.db.lookup("SELECT 1 FROM refresh_tokens WHERE token_hash = ?", (old_hash,)) is None:
+            return Rotation.UNKNOWN, None
         # One transaction: two concurrent refreshes with the same token cannot both succeed.
         async with self.db.write() as conn:
             async with conn.execute(

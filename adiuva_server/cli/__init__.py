@@ -11,8 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from adiuva_server import __version__
+from adiuva_server import __version__, errors
 from adiuva_server.cli.common import DataDirOption, fail, load_settings
+from adiuva_server.cli.backup import app as backup_app
 from adiuva_server.cli.user import app as user_app
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(user_app, name="user")
+app.add_typer(backup_app, name="backup")
 
 
 def _version(value: bool) -> None:
@@ -43,15 +45,39 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (ADIUVA_HOST; default 0.0.0.0, every interface).")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port (ADIUVA_PORT; default 8000).")] = None,
     data_dir: DataDirOption = None,
+    tls: Annotated[Optional[bool], typer.Option("--tls/--no-tls", help="Serve HTTPS with a self-signed certificate kept in the data dir (ADIUVA_TLS).", show_default=False)] = None,
+    cert: Annotated[Optional[Path], typer.Option(help="Your own TLS certificate (PEM, chain first); implies --tls.")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="The private key of --cert (PEM).")] = None,
 ) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM."""
     from adiuva_server.cli.serve import run
 
-    settings = load_settings(data_dir=data_dir, host=host, port=port)
+    settings = load_settings(data_dir=data_dir, host=host, port=port, tls=tls, tls_cert=cert, tls_key=key)
     try:
         run(settings)
+    except errors.ConfigError as exc:
+        fail(exc.detail, code=2)
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", code=1)
+
+
+@app.command()
+def doctor(
+    fix: Annotated[bool, typer.Option("--fix", help="Mend what is safe to mend (permissions, leftover files).")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Check the database, the stored objects, permissions and the LLM provider."""
+    import asyncio
+
+    from adiuva_server.doctor import FAIL, run_doctor
+
+    settings = load_settings(data_dir=data_dir)
+    findings = asyncio.run(run_doctor(settings, fix=fix))
+    for finding in findings:
+        typer.echo(str(finding))
+    failed = [f for f in findings if f.level == FAIL]
+    typer.echo("all is well" if not failed else f"{len(failed)} problem(s) found")
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()

@@ -12,10 +12,11 @@ import sys
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from adiuva_server import __version__
+from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
-from adiuva_server.keys import SETTINGS
+from adiuva_server.keys import INFLIGHT, SETTINGS
+from adiuva_server.server_backup import hold_server_lock
 
 log = logging.getLogger("adiuva")
 
@@ -80,10 +81,23 @@ async def serve(settings: Settings) -> None:
     accepting, let in-flight requests finish (up to shutdown_timeout) and close the database."""
     app = create_app(settings)
     settings = app[SETTINGS]
+    ssl_context, pin = None, None
+    if settings.tls:
+        if settings.tls_cert and settings.tls_key:
+            cert, key = settings.tls_cert, settings.tls_key
+        else:
+            cert, key = tls.self_signed(settings.data_dir, lan_addresses())
+        ssl_context = tls.server_context(cert, key)
+        pin = tls.fingerprint(cert.read_bytes())
+    with hold_server_lock(settings.data_dir):
+        await _run(app, settings, ssl_context, pin)
+
+
+async def _run(app: web.Application, settings: Settings, ssl_context, pin: str | None) -> None:
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -92,12 +106,19 @@ async def serve(settings: Settings) -> None:
         port = settings.port or runner.addresses[0][1]
         lines = [f"Adiuva server {__version__} is running.", f"  data dir: {settings.data_dir}",
                  "  Point the Adiuva desktop app at:"]
-        lines += [f"    {u}" for u in urls(settings.host, port)]
+        lines += [f"    {u}" for u in urls(settings.host, port, "https" if ssl_context else "http")]
+        if pin:
+            lines.append(f"  TLS certificate SHA-256 fingerprint (pin this in the app): {pin}")
         if settings.signups_open:
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         print("\n".join(lines), flush=True)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: no new connections; letting requests in flight finish")
+        for running in list(runner.sites):
+            await running.stop()
+        if not await app[INFLIGHT].wait_idle(settings.shutdown_timeout):
+            log.warning("%d request(s) still running after %.0f s; cutting them off",
+                        app[INFLIGHT].count, settings.shutdown_timeout)
     finally:
         await runner.cleanup()
     log.info("stopped cleanly")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from adiuva_server.http.problem import problem_response
 from adiuva_server.keys import SETTINGS
 
 ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
@@ -27,7 +28,8 @@ def setup_cors(app: web.Application) -> None:
         allowed = origin is not None and (any_origin or origin in origins)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             if not allowed:
-                return web.Response(status=403, text="origin not allowed")
+                return problem_response(403, "origin_not_allowed", "Origin not allowed",
+                                        f"origin {origin!r} is not in CORS_ORIGINS")
             return web.Response(
                 status=204,
                 headers={

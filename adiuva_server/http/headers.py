@@ -16,8 +16,7 @@ _HEADERS = {
 async def security_headers_middleware(request: web.Request, handler) -> web.StreamResponse:
     response = await handler(request)
     if not response.prepared:
-        for name, value in _HEADERS.items():
-            response.headers.setdefault(name, value)
+        response.headers.extend(_HEADERS)
         # API answers are per user: no shared cache may keep them unless a handler says so.
         response.headers.setdefault("Cache-Control", "no-store")
     return response

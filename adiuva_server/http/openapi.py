@@ -21,7 +21,7 @@ _PROBLEM = {
     },
 }
 _STATUS_TEXT = {400: "Malformed request", 401: "Not authenticated", 402: "Quota exceeded", 403: "Forbidden",
-                404: "Not found", 409: "Conflict", 412: "Precondition failed", 413: "Body too large",
+                404: "Not found", 409: "Conflict", 412: "Precondition failed", 413: "Body too large", 416: "Range not satisfiable",
                 422: "Validation error", 429: "Rate limited", 503: "Unavailable"}
 
 

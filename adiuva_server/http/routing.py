@@ -3,6 +3,7 @@ responses and generate the OpenAPI document, so the document cannot drift from t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,9 +13,10 @@ import pydantic
 from aiohttp import web
 
 from adiuva_server import errors
-from adiuva_server.keys import ROUTES
+from adiuva_server.keys import ROUTES, SETTINGS
 
 JSON = "application/json"
+OFFLOAD_JSON_BYTES = 64 * 1024
 API_PREFIX = "/api/v1"
 
 
@@ -36,6 +38,8 @@ class RouteSpec:
     raw_response: dict[str, str] = field(default_factory=dict)
     response_headers: dict[str, str] = field(default_factory=dict)
     request_headers: dict[str, str] = field(default_factory=dict)
+    # A JSON body larger than the app-wide limit: settings -> bytes (e.g. vector upserts).
+    body_limit: Callable[[Any], int] | None = None
 
     @property
     def full_path(self) -> str:
@@ -111,16 +115,24 @@ def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callabl
     body_model: type[pydantic.BaseModel] | None = options.get("body")
     query_model: type[pydantic.BaseModel] | None = options.get("query")
     status: int = options.get("status", 200)
+    body_limit: Callable[[Any], int] | None = options.get("body_limit")
 
     @functools.wraps(fn)
     async def handler(request: web.Request) -> web.StreamResponse:
         kwargs: dict[str, Any] = {}
         if body_model is not None:
-            raw = await request.read()
+            reader = request
+            if body_limit is not None:  # aiohttp answers 413 past the clone's limit
+                reader = request.clone(client_max_size=body_limit(request.app[SETTINGS]))
+            raw = await reader.read()
             if not raw:
                 raise errors.MalformedRequest("a JSON request body is required")
             try:
-                kwargs["body"] = body_model.model_validate_json(raw)
+                if len(raw) > OFFLOAD_JSON_BYTES:
+                    # Parsing a multi-MB body takes tens of ms: not on the event loop.
+                    kwargs["body"] = await asyncio.to_thread(body_model.model_validate_json, raw)
+                else:
+                    kwargs["body"] = body_model.model_validate_json(raw)
             except pydantic.ValidationError as exc:
                 raise validation_problem(exc, "body") from None
         if query_model is not None:

@@ -73,63 +73,11 @@ class MemoryRateLimitStore:
             return self._decision(events, limit, window, now)
         events.append(now)
         self._events[key] = (window, events)
-        decision = self._decision(events, limit, window, now)
-        return Decision(True, limit, decision.remaining, 0.0, decision.reset_after)
+        return Decision(True, limit, limit - len(events), 0.0, window)
 
     def check(self, key: str, limit: int, window: float) -> Decision:
         now = self._clock()
         return self._decision(self._window(key, window, now), limit, window, now)
-
-    def reset(self, key: str) -> None: ...
-
-    def sweep(self) -> int:
-        """Forget keys with no events inside their window; returns how many were dropped."""
-
-
-class MemoryRateLimitStore:
-    """Exact sliding-window log: at most `limit` timestamps per key, so memory is bounded by
-    the limits; idle keys are dropped by `sweep` (the app calls it every minute)."""
-
-    def __init__(self, clock=time.monotonic) -> None:
-        self._events: dict[str, tuple[float, deque[float]]] = {}
-        self._clock = clock
-
-    def _window(self, key: str, window: float, now: float) -> deque[float]:
-        entry = self._events.get(key)
-        if entry is None:
-            return deque()
-        events = entry[1]
-        cutoff = now - window
-        while events and events[0] <= cutoff:
-            events.popleft()
-        return events
-
-    def _decide(self, events: deque[float], limit: int, window: float, now: float, counted: bool) -> Decision:
-        n = len(events)
-        if n < limit or (counted and n == limit and events[-1] == now):
-            allowed = True
-        else:
-            allowed = False
-        reset_after = (events[-1] + window - now) if events else 0.0
-        if allowed:
-            retry_after = 0.0
-        else:
-            # The oldest event that must expire before one more fits.
-            retry_after = events[n - limit] + window - now
-        return Decision(allowed, limit, max(0, limit - n), max(0.0, retry_after), max(0.0, reset_after))
-
-    def hit(self, key: str, limit: int, window: float) -> Decision:
-        now = self._clock()
-        events = self._window(key, window, now)
-        if len(events) >= limit:
-            return self._decide(events, limit, window, now, counted=False)
-        events.append(now)
-        self._events[key] = (window, events)
-        return self._decide(events, limit, window, now, counted=True)
-
-    def check(self, key: str, limit: int, window: float) -> Decision:
-        now = self._clock()
-        return self._decide(self._window(key, window, now), limit, window, now, counted=False)
 
     def reset(self, key: str) -> None:
         self._events.pop(key, None)

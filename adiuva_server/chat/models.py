@@ -1,0 +1,69 @@
+"""Request and response models of chat and plans (they also generate the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pydantic
+
+from adiuva_server.chat.plans import ExecutionPlan, PlaybookSummary
+
+
+class ChatRequest(pydantic.BaseModel):
+    message: pydantic.constr(strip_whitespace=True, min_length=1, max_length=20_000)
+    # The user's tasks, projects, notes, timelines, comments (and optionally "today"): the
+    # server holds none of them, so the client sends what the agents need.
+    context: dict[str, Any] = pydantic.Field(default_factory=dict)
+    mode: Literal["direct", "plan"] = "direct"
+    model: str | None = pydantic.Field(None, description="One of GET /chat/models; pro tier and up.")
+
+
+class ChatResponse(pydantic.BaseModel):
+    response: str
+    actions: list[dict[str, Any]]
+    agent: str = pydantic.Field(description="The agent that answered; several, comma-separated, for a pipeline.")
+
+
+class ChatReply(pydantic.RootModel[ChatResponse | ExecutionPlan]):
+    """A ChatResponse, or in plan mode an ExecutionPlan."""
+
+
+class ChatModels(pydantic.BaseModel):
+    default: str
+    models: list[str] = pydantic.Field(description="Models this account may pick per request.")
+    agents: list[str] = pydantic.Field(description="Agents this account may use.")
+
+
+class PlaybookList(pydantic.BaseModel):
+    items: list[PlaybookSummary] = pydantic.Field(description="Steps without their vars; fetch one plan for those.")
+
+
+class PlanRunRequest(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    context: dict[str, Any] = pydantic.Field(default_factory=dict)
+    inputs: dict[pydantic.constr(max_length=64), pydantic.constr(max_length=20_000)] = pydantic.Field(
+        default_factory=dict, description="Template variables, e.g. project_id; a step's own vars win."
+    )
+    model: str | None = None
+
+
+class BatchResult(pydantic.BaseModel):
+    batch_id: str
+    plan_id: str
+    status: Literal["done", "failed"]
+    response: str
+    actions: list[dict[str, Any]]
+    errors: list[str] = pydantic.Field(default_factory=list, description="Items a data step could not turn into actions.")
+
+
+class BatchInfo(pydantic.BaseModel):
+    batch_id: str
+    plan_id: str
+    status: str
+    started_at: int
+    finished_at: int | None
+
+
+class BatchList(pydantic.BaseModel):
+    items: list[BatchInfo]

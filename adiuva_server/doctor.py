@@ -1,0 +1,139 @@
+"""`adiuva doctor`: check the whole server and say plainly what is wrong (and, with `fix`,
+mend what can be mended safely). Each check is a small function returning findings."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import stat
+from dataclasses import dataclass
+
+from adiuva_server.config import JWT_SECRET_FILE, Settings
+from adiuva_server.db import Database, connect
+from adiuva_server.db.database import migrations
+from adiuva_server.server_backup import server_running
+from adiuva_server.storage import maintenance
+from adiuva_server.tls import KEY_FILE
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass
+class Finding:
+    level: str
+    area: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.level:>4}] {self.area}: {self.message}"
+
+
+async def run_doctor(settings: Settings, fix: bool = False) -> list[Finding]:
+    findings = _permissions(settings, fix)
+    findings += await asyncio.to_thread(_database, settings)
+    if any(f.level == FAIL and f.area == "database" for f in findings):
+        return findings  # the rest reads the database
+    findings += await _storage(settings, fix)
+    findings += await _llm(settings)
+    findings.append(Finding(OK, "license", "no license file: homelab mode (tiers are set with `adiuva user set-tier`)"))
+    return findings
+
+
+def _permissions(settings: Settings, fix: bool) -> list[Finding]:
+    out = []
+    for path, mode in ((settings.data_dir, 0o700), (settings.data_dir / JWT_SECRET_FILE, 0o600), (settings.data_dir / KEY_FILE, 0o600)):
+        if not path.exists():
+            continue
+        actual = stat.S_IMODE(path.stat().st_mode)
+        if actual & 0o077:
+            if fix:
+                os.chmod(path, mode)
+                out.append(Finding(OK, "permissions", f"{path} was {actual:o}, now {mode:o} (fixed)"))
+            else:
+                out.append(Finding(FAIL, "permissions", f"{path} is readable by others (mode {actual:o}; want {mode:o}); --fix mends it"))
+    if not out:
+        out.append(Finding(OK, "permissions", f"{settings.data_dir} and its secrets are private to their owner"))
+    return out
+
+
+def _database(settings: Settings) -> list[Finding]:
+    if not settings.db_path.exists():
+        return [Finding(FAIL, "database", f"{settings.db_path} does not exist (has the server ever started here?)")]
+    conn = connect(settings.db_path, readonly=True)
+    try:
+        integrity = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+        fk = conn.execute("PRAGMA foreign_key_check").fetchall()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    finally:
+        conn.close()
+    latest = migrations()[-1][0]
+    out = []
+    if integrity != ["ok"]:
+        out.append(Finding(FAIL, "database", "integrity check failed: " + "; ".join(integrity[:5])))
+    if fk:
+        out.append(Finding(FAIL, "database", f"{len(fk)} row(s) violate foreign keys"))
+    if version < latest:
+        out.append(Finding(WARN, "database", f"schema version {version}; the next start migrates to {latest}"))
+    elif version > latest:
+        out.append(Finding(FAIL, "database", f"schema version {version} is newer than this adiuva ({latest})"))
+    if not out:
+        out.append(Finding(OK, "database", f"integrity ok, schema version {version}"))
+    return out
+
+
+async def _storage(settings: Settings, fix: bool) -> list[Finding]:
+    blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
+    db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1)
+    try:
+        report = await maintenance.check(db, blobs, verify_hashes=True)
+        out = []
+        if report.missing:
+            out.append(Finding(FAIL, "storage", f"{len(report.missing)} referenced object(s) missing, e.g. {report.missing[0]}"))
+        if report.corrupt:
+            out.append(Finding(FAIL, "storage", f"{len(report.corrupt)} object(s) do not hash to their name, e.g. {report.corrupt[0]}"))
+        for user, kind, counted, actual in report.usage_drift[:5]:
+            out.append(Finding(FAIL, "storage", f"user {user}: {kind} usage counted {counted} bytes, stored {actual}"))
+        leftovers = report.unreferenced + report.temporary
+        if leftovers:
+            if fix:
+                # A running server may be between storing an object and committing its row:
+                # leave young leftovers alone unless it is stopped.
+                grace = maintenance.DEFAULT_GRACE_SECONDS if server_running(settings.data_dir) else 0.0
+                swept = await maintenance.sweep(db, blobs, grace_seconds=grace)
+                out.append(Finding(OK, "storage", f"swept {swept.objects_removed} unreferenced object(s), "
+                                                  f"{swept.temporary_removed} temporary file(s)"))
+            else:
+                out.append(Finding(WARN, "storage", f"{report.unreferenced} unreferenced object(s), {report.temporary} "
+                                                    "temporary file(s) (harmless; swept by the server or --fix)"))
+        if not (report.missing or report.corrupt or report.usage_drift):
+            out.append(Finding(OK, "storage", f"{report.referenced} referenced object(s) present and hash right"))
+        return out
+    finally:
+        await db.close()
+
+
+async def _llm(settings: Settings) -> list[Finding]:
+    out = []
+    models = list(dict.fromkeys((settings.llm_model, settings.llm_router_model, *settings.llm_models)))
+    if any(m.startswith("ollama/") for m in models):
+        import ollama
+
+        client = ollama.AsyncClient(host=settings.ollama_host, timeout=3)
+        try:
+            listed = await client.list()
+            names = {m.model for m in listed.models}
+            for model in (m for m in models if m.startswith("ollama/")):
+                name = model.split("/", 1)[1]
+                found = name in names or f"{name}:latest" in names
+                out.append(Finding(OK if found else WARN, "llm", f"{model}: Ollama at {settings.ollama_host} is reachable"
+                                   + ("" if found else f", but has not pulled {name} (`ollama pull {name}`)")))
+        except Exception as exc:  # any failure to reach it is the finding
+            out.append(Finding(WARN, "llm", f"Ollama at {settings.ollama_host} is not reachable ({type(exc).__name__}); chat answers 503 until it is"))
+    others = [m for m in models if not m.startswith("ollama/")]
+    if others:
+        if importlib.util.find_spec("litellm") is None:
+            out.append(Finding(FAIL, "llm", f"{', '.join(others)} need LiteLLM: pip install 'adiuva-server[llm]'"))
+        else:
+            out.append(Finding(OK, "llm", f"{', '.join(others)} via LiteLLM (installed; not called, a probe would cost a request)"))
+    return out

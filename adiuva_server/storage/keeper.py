@@ -1,0 +1,87 @@
+"""Which blobs may be deleted, and when: the one place that orders object writes, row writes and
+object deletions so that no committed row ever points at a missing object.
+
+- An object is stored (durable) before the transaction that references it starts, and it is
+  pinned from before it is stored until that transaction has finished, whatever happens to the
+  request meanwhile (the transaction runs on as its own task if the request is cancelled).
+- An object is deleted only when it is not pinned, no committed row references it, and no
+  upload of the same bytes can slip in between (such an upload waits for the deletion and
+  then stores the object again).
+- Another process (e.g. an admin's sweep) cannot see these pins; it only deletes objects older
+  than a grace period, and storing identical bytes again freshens the object's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+from adiuva_server.storage.blobs import BlobStore, Staged
+from adiuva_server.storage.store import StorageStore
+
+T = TypeVar("T")
+
+
+class BlobKeeper:
+    def __init__(self, blobs: BlobStore, store: StorageStore) -> None:
+        self.blobs = blobs
+        self.store = store
+        self._pins: Counter[str] = Counter()
+        self._deleting: dict[str, asyncio.Future[None]] = {}
+        self._writes: set[asyncio.Task] = set()
+
+    def _unpin(self, digest: str) -> None:
+        self._pins[digest] -= 1
+        if self._pins[digest] <= 0:
+            del self._pins[digest]
+
+    async def commit(self, staged: Staged, write: Callable[[], Awaitable[T]]) -> T:
+        """Store `staged` durably, then run `write` (the transaction that references it).
+        If `write` fails, the object is freed again unless something else references it."""
+        digest = staged.digest
+        self._pins[digest] += 1
+        try:
+            while (deleting := self._deleting.get(digest)) is not None:
+                await asyncio.shield(deleting)
+            await self.blobs.store(staged)
+        except BaseException:
+            self._unpin(digest)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.blobs.discard(staged))
+            raise
+        task = asyncio.ensure_future(write())
+        self._writes.add(task)
+        task.add_done_callback(lambda t: (self._writes.discard(t), self._unpin(digest)))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise  # the transaction finishes on its own; a sweep removes what it leaves unused
+        except BaseException:
+            await self.release([digest])
+            raise
+
+    async def release(self, digests: Iterable[str], *, older_than: float | None = None) -> int:
+        """Delete those of `digests` that nothing references (and, with `older_than`, that were
+        last written before that Unix time). Returns how many objects were deleted."""
+        freed = 0
+        loop = asyncio.get_running_loop()
+        for digest in dict.fromkeys(d for d in digests if d):
+            if self._pins.get(digest) or digest in self._deleting:
+                continue
+            done = loop.create_future()
+            self._deleting[digest] = done
+            try:
+                if not await self.store.referenced([digest]) and await self.blobs.delete(digest, older_than=older_than):
+                    freed += 1
+            finally:
+                del self._deleting[digest]
+                done.set_result(None)
+        return freed
+
+    async def drain(self) -> None:
+        """Wait for transactions still running on behalf of cancelled requests (at shutdown)."""
+        if self._writes:
+            await asyncio.wait(list(self._writes))

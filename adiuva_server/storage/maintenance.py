@@ -1,0 +1,113 @@
+"""Sweeping and checking the blob store against the metadata: plain importable functions that
+the server runs at start (and periodically) and that an admin tool can run on demand.
+
+A crash can leave, at most, an abandoned temporary file or an object no row references (the
+row is committed only after its object is durable); deleting a user leaves the objects only
+they referenced. `sweep` removes both kinds; it never removes a referenced object. `check`
+proves the opposite promise: every referenced object exists, has the right size and hashes
+to its name, and the per-user usage counters agree with the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adiuva_server import quota
+from adiuva_server.config import Settings
+from adiuva_server.db import Database
+from adiuva_server.storage.blobs import FileBlobStore
+from adiuva_server.storage.keeper import BlobKeeper
+from adiuva_server.storage.store import SQLiteStorageStore
+
+# Another process may be between storing an object and committing its row; a sweep from
+# outside the server leaves objects younger than this alone.
+DEFAULT_GRACE_SECONDS = 3600.0
+
+
+def blob_root(settings: Settings) -> Path:
+    return settings.data_dir / "blobs"
+
+
+def open_blob_store(settings: Settings) -> FileBlobStore:
+    """Blocking (creates the folders): the blob store of this data dir."""
+    blobs = FileBlobStore(blob_root(settings))
+    blobs.open()
+    return blobs
+
+
+@dataclass
+class SweepReport:
+    objects_removed: int = 0
+    temporary_removed: int = 0
+
+
+@dataclass
+class ConsistencyReport:
+    referenced: int = 0
+    missing: list[str] = field(default_factory=list)  # referenced but absent
+    corrupt: list[str] = field(default_factory=list)  # wrong size or hash
+    unreferenced: int = 0  # stored but unused (harmless; the next sweep removes them)
+    temporary: int = 0
+    usage_drift: list[tuple[str, str, int, int]] = field(default_factory=list)  # (user, kind, counted, actual)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.corrupt or self.usage_drift)
+
+
+async def sweep(
+    db: Database, blobs: FileBlobStore, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    object_grace_seconds: float | None = None, keeper: BlobKeeper | None = None,
+) -> SweepReport:
+    """Remove temporary files and unreferenced objects last written more than `grace_seconds`
+    ago (`object_grace_seconds` for objects, if given). From another process the grace period
+    protects the server's uploads in flight; inside the server, its keeper's pins do, so the
+    server sweeps objects with no grace period."""
+    store = SQLiteStorageStore(db)
+    keeper = keeper or BlobKeeper(blobs, store)
+    now = time.time()
+    report = SweepReport(temporary_removed=await blobs.sweep_temporary(now - grace_seconds))
+    cutoff = now - (grace_seconds if object_grace_seconds is None else object_grace_seconds)
+    loop = asyncio.get_running_loop()
+    batches = blobs.scan()
+    while (batch := await loop.run_in_executor(None, next, batches, None)) is not None:
+        old = [digest for digest, mtime in batch if mtime < cutoff]
+        if not old:
+            continue
+        used = await store.referenced(old)
+        report.objects_removed += await keeper.release([d for d in old if d not in used], older_than=cutoff)
+    return report
+
+
+async def check(db: Database, blobs: FileBlobStore, *, verify_hashes: bool = True) -> ConsistencyReport:
+    """Compare the metadata with the blob store. Reads every referenced object when
+    `verify_hashes` (slow on a large store); otherwise checks presence and size only."""
+    store = SQLiteStorageStore(db)
+    loop = asyncio.get_running_loop()
+    report = ConsistencyReport()
+    referenced = dict(await store.referenced_objects())
+    report.referenced = len(referenced)
+    for digest, size in referenced.items():
+        if verify_hashes:
+            found = await blobs.size_and_hash(digest)
+            if found is None:
+                report.missing.append(digest)
+            elif found != (size, digest):
+                report.corrupt.append(digest)
+        else:
+            try:
+                actual = await loop.run_in_executor(None, lambda: blobs.local_path(digest).stat().st_size)
+            except FileNotFoundError:
+                report.missing.append(digest)
+                continue
+            if actual != size:
+                report.corrupt.append(digest)
+    batches = blobs.scan()
+    while (batch := await loop.run_in_executor(None, next, batches, None)) is not None:
+        report.unreferenced += sum(1 for digest, _ in batch if digest not in referenced)
+    report.temporary = await loop.run_in_executor(None, blobs.temporary_count)
+    report.usage_drift = await quota.drift(db)
+    return report

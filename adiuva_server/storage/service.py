@@ -1,0 +1,224 @@
+"""Encrypted storage: records, their change feed, and backups.
+
+The server never sees plaintext: bodies are opaque bytes that the client has encrypted. It
+proves they arrived intact (SHA-256, compared in constant time), keeps them exactly once per
+content, and acknowledges a write only when both the object and its row are durable.
+
+Every upload goes: limits and quota from Content-Length (refused before the body is read) →
+body streamed to a temporary object while hashed → checksum compared → object stored →
+one short transaction (quota counted again, authoritatively) → answer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import re
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from adiuva_server import errors, quota
+from adiuva_server.config import Settings
+from adiuva_server.storage.blobs import BlobStore, Staged
+from adiuva_server.storage.keeper import BlobKeeper
+from adiuva_server.storage.store import Backup, Record, StorageStore
+
+CHECKSUM = re.compile(r"^[0-9a-fA-F]{64}$")
+TABLE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+MAX_VERSION_LENGTH = 64
+MAX_TIMESTAMP_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """An upload's bytes as they arrive, and the length the client declared (if any)."""
+
+    length: int | None
+    chunks: AsyncIterable[bytes]
+
+
+class Caller(Protocol):
+    """Who is asking (the request's principal): only their own data is ever touched."""
+
+    id: str
+    tier: str
+
+
+def parse_checksum(value: str | None, header: str) -> str:
+    if value is None or not value.strip():
+        raise errors.ValidationError(
+            f"the {header} header (SHA-256 of the body, hex) is required",
+            extra={"errors": [{"loc": ["header", header], "msg": "field required", "type": "missing"}]},
+        )
+    value = value.strip()
+    if not CHECKSUM.fullmatch(value):
+        raise errors.ValidationError(
+            f"{header} must be a SHA-256 digest in hex (64 characters)",
+            extra={"errors": [{"loc": ["header", header], "msg": "not a SHA-256 hex digest", "type": "value_error"}]},
+        )
+    return value.lower()
+
+
+def etag_of(checksum: str) -> str:
+    return f'"{checksum}"'
+
+
+def if_match(header: str | None):
+    """A predicate on the current checksum for an If-Match header (None: no condition).
+    Strong comparison, as RFC 9110 requires for If-Match."""
+    if header is None:
+        return None
+    tags = {t.strip() for t in header.split(",") if t.strip()}
+    if "*" in tags:
+        return lambda current: True
+    return lambda current: etag_of(current) in tags
+
+
+def none_match(header: str | None, checksum: str) -> bool:
+    """True when If-None-Match names the current representation (answer 304). Weak comparison."""
+    if header is None:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    return "*" in tags or etag_of(checksum) in tags
+
+
+def _printable_ascii(value: str) -> bool:
+    """Visible ASCII and spaces only: these values are echoed back in response headers, which
+    are Latin-1 on the wire, so anything else would come back garbled."""
+    return all(" " <= c <= "~" for c in value)
+
+
+def parse_backup_headers(version: str | None, timestamp: str | None) -> tuple[str, str]:
+    def bad(header: str, msg: str) -> errors.ValidationError:
+        return errors.ValidationError(
+            f"{header}: {msg}", extra={"errors": [{"loc": ["header", header], "msg": msg, "type": "value_error"}]}
+        )
+
+    if not version or not version.strip():
+        raise bad("X-Backup-Version", "field required")
+    version = version.strip()
+    if len(version) > MAX_VERSION_LENGTH or not _printable_ascii(version):
+        raise bad("X-Backup-Version", f"at most {MAX_VERSION_LENGTH} printable ASCII characters")
+    if not timestamp or not timestamp.strip():
+        raise bad("X-Backup-Timestamp", "field required")
+    timestamp = timestamp.strip()
+    if len(timestamp) > MAX_TIMESTAMP_LENGTH or not _printable_ascii(timestamp):
+        raise bad("X-Backup-Timestamp", f"at most {MAX_TIMESTAMP_LENGTH} printable ASCII characters")
+    try:
+        dt.datetime.fromisoformat(timestamp)
+    except ValueError:
+        raise bad("X-Backup-Timestamp", "not an ISO 8601 date and time") from None
+    return version, timestamp
+
+
+class StorageService:
+    def __init__(self, settings: Settings, store: StorageStore, blobs: BlobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.blobs = blobs
+        self.keeper = BlobKeeper(blobs, store)
+
+    def object_path(self, checksum: str) -> Path:
+        return self.blobs.local_path(checksum)
+
+    # -- uploads ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_length(body: Body, max_bytes: int) -> None:
+        if body.length is not None and body.length > max_bytes:
+            raise errors.PayloadTooLarge(f"the body ({body.length} bytes) is larger than the limit of {max_bytes} bytes")
+
+    async def _receive(self, body: Body, checksum: str, max_bytes: int) -> Staged:
+        staged = await self.blobs.receive(body.chunks, max_bytes)
+        if not hmac.compare_digest(staged.digest, checksum):
+            await self.blobs.discard(staged)
+            raise errors.ChecksumMismatch("the SHA-256 of the received bytes does not match the checksum sent; nothing was stored")
+        return staged
+
+    async def _precheck_cloud(self, who: Caller, growth: int | None, new_record: bool) -> None:
+        """Refuse early, from Content-Length, what the transaction would refuse anyway."""
+        if new_record and await self.store.record_count(who.id) >= self.settings.max_records_per_user:
+            raise errors.QuotaExceeded(f"this server keeps at most {self.settings.max_records_per_user} records per user")
+        if growth is not None:
+            quota.check(who.tier, "cloud", await self.store.usage(who.id, "cloud"), growth)
+
+    # -- records ----------------------------------------------------------------------------------
+
+    async def create_record(self, who: Caller, table: str, checksum: str, body: Body) -> Record:
+        self._check_length(body, self.settings.max_record_bytes)
+        await self._precheck_cloud(who, body.length, new_record=True)
+        staged = await self._receive(body, checksum, self.settings.max_record_bytes)
+        return await self.keeper.commit(staged, lambda: self.store.insert_record(
+            who.id, who.tier, table, checksum, staged.size, self.settings.max_records_per_user))
+
+    async def replace_record(self, who: Caller, record_id: str, checksum: str, body: Body, if_match_header: str | None) -> Record:
+        self._check_length(body, self.settings.max_record_bytes)
+        precondition = if_match(if_match_header)
+        current = await self.record(who, record_id)
+        if precondition is not None and not precondition(current.checksum):
+            raise errors.PreconditionFailed("the record has changed since that ETag (If-Match)")
+        await self._precheck_cloud(
+            who, None if body.length is None else body.length - current.size_bytes, new_record=False
+        )
+        staged = await self._receive(body, checksum, self.settings.max_record_bytes)
+        record, old = await self.keeper.commit(staged, lambda: self.store.replace_record(
+            who.id, who.tier, record_id, checksum, staged.size, precondition))
+        if old != checksum:
+            await self.keeper.release([old])
+        return record
+
+    async def record(self, who: Caller, record_id: str) -> Record:
+        record = await self.store.get_record(who.id, record_id)
+        if record is None:  # missing and someone else's answer the same
+            raise errors.NotFound("no such record")
+        return record
+
+    async def list_records(self, who: Caller, table: str | None, page: int, limit: int) -> tuple[list[Record], int]:
+        return await self.store.list_records(who.id, table, (page - 1) * limit, limit)
+
+    async def delete_record(self, who: Caller, record_id: str, if_match_header: str | None) -> None:
+        old = await self.store.delete_record(who.id, who.tier, record_id, if_match(if_match_header))
+        await self.keeper.release([old])
+
+    async def changes(self, who: Caller, since: int, limit: int) -> tuple[list[Record], int, bool]:
+        """Records changed after cursor `since`, oldest change first; the cursor to ask next;
+        whether more changes are waiting."""
+        rows = await self.store.changes(who.id, since, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].seq if rows else since), more
+
+    # -- backups ----------------------------------------------------------------------------------
+
+    async def put_backup(self, who: Caller, version: str, timestamp: str, checksum: str, body: Body) -> Backup:
+        self._check_length(body, self.settings.max_backup_bytes)
+        retention = self.settings.backup_retention
+        if body.length is not None:
+            freed = await self.store.prunable_backup_bytes(who.id, retention)
+            quota.check(who.tier, "backup", await self.store.usage(who.id, "backup"), body.length - freed)
+        staged = await self._receive(body, checksum, self.settings.max_backup_bytes)
+        backup, pruned = await self.keeper.commit(staged, lambda: self.store.insert_backup(
+            who.id, who.tier, version, timestamp, checksum, staged.size, retention))
+        await self.keeper.release(pruned)
+        return backup
+
+    async def latest_backup(self, who: Caller) -> Backup:
+        backup = await self.store.latest_backup(who.id)
+        if backup is None:
+            raise errors.NotFound("no backup yet")
+        return backup
+
+    async def backup(self, who: Caller, backup_id: str) -> Backup:
+        backup = await self.store.get_backup(who.id, backup_id)
+        if backup is None:
+            raise errors.NotFound("no such backup")
+        return backup
+
+    async def backups(self, who: Caller) -> list[Backup]:
+        return await self.store.list_backups(who.id)
+
+    async def delete_backup(self, who: Caller, backup_id: str) -> None:
+        old = await self.store.delete_backup(who.id, who.tier, backup_id)
+        await self.keeper.release([old])

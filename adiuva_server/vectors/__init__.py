@@ -1,0 +1,1 @@
+"""Vector store for the desktop app's semantic search (issue 4)."""
