@@ -1,0 +1,5 @@
+# The migrations are read with importlib.resources at start; the distribution metadata lets
+# importlib.metadata answer inside the binary as it does in a venv.
+from PyInstaller.utils.hooks import collect_data_files, copy_metadata
+
+datas = collect_data_files("adiuva_server", includes=["**/*.sql"]) + copy_metadata("adiuva-server")
