@@ -71,16 +71,33 @@ class AccountStore(Protocol):
 _USER_COLUMNS = "id, email, tier, is_admin, disabled, session_version, created_at, password_hash"
 
 
+AUTH_CACHE_USERS = 10_000
+
+
 class SQLiteAccountStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Per-request account state, valid only while nothing at all has been committed since
+        # it was read (PRAGMA data_version): any write, by this server or the CLI, empties it.
+        self._auth_cache: dict[str, User | None] = {}
+        self._auth_cache_version = -1
 
     def auth_state(self, user_id: str) -> User | None:
-        # Per request: no password hash, and a tuple straight into the dataclass.
+        version = self.db.data_version()
+        if version != self._auth_cache_version or len(self._auth_cache) >= AUTH_CACHE_USERS:
+            self._auth_cache.clear()
+            self._auth_cache_version = version
+        try:
+            return self._auth_cache[user_id]
+        except KeyError:
+            pass
+        # No password hash, and a tuple straight into the dataclass.
         row = self.db.lookup(
             "SELECT id, email, tier, is_admin, disabled, session_version, created_at FROM users WHERE id = ?", (user_id,)
         )
-        return None if row is None else User(*row[:3], bool(row[3]), bool(row[4]), *row[5:])
+        user = None if row is None else User(*row[:3], bool(row[3]), bool(row[4]), *row[5:])
+        self._auth_cache[user_id] = user
+        return user
 
     async def get_by_email(self, email: str) -> User | None:
         row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE email = ?", (email,))

@@ -195,6 +195,11 @@ class Database:
         """Synchronous indexed single-row read on the event loop (see module docstring)."""
         return self._loop_conn.execute(sql, params).fetchone()
 
+    def data_version(self) -> int:
+        """Changes whenever any other connection (our writer, the CLI, another process) has
+        committed since the last call: an exact, ~2 us test of whether cached reads still hold."""
+        return self._loop_conn.execute("PRAGMA data_version").fetchone()[0]
+
     # -- writes -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
