@@ -142,7 +142,7 @@ async def create_backup(settings: Settings, out: Path | None = None, progress: P
             if (settings.data_dir / rel).is_file():
                 members.append((name, settings.data_dir / rel))
         if on_total:
-            on_total(sum(p.stat().st_size for _, p in members))
+            on_total(await asyncio.to_thread(lambda: sum(p.stat().st_size for _, p in members)))
         await asyncio.to_thread(_write_archive, out, members, manifest, progress)
         return out, manifest
     finally:
