@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from adiuva_server.config import JWT_SECRET_FILE, Settings
 from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
-from adiuva_server.server_backup import server_running
+from adiuva_server.server_backup import remove_leftovers, server_running
 from adiuva_server.storage import maintenance
 from adiuva_server.tls import KEY_FILE
 
@@ -31,10 +31,13 @@ class Finding:
 
 async def run_doctor(settings: Settings, fix: bool = False) -> list[Finding]:
     findings = _permissions(settings, fix)
-    findings += await asyncio.to_thread(_database, settings)
-    if any(f.level == FAIL and f.area == "database" for f in findings):
-        return findings  # the rest reads the database
+    database, current = await asyncio.to_thread(_database, settings)
+    findings += database
+    if not current:
+        return findings  # the rest reads the database, and only at this adiuva's schema
     findings += await _storage(settings, fix)
+    if fix and (removed := await asyncio.to_thread(remove_leftovers, settings)):
+        findings.append(Finding(OK, "backups", f"removed {removed} leftover(s) of interrupted server backups"))
     findings += await _llm(settings)
     findings.append(Finding(OK, "license", "no license file: homelab mode (tiers are set with `adiuva user set-tier`)"))
     return findings
@@ -57,9 +60,10 @@ def _permissions(settings: Settings, fix: bool) -> list[Finding]:
     return out
 
 
-def _database(settings: Settings) -> list[Finding]:
+def _database(settings: Settings) -> tuple[list[Finding], bool]:
+    """Findings, and whether the database is sound and at this adiuva's schema version."""
     if not settings.db_path.exists():
-        return [Finding(FAIL, "database", f"{settings.db_path} does not exist (has the server ever started here?)")]
+        return [Finding(FAIL, "database", f"{settings.db_path} does not exist (has the server ever started here?)")], False
     conn = connect(settings.db_path, readonly=True)
     try:
         integrity = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
@@ -79,12 +83,12 @@ def _database(settings: Settings) -> list[Finding]:
         out.append(Finding(FAIL, "database", f"schema version {version} is newer than this adiuva ({latest})"))
     if not out:
         out.append(Finding(OK, "database", f"integrity ok, schema version {version}"))
-    return out
+    return out, all(f.level == OK for f in out)
 
 
 async def _storage(settings: Settings, fix: bool) -> list[Finding]:
     blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
-    db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1)
+    db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
     try:
         report = await maintenance.check(db, blobs, verify_hashes=True)
         out = []

@@ -48,6 +48,8 @@ MANIFEST = "manifest.json"
 DB_MEMBER = "adiuva.db"
 BACKUP_DIR = "server-backups"
 SERVER_LOCK = "server.lock"
+BACKUP_LOCK = "backup.lock"  # held while a backup runs: one at a time, and its staging is not a leftover
+STAGING_PREFIX = ".backup-"
 CHUNK = 1024 * 1024
 _ARCHIVE_NAME = re.compile(r"^adiuva-\d{8}T\d{6}Z\.tar$")
 
@@ -122,13 +124,23 @@ async def create_backup(settings: Settings, out: Path | None = None, progress: P
     out = Path(out)
     if out.exists():
         raise BackupError(f"{out} already exists")
-    staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".backup-", dir=settings.data_dir))
+    if not settings.db_path.exists():
+        raise BackupError(f"no database in {settings.data_dir} (has the server ever started here?)")
+    with _backup_lock(settings.data_dir) as free:
+        if not free:
+            raise BackupError("another backup of this server is running; try again when it is done")
+        return await _create(settings, out, created, progress, on_total)
+
+
+async def _create(settings: Settings, out: Path, created: str, progress: Progress | None,
+                  on_total: Callable[[int], None] | None) -> tuple[Path, Manifest]:
+    staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=STAGING_PREFIX, dir=settings.data_dir))
     try:
         blobs = await asyncio.to_thread(open_blob_store, settings)
         async with _deletions_paused(blobs):
             snapshot = staging / DB_MEMBER
             await asyncio.to_thread(_snapshot_database, settings.db_path, snapshot)
-            db = await Database.open(snapshot, synchronous="normal", readers=1)
+            db = await Database.open(snapshot, synchronous="normal", readers=1, migrate=False)
             try:
                 referenced = [d for d, _ in await SQLiteStorageStore(db).referenced_objects()]
                 counts = await _counts(db)
@@ -147,6 +159,43 @@ async def create_backup(settings: Settings, out: Path | None = None, progress: P
         return out, manifest
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
+
+
+@contextlib.contextmanager
+def _backup_lock(data_dir: Path) -> Iterator[bool]:
+    """Yields whether the lock was free (and is now held); never waits."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    fd = os.open(data_dir / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(settings: Settings) -> int:
+    """Staging folders and partial archives of backups that crashed or were cancelled (unless a
+    backup is running right now). Their hard links would otherwise keep deleted objects' space."""
+    removed = 0
+    with _backup_lock(settings.data_dir) as free:
+        if not free:
+            return 0
+        for path in settings.data_dir.glob(STAGING_PREFIX + "*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        folder = backup_dir(settings)
+        for path in folder.glob("*.partial") if folder.is_dir() else ():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @contextlib.asynccontextmanager
@@ -443,7 +492,7 @@ def hold_server_lock(data_dir: Path) -> Iterator[None]:
 
 
 def restore_backup(archive: Path, data_dir: Path, *, force: bool = False, progress: Progress | None = None) -> Manifest:
-    data_dir = Path(data_dir).expanduser().absolute()
+    data_dir = Path(data_dir).expanduser().resolve()  # a symlinked data dir is restored where it points
     if data_dir.exists() and any(data_dir.iterdir()):
         if not force:
             raise BackupError(f"{data_dir} is not empty; use --force to replace its contents")

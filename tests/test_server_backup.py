@@ -166,9 +166,18 @@ async def test_scheduler_writes_and_prunes(tmp_path, data_dir):
     from adiuva_server.server_backup import list_backups, prune_backups
     from tests.conftest import make_settings
 
+    from adiuva_server.db import Database
+    from adiuva_server.server_backup import BackupError, create_backup
+
     settings = make_settings(data_dir)
     create_app(settings)  # creates the data dir and secret
-    from adiuva_server.server_backup import create_backup
+    try:
+        await create_backup(settings.with_secret())
+    except BackupError as exc:
+        assert "no database" in str(exc)
+    else:
+        raise AssertionError("backed up a data dir without a database")
+    await (await Database.open(settings.db_path)).close()
 
     for _ in range(3):
         await create_backup(settings.with_secret())
@@ -224,3 +233,16 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         body = await (await http.get(f"/api/v1/storage/records/{record['id']}", headers=auth)).read()
         assert body == data
     assert again.stop() == 0
+
+
+def test_leftovers_of_an_interrupted_backup_are_removed(data_dir):
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    staging = data_dir / ".backup-crashed"
+    staging.mkdir()
+    (staging / "adiuva.db").write_bytes(b"half a snapshot")
+    (data_dir / "server-backups").mkdir(exist_ok=True)
+    partial = data_dir / "server-backups" / "adiuva-20260101T000000Z.tar.partial"
+    partial.write_bytes(b"half an archive")
+    out = run_cli(data_dir, "doctor", "--fix")
+    assert "removed 2 leftover(s)" in out.stdout, out.stdout
+    assert not staging.exists() and not partial.exists()

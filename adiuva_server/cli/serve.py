@@ -16,7 +16,7 @@ from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
 from adiuva_server.keys import INFLIGHT, SETTINGS
-from adiuva_server.server_backup import hold_server_lock
+from adiuva_server.server_backup import hold_server_lock, remove_leftovers
 
 log = logging.getLogger("adiuva")
 
@@ -90,6 +90,8 @@ async def serve(settings: Settings) -> None:
         ssl_context = tls.server_context(cert, key)
         pin = tls.fingerprint(cert.read_bytes())
     with hold_server_lock(settings.data_dir):
+        if removed := await asyncio.to_thread(remove_leftovers, settings):
+            log.info("removed %d leftover(s) of interrupted server backups", removed)
         await _run(app, settings, ssl_context, pin)
 
 

@@ -113,11 +113,14 @@ class Database:
         self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
-    async def open(cls, path: str | Path, *, synchronous: str = "full", readers: int = 2) -> Database:
+    async def open(cls, path: str | Path, *, synchronous: str = "full", readers: int = 2, migrate: bool = True) -> Database:
+        """`migrate=False` for tools that inspect a database (doctor, backup snapshots): they
+        must not change the schema under a server of another version."""
         db = cls(Path(path), synchronous, readers)
         try:
             db._writer = await aiosqlite.Connection(lambda: connect(db.path, synchronous=synchronous), 64)
-            await db.migrate()
+            if migrate:
+                await db.migrate()
             for _ in range(readers):
                 conn = await aiosqlite.Connection(
                     lambda: connect(db.path, synchronous=synchronous, readonly=True), 64
@@ -197,8 +200,12 @@ class Database:
 
     def data_version(self) -> int:
         """Changes whenever any other connection (our writer, the CLI, another process) has
-        committed since the last call: an exact, ~2 us test of whether cached reads still hold."""
-        return self._loop_conn.execute("PRAGMA data_version").fetchone()[0]
+        committed since the last call: an exact, ~2 us test of whether cached reads still hold
+        (as long as no read transaction is left open on this connection, which would freeze it)."""
+        conn = self._loop_conn
+        if conn.in_transaction:
+            conn.rollback()
+        return conn.execute("PRAGMA data_version").fetchone()[0]
 
     # -- writes -----------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ class InFlight:
         """True when nothing is in flight; False if `timeout` passed first."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        return self._idle.is_set()
+        return self.count == 0
 
 
 def setup_inflight(app: web.Application) -> None:

@@ -40,13 +40,16 @@ TEMP_PREFIX = "upload-"
 # - a deletion by age (`older_than`, what a sweep from another process relies on) holds it
 #   exclusive around its check-and-unlink, so it cannot unlink an object that a store has
 #   just freshened for a row about to be committed;
-# - a server backup (`deletions_paused`) holds it exclusive while it links objects.
-# Each acquisition opens its own descriptor (flock is per open file description), and no
-# holder ever waits for another acquisition, so there is no lock-order cycle.
+# - every deletion also holds PAUSE_LOCK shared first, which a server backup holds exclusive.
+# Each acquisition opens its own descriptor (flock is per open file description), and the locks
+# are always taken in the order PAUSE_LOCK, then DELETION_LOCK, so there is no lock-order cycle.
 DELETION_LOCK = "deletions.lock"
-# Threads that may wait on that lock. Not the loop's default executor: an in-process server
-# backup holds the lock exclusively while it needs default-executor threads, so stores waiting
-# for the lock there could starve it of threads and never be released.
+# Held shared by every deletion and exclusively by a server backup while it snapshots the
+# database and links the objects the snapshot references: uploads never wait for a backup.
+PAUSE_LOCK = "backup-pause.lock"
+# Threads that may wait on these locks. Not the loop's default executor: an in-process server
+# backup holds PAUSE_LOCK exclusively while it needs default-executor threads, so deletions
+# waiting there could starve it of threads and never be released.
 LOCKING_THREADS = 8
 
 
@@ -177,8 +180,10 @@ class FileBlobStore:
 
     def _delete(self, digest: str, older_than: float | None) -> bool:
         path = self.local_path(digest)
-        # By age: exclusive, so no store freshens the object between the check and the unlink.
-        with _file_lock(self.root / DELETION_LOCK, exclusive=older_than is not None):
+        # Every deletion waits while a server backup links objects (PAUSE_LOCK); by age it is
+        # exclusive, so no store freshens the object between the check and the unlink.
+        with _file_lock(self.root / PAUSE_LOCK, exclusive=False), \
+                _file_lock(self.root / DELETION_LOCK, exclusive=older_than is not None):
             try:
                 if older_than is not None and path.stat().st_mtime >= older_than:
                     return False
@@ -191,7 +196,7 @@ class FileBlobStore:
     def deletions_paused(self) -> Iterator[None]:
         """Blocking: while held, no process deletes an object from this store (a server backup
         holds it while it links the objects its database snapshot references)."""
-        with _file_lock(self.root / DELETION_LOCK, exclusive=True):
+        with _file_lock(self.root / PAUSE_LOCK, exclusive=True):
             yield
 
     async def size_and_hash(self, digest: str) -> tuple[int, str] | None:

@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,6 +49,8 @@ MAX_DIMENSION = 4096
 # disk (1024, sqlite-vec's default, costs 1.5 MB). Measured at 100k x 384 (mmap on): chunks of
 # 8 / 16 / 32 / 64 / 1024 slots search in 52 / 47 / 41 / 39 / 37 ms; 4096 slots upsert 20x slower.
 CHUNK_SIZE = 32
+# Seconds between two loads of one collection into the in-memory mirror.
+RELOAD_INTERVAL = 10.0
 METRICS = ("l2", "cosine")
 
 
@@ -134,6 +137,7 @@ class SQLiteVectorStore:
         self.db = db
         self.mirror = mirror
         self._loading: dict[Key, asyncio.Task[None]] = {}
+        self._last_load: dict[Key, float] = {}
 
     async def get_collection(self, user_id: str, name: str) -> Collection | None:
         # An indexed single-row read: cheaper on the event loop than a thread hand-off.
@@ -281,6 +285,14 @@ class SQLiteVectorStore:
         key = (coll.user_id, coll.id)
         if key in self._loading:
             return  # one load per collection at a time; the next search retries if it went stale
+        # A collection written between searches goes stale at once: reloading it for every
+        # search would keep a reader thread busy for nothing. sqlite-vec answers meanwhile.
+        now = time.monotonic()
+        if now - self._last_load.get(key, -RELOAD_INTERVAL) < RELOAD_INTERVAL:
+            return
+        if len(self._last_load) > 10_000:
+            self._last_load = {k: t for k, t in self._last_load.items() if now - t < RELOAD_INTERVAL}
+        self._last_load[key] = now
         task = asyncio.create_task(self._load(coll))
         self._loading[key] = task
         task.add_done_callback(lambda _t: self._loading.pop(key, None))
