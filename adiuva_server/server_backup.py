@@ -37,7 +37,7 @@ from adiuva_server.db.database import migrations
 from adiuva_server.errors import AdiuvaError
 from adiuva_server.storage.blobs import DIGEST
 from adiuva_server.storage.maintenance import open_blob_store
-from adiuva_server.storage.store import SQLiteStorageStore
+from adiuva_server.storage.store import REFERENCED_OBJECTS_SQL, SQLiteStorageStore
 from adiuva_server.tls import CERT_FILE, KEY_FILE
 
 log = logging.getLogger(__name__)
@@ -390,13 +390,18 @@ def _check(manifest: Manifest, found: dict[str, dict]) -> list[str]:
     return problems
 
 
-def _integrity(db_path: Path) -> list[str]:
+def _integrity(db_path: Path, found: dict[str, dict]) -> list[str]:
+    """SQLite's integrity check, and every object the database references present in the
+    archive (the manifest alone is not proof: it was written by the same run)."""
     conn = connect(db_path, readonly=True)
     try:
         rows = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+        if rows != ["ok"]:
+            return [f"database: {r}" for r in rows]
+        referenced = [r[0] for r in conn.execute(REFERENCED_OBJECTS_SQL).fetchall()]
     finally:
         conn.close()
-    return [] if rows == ["ok"] else [f"database: {r}" for r in rows]
+    return [f"missing: object {d} referenced by the database" for d in referenced if f"blobs/{d[:2]}/{d}" not in found]
 
 
 def verify_backup(archive: Path, progress: Progress | None = None) -> Manifest:
@@ -408,7 +413,7 @@ def verify_backup(archive: Path, progress: Progress | None = None) -> Manifest:
             Path(archive), lambda n: open(db_copy, "wb") if n == DB_MEMBER else None, progress)
         problems = _check(manifest, found)
         if not problems:
-            problems = _integrity(db_copy)
+            problems = _integrity(db_copy, found)
     if problems:
         raise BackupError(f"{archive} failed verification: " + "; ".join(problems[:10]))
     return manifest
@@ -510,7 +515,7 @@ def restore_backup(archive: Path, data_dir: Path, *, force: bool = False, progre
             return open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
         manifest, found = _read_members(Path(archive), sink, progress)
-        problems = _check(manifest, found) or _integrity(staging / DB_MEMBER)
+        problems = _check(manifest, found) or _integrity(staging / DB_MEMBER, found)
         if problems:
             raise BackupError(f"{archive} failed verification: " + "; ".join(problems[:10]))
         if manifest.schema_version > migrations()[-1][0]:

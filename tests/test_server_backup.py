@@ -246,3 +246,34 @@ def test_leftovers_of_an_interrupted_backup_are_removed(data_dir):
     out = run_cli(data_dir, "doctor", "--fix")
     assert "removed 2 leftover(s)" in out.stdout, out.stdout
     assert not staging.exists() and not partial.exists()
+
+
+async def test_verify_catches_an_archive_missing_a_referenced_object(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    server = ServerProcess(tmp_path / "data", **FAST)
+    async with aiohttp.ClientSession(server.url) as http:
+        resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
+        auth = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+        await put_record(http, auth, b"an encrypted record")
+    assert server.stop() == 0
+    archive = tmp_path / "snap.tar"
+    assert run_cli(tmp_path / "data", "backup", "create", "--out", str(archive)).returncode == 0
+    # A self-consistent archive (manifest rewritten to match) that lacks the record's object.
+    forged = tmp_path / "forged.tar"
+    with tarfile.open(archive) as src, tarfile.open(forged, "w") as dst:
+        manifest = json.loads(src.extractfile("manifest.json").read())
+        for member in src.getmembers():
+            if member.name.startswith("blobs/"):
+                del manifest["files"][member.name]
+            elif member.name != "manifest.json":
+                dst.addfile(member, src.extractfile(member))
+        body = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(body)
+        dst.addfile(info, io.BytesIO(body))
+    out = run_cli(tmp_path / "data", "backup", "verify", str(forged))
+    assert out.returncode == 1 and "referenced by the database" in out.stderr, out.stderr
+    assert run_cli(tmp_path / "data", "backup", "verify", str(archive)).returncode == 0

@@ -76,6 +76,13 @@ async def _next_seq(conn: Any, user_id: str) -> int:
     return seq
 
 
+# Every object some row points at, with its size (also read from backup snapshots).
+REFERENCED_OBJECTS_SQL = (
+    "SELECT checksum, size_bytes FROM storage_records WHERE checksum IS NOT NULL "
+    "UNION SELECT checksum, size_bytes FROM storage_backups"
+)
+
+
 class StorageStore(Protocol):
     """The storage metadata the service needs; SQLite is the embedded implementation. Writes
     that change a user's bytes count them against `tier`'s quota in the same transaction and
@@ -187,10 +194,7 @@ class SQLiteStorageStore:
 
     async def referenced_objects(self) -> list[tuple[str, int]]:
         """Every referenced object with its size, for the consistency check."""
-        rows = await self.db.fetchall(
-            "SELECT checksum, size_bytes FROM storage_records WHERE checksum IS NOT NULL "
-            "UNION SELECT checksum, size_bytes FROM storage_backups"
-        )
+        rows = await self.db.fetchall(REFERENCED_OBJECTS_SQL)
         return [(r[0], r[1]) for r in rows]
 
     # -- record writes --------------------------------------------------------------------------
