@@ -142,9 +142,12 @@ async def _create(settings: Settings, out: Path, created: str, progress: Progres
             await asyncio.to_thread(_snapshot_database, settings.db_path, snapshot)
             db = await Database.open(snapshot, synchronous="normal", readers=1, migrate=False)
             try:
+                (schema,) = await db.fetchone("PRAGMA user_version")
+                if schema != migrations()[-1][0]:
+                    raise BackupError(f"the database is at schema version {schema}, this adiuva writes "
+                                      f"{migrations()[-1][0]}: back up with the adiuva that runs this server")
                 referenced = [d for d, _ in await SQLiteStorageStore(db).referenced_objects()]
                 counts = await _counts(db)
-                (schema,) = await db.fetchone("PRAGMA user_version")
             finally:
                 await db.close()
             linked = await asyncio.to_thread(_link_objects, blobs.objects, staging / "blobs", referenced)
