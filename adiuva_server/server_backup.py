@@ -34,7 +34,7 @@ from adiuva_server import __version__
 from adiuva_server.config import JWT_SECRET_FILE, Settings
 from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
-from adiuva_server.errors import AdiuvaError
+from adiuva_server.errors import AdiuvaError, ConfigError
 from adiuva_server.storage.blobs import DIGEST
 from adiuva_server.storage.maintenance import open_blob_store
 from adiuva_server.storage.store import REFERENCED_OBJECTS_SQL, SQLiteStorageStore
@@ -165,14 +165,15 @@ async def _create(settings: Settings, out: Path, created: str, progress: Progres
 
 
 @contextlib.contextmanager
-def _backup_lock(data_dir: Path) -> Iterator[bool]:
-    """Yields whether the lock was free (and is now held); never waits."""
+def _try_lock(path: Path) -> Iterator[bool]:
+    """An exclusive flock on `path`, never waiting: yields whether it was free (and is now held
+    until the block ends). Where flock does not exist (Windows), always True."""
     try:
         import fcntl
     except ImportError:
         yield True
         return
-    fd = os.open(data_dir / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -182,6 +183,10 @@ def _backup_lock(data_dir: Path) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+def _backup_lock(data_dir: Path):
+    return _try_lock(data_dir / BACKUP_LOCK)
 
 
 def remove_leftovers(settings: Settings) -> int:
@@ -461,42 +466,19 @@ def prune_backups(settings: Settings, keep: int) -> list[Path]:
 
 def server_running(data_dir: Path) -> bool:
     """Whether an `adiuva serve` holds this data dir (its lock file is locked)."""
-    try:
-        import fcntl
-    except ImportError:
+    if not (data_dir / SERVER_LOCK).exists():
         return False
-    path = data_dir / SERVER_LOCK
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    with _try_lock(data_dir / SERVER_LOCK) as free:
+        return not free
 
 
 @contextlib.contextmanager
 def hold_server_lock(data_dir: Path) -> Iterator[None]:
     """Held by `adiuva serve` for its lifetime: one server per data dir, and restore can tell."""
-    try:
-        import fcntl
-    except ImportError:
+    with _try_lock(data_dir / SERVER_LOCK) as free:
+        if not free:
+            raise ConfigError(f"another adiuva server is already running on {data_dir}")
         yield
-        return
-    fd = os.open(data_dir / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            from adiuva_server.errors import ConfigError
-
-            raise ConfigError(f"another adiuva server is already running on {data_dir}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def restore_backup(archive: Path, data_dir: Path, *, force: bool = False, progress: Progress | None = None) -> Manifest:
