@@ -66,11 +66,15 @@ class MemoryRateLimitStore:
 
     def hit(self, key: str, limit: int, window: float) -> Decision:
         now = self._clock()
-        events = self._window(key, window, now)
+        entry = self._events.get(key)
+        if entry is None:
+            events: deque[float] = deque()
+            self._events[key] = (window, events)
+        else:
+            events = self._window(key, window, now)
         if len(events) >= limit:
             return self._decision(events, limit, window, now)
         events.append(now)
-        self._events[key] = (window, events)
         return Decision(True, limit, limit - len(events), 0.0, window)
 
     def check(self, key: str, limit: int, window: float) -> Decision:
