@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
+
+import pytest
 
 from adiuva_server.db import Database
-from adiuva_server.db.database import migrations
+from adiuva_server.db import database
+from adiuva_server.db.database import connect, migrations
 
 
 async def test_sqlite_vec_is_loaded_on_every_connection(tmp_path):
@@ -62,3 +67,60 @@ async def test_a_newer_schema_is_refused(tmp_path):
         assert "newer than this server" in str(exc)
     else:
         raise AssertionError("opened a database from the future")
+
+
+@pytest.mark.parametrize("mode", ["wal-index", "pragma"])
+async def test_commit_marker_changes_with_every_commit_from_anyone(tmp_path, monkeypatch, mode):
+    """The per-request auth cache is exact only if every commit, by our writer or by another
+    process (the CLI), changes the marker, and nothing else does."""
+    if mode == "pragma":  # where the WAL-index cannot be mapped, SQLite is asked
+        monkeypatch.setattr(database, "_open_wal_index", lambda conn, path: None)
+    path = tmp_path / "a.db"
+    db = await Database.open(path)
+    try:
+        assert (db._wal_header is not None) == (mode == "wal-index")
+        marker = db.commit_marker()
+        await db.fetchone("SELECT count(*) FROM users")
+        assert db.lookup("SELECT count(*) FROM users")[0] == 0
+        assert db.commit_marker() == marker  # reads change nothing
+
+        async with db.write() as conn:
+            await conn.execute("INSERT INTO users (id, email, password_hash, created_at) VALUES ('1', 'a@b', 'h', 'now')")
+        assert db.commit_marker() != marker
+        marker = db.commit_marker()
+
+        other = connect(path)  # another connection, as the CLI's
+        assert other.execute("UPDATE users SET tier = 'team' WHERE id = '1'").rowcount == 1
+        other.close()
+        assert db.commit_marker() != marker
+        assert db.commit_marker() == db.commit_marker()
+    finally:
+        await db.close()
+
+
+def test_a_running_server_keeps_its_wal_index_locks(tmp_path):
+    """Regression: the server once opened and closed the -shm file itself, which released
+    SQLite's own locks on it (POSIX drops all of a process's locks on any close); the next
+    process to open the database truncated the file and the server died of SIGBUS."""
+    code = (
+        "import asyncio, sys\n"
+        "from adiuva_server.db import Database\n"
+        "async def main():\n"
+        "    db = await Database.open(sys.argv[1])\n"
+        "    print('open', flush=True)\n"
+        "    for i in range(200):\n"
+        "        async with db.write() as conn:\n"
+        "            await conn.execute(\"INSERT INTO users (id, email, password_hash, created_at) VALUES (?, ?, 'h', 'now')\", (str(i), f'{i}@b'))\n"
+        "        db.commit_marker()\n"
+        "        await asyncio.sleep(0.005)\n"
+        "    await db.close()\n"
+        "asyncio.run(main())\n"
+    )
+    path = tmp_path / "a.db"
+    server = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline() == "open\n"
+    for _ in range(20):  # other processes come and go, as the CLI does
+        other = connect(path)
+        other.execute("SELECT count(*) FROM users").fetchone()
+        other.close()
+    assert server.wait(timeout=60) == 0

@@ -78,15 +78,15 @@ class SQLiteAccountStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         # Per-request account state, valid only while nothing at all has been committed since
-        # it was read (PRAGMA data_version): any write, by this server or the CLI, empties it.
+        # it was read (Database.commit_marker): any write, by this server or the CLI, empties it.
         self._auth_cache: dict[str, User | None] = {}
-        self._auth_cache_version = -1
+        self._auth_cache_marker: object = None
 
     def auth_state(self, user_id: str) -> User | None:
-        version = self.db.data_version()
-        if version != self._auth_cache_version or len(self._auth_cache) >= AUTH_CACHE_USERS:
+        marker = self.db.commit_marker()
+        if marker != self._auth_cache_marker or len(self._auth_cache) >= AUTH_CACHE_USERS:
             self._auth_cache.clear()
-            self._auth_cache_version = version
+            self._auth_cache_marker = marker
         try:
             return self._auth_cache[user_id]
         except KeyError:

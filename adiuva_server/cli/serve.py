@@ -24,6 +24,11 @@ log = logging.getLogger("adiuva")
 class AccessLogger(AbstractAccessLogger):
     """One line per request, without the query string: `?token=` must never reach a log."""
 
+    @property
+    def enabled(self) -> bool:
+        # Checked by aiohttp before each call: below INFO, not even the arguments are built.
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request, response, time) -> None:
         self.logger.info(
             '%s "%s %s" %s %d %.1fms', request.remote, request.method, request.path,

@@ -11,6 +11,8 @@ writer connection, reads through a small pool.
 - `lookup()` runs a point query synchronously on the event loop. It exists for the per-request
   auth check: a primary-key read from a WAL database costs ~3 us here, an aiosqlite round trip
   ~300 us (a thread hand-off each way). Use it for indexed single-row reads only.
+- `commit_marker()` tells whether anyone has committed since a cached read, so the per-request
+  auth state can be cached without ever being stale.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
+import os
 import re
+import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -38,6 +43,12 @@ BUSY_TIMEOUT_MS = 10_000
 MMAP_BYTES = 1024**3
 T = TypeVar("T")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# The WAL-index ("-shm" file, shared memory of every connection to a WAL database) starts with
+# two copies of a 48-byte header that every commit rewrites: a change counter, the last valid
+# frame, salts and checksums (layout of the unix and windows VFSes: sqlite.org/walformat.html).
+WAL_INDEX_HEADER = struct.Struct("=IIIBBHII")  # iVersion, unused, iChange, isInit, ...
+WAL_INDEX_VERSION = 3007000
+WAL_INDEX_HEADERS_BYTES = 96
 
 
 def connect(path: str | Path, *, synchronous: str = "full", readonly: bool = False) -> Any:
@@ -59,6 +70,46 @@ def connect(path: str | Path, *, synchronous: str = "full", readonly: bool = Fal
     finally:
         conn.enable_load_extension(False)
     return conn
+
+
+class WalIndexHeader:
+    """The WAL-index header of an open WAL database, mapped read-only (`read()` is a memory read).
+
+    Lifetime matters: POSIX releases every fcntl() lock a process holds on a file as soon as
+    *any* descriptor of that file is closed, and SQLite's connections hold locks on the -shm
+    file. Closing our descriptor (or the mapping, which holds a duplicate) while they are open
+    would drop their locks; another process would then take the file for new and truncate it
+    under them (SIGBUS). So it is opened after the connections and closed only after them."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(f"{path}-shm", os.O_RDONLY)
+        self._map: mmap.mmap | None = None
+        self.usable = False
+        try:
+            if os.fstat(self._fd).st_size >= 2 * WAL_INDEX_HEADERS_BYTES:
+                self._map = mmap.mmap(self._fd, WAL_INDEX_HEADERS_BYTES, access=mmap.ACCESS_READ)
+                version, _, _, is_init, *_ = WAL_INDEX_HEADER.unpack_from(self._map)
+                self.usable = version == WAL_INDEX_VERSION and is_init == 1
+        except (OSError, ValueError):
+            pass  # not usable; still closed only by close()
+
+    def read(self) -> bytes:
+        return self._map[:WAL_INDEX_HEADERS_BYTES]  # type: ignore[index]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        os.close(self._fd)
+
+
+def _open_wal_index(conn: Any, path: Path) -> WalIndexHeader | None:
+    conn.execute("PRAGMA data_version").fetchone()  # attaches this connection to the WAL-index
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        return None
+    try:
+        return WalIndexHeader(path)
+    except OSError:
+        return None
 
 
 def _call_read(conn: Any, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -108,6 +159,8 @@ class Database:
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
         self._loop_conn: Any = None
+        self._wal_index: WalIndexHeader | None = None
+        self._wal_header: Callable[[], bytes] | None = None  # its read(), when usable
         self._sync_readers: asyncio.Queue[Any] = asyncio.Queue()
         self._all_sync_readers: list[Any] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -128,6 +181,9 @@ class Database:
                 db._all_readers.append(conn)
                 db._readers.put_nowait(conn)
             db._loop_conn = connect(db.path, synchronous=synchronous, readonly=True)
+            db._wal_index = _open_wal_index(db._loop_conn, db.path)
+            if db._wal_index is not None and db._wal_index.usable:
+                db._wal_header = db._wal_index.read
             db._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="adiuva-read")
             for _ in range(readers):
                 conn = connect(db.path, synchronous=synchronous, readonly=True)
@@ -155,6 +211,10 @@ class Database:
             # A clean close checkpoints the WAL into the main file.
             await self._writer.close()
             self._writer = None
+        self._wal_header = None
+        if self._wal_index is not None:  # only now: see WalIndexHeader
+            self._wal_index.close()
+            self._wal_index = None
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -198,10 +258,19 @@ class Database:
         """Synchronous indexed single-row read on the event loop (see module docstring)."""
         return self._loop_conn.execute(sql, params).fetchone()
 
+    def commit_marker(self) -> object:
+        """A value that changes whenever anyone (our writer, the CLI, another process) commits:
+        equal markers mean nothing was committed in between, so reads cached under the first are
+        still exact. Read from the mapped WAL-index header (a memory read); PRAGMA data_version
+        tells the same but takes two fcntl() lock calls, ~10 us a request under load."""
+        if self._wal_header is not None:
+            return self._wal_header()
+        return self.data_version()
+
     def data_version(self) -> int:
         """Changes whenever any other connection (our writer, the CLI, another process) has
-        committed since the last call: an exact, ~2 us test of whether cached reads still hold
-        (as long as no read transaction is left open on this connection, which would freeze it)."""
+        committed since the last call (as long as no read transaction is left open on this
+        connection, which would freeze it)."""
         conn = self._loop_conn
         if conn.in_transaction:
             conn.rollback()

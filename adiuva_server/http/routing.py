@@ -117,6 +117,14 @@ def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callabl
     status: int = options.get("status", 200)
     body_limit: Callable[[Any], int] | None = options.get("body_limit")
 
+    if body_model is None and query_model is None:  # most GETs: nothing to read or validate
+
+        @functools.wraps(fn)
+        async def plain_handler(request: web.Request) -> web.StreamResponse:
+            return _respond(await fn(request), status)
+
+        return plain_handler
+
     @functools.wraps(fn)
     async def handler(request: web.Request) -> web.StreamResponse:
         kwargs: dict[str, Any] = {}
@@ -140,11 +148,14 @@ def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callabl
                 kwargs["query"] = query_model.model_validate(dict(request.query))
             except pydantic.ValidationError as exc:
                 raise validation_problem(exc, "query") from None
-        result = await fn(request, **kwargs)
-        if isinstance(result, web.StreamResponse):
-            return result
-        if result is None:
-            return web.Response(status=204)
-        return json_response(result, status)
+        return _respond(await fn(request, **kwargs), status)
 
     return handler
+
+
+def _respond(result: Any, status: int) -> web.StreamResponse:
+    if isinstance(result, web.StreamResponse):
+        return result
+    if result is None:
+        return web.Response(status=204)
+    return json_response(result, status)
