@@ -101,12 +101,15 @@ async def test_commit_marker_changes_with_every_commit_from_anyone(tmp_path, mon
 def test_a_running_server_keeps_its_wal_index_locks(tmp_path):
     """Regression: the server once opened and closed the -shm file itself, which released
     SQLite's own locks on it (POSIX drops all of a process's locks on any close); the next
-    process to open the database truncated the file and the server died of SIGBUS."""
+    process to open the database truncated the file and the server died of SIGBUS. Two
+    Database objects on one file in one process share the locks the same way."""
     code = (
         "import asyncio, sys\n"
         "from adiuva_server.db import Database\n"
         "async def main():\n"
+        "    first = await Database.open(sys.argv[1])\n"
         "    db = await Database.open(sys.argv[1])\n"
+        "    await first.close()  # must not release the locks of the other's connections\n"
         "    print('open', flush=True)\n"
         "    for i in range(200):\n"
         "        async with db.write() as conn:\n"

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiosqlite
 import sqlean
@@ -79,24 +79,46 @@ class WalIndexHeader:
     *any* descriptor of that file is closed, and SQLite's connections hold locks on the -shm
     file. Closing our descriptor (or the mapping, which holds a duplicate) while they are open
     would drop their locks; another process would then take the file for new and truncate it
-    under them (SIGBUS). So it is opened after the connections and closed only after them."""
+    under them (SIGBUS). Since the locks belong to the process, there is one mapping per file
+    per process, shared by every `Database` on it, and closed only when the last of them has
+    closed its connections."""
+
+    _mapped: ClassVar[dict[tuple[int, int], WalIndexHeader]] = {}
+
+    @classmethod
+    def acquire(cls, path: Path) -> WalIndexHeader:
+        st = os.stat(f"{path}-shm")
+        header = cls._mapped.get((st.st_dev, st.st_ino))
+        if header is None:
+            header = cls._mapped[(st.st_dev, st.st_ino)] = cls(path)
+        header._users += 1
+        return header
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(f"{path}-shm", os.O_RDONLY)
+        st = os.fstat(self._fd)
+        self._key = (st.st_dev, st.st_ino)
+        self._users = 0
         self._map: mmap.mmap | None = None
         self.usable = False
         try:
-            if os.fstat(self._fd).st_size >= 2 * WAL_INDEX_HEADERS_BYTES:
+            if st.st_size >= 2 * WAL_INDEX_HEADERS_BYTES:
                 self._map = mmap.mmap(self._fd, WAL_INDEX_HEADERS_BYTES, access=mmap.ACCESS_READ)
                 version, _, _, is_init, *_ = WAL_INDEX_HEADER.unpack_from(self._map)
                 self.usable = version == WAL_INDEX_VERSION and is_init == 1
         except (OSError, ValueError):
-            pass  # not usable; still closed only by close()
+            pass  # not usable; still closed only by release()
 
     def read(self) -> bytes:
         return self._map[:WAL_INDEX_HEADERS_BYTES]  # type: ignore[index]
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Call after closing the connections this user opened."""
+        self._users -= 1
+        if self._users > 0:
+            return
+        if WalIndexHeader._mapped.get(self._key) is self:
+            del WalIndexHeader._mapped[self._key]
         if self._map is not None:
             self._map.close()
         os.close(self._fd)
@@ -107,7 +129,7 @@ def _open_wal_index(conn: Any, path: Path) -> WalIndexHeader | None:
     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         return None
     try:
-        return WalIndexHeader(path)
+        return WalIndexHeader.acquire(path)
     except OSError:
         return None
 
@@ -213,7 +235,7 @@ class Database:
             self._writer = None
         self._wal_header = None
         if self._wal_index is not None:  # only now: see WalIndexHeader
-            self._wal_index.close()
+            self._wal_index.release()
             self._wal_index = None
 
     # -- reads ------------------------------------------------------------------------------
