@@ -103,6 +103,8 @@ class Settings:
     max_backup_bytes: int = 2 * 1024**3
     max_records_per_user: int = 1_000_000
     backup_retention: int = 5
+    # Deleted records stay in the change feed as tombstones this long (seconds; 0: forever).
+    tombstone_retention: float = 90 * 86400.0
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -169,6 +171,7 @@ class Settings:
             "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
         }
         values["backup_interval"] = r.duration("ADIUVA_BACKUP_INTERVAL", 0.0)
+        values["tombstone_retention"] = r.duration("ADIUVA_TOMBSTONE_RETENTION", cls.tombstone_retention)
         values["backup_keep"] = r.int("ADIUVA_BACKUP_KEEP", 7, 1, 10_000)
         values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
         values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))

@@ -118,6 +118,12 @@ class EmailTaken(Conflict):
     title = "An account with this email already exists"
 
 
+class CursorExpired(AdiuvaError):
+    status = 410
+    code = "cursor_expired"
+    title = "Cursor expired"
+
+
 class PreconditionFailed(AdiuvaError):
     status = 412
     code = "precondition_failed"

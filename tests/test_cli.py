@@ -85,6 +85,7 @@ def test_bad_settings_fail_at_start_with_a_clear_message(data_dir):
         ({"ADIUVA_SIGNUPS": "maybe"}, "ADIUVA_SIGNUPS must be one of open, closed"),
         ({"CORS_ORIGINS": "[1, 2"}, "CORS_ORIGINS is not a valid JSON list"),
         ({"ADIUVA_TRUSTED_PROXIES": "my-proxy"}, "not an IP address or network"),
+        ({"ADIUVA_TOMBSTONE_RETENTION": "5s"}, "ADIUVA_TOMBSTONE_RETENTION must be 0 (off) or between 1 minute"),
     ]:
         out = run_cli(data_dir, "serve", **env)
         assert out.returncode == 2, (env, out.stdout, out.stderr)

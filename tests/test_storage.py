@@ -752,3 +752,58 @@ async def test_sweep_from_another_process_cannot_delete_an_object_being_stored_a
     resp = await client.get(f"{RECORDS}/{meta['id']}", headers=pro.headers)
     assert resp.status == 200 and await resp.read() == data
     assert (await maintenance.check(app[DB], app[STORAGE].blobs)).ok
+
+
+async def test_forgotten_tombstones_send_stale_devices_back_to_zero(client, pro):
+    """Tombstones are kept for the retention period only. A device that last synced before a
+    forgotten deletion must not silently miss it: 410 cursor_expired, then a full feed from 0
+    in which the deleted record is simply absent. Other users' feeds are untouched."""
+    other = await register(client, "other@example.org")
+    await set_tier(client, other.email, "pro")
+    kept = await created(client, pro, b"kept")
+    gone = await created(client, pro, b"gone")
+    theirs = await created(client, other, b"theirs")
+    stale_cursor = (await (await client.get(CHANGES, headers=pro.headers)).json())["next_cursor"]  # 2
+    assert (await client.delete(f"{RECORDS}/{gone['id']}", headers=pro.headers)).status == 204
+    assert (await client.delete(f"{RECORDS}/{theirs['id']}", headers=other.headers)).status == 204
+    page = await (await client.get(CHANGES, params={"since": 1}, headers=pro.headers)).json()
+    assert [(c["id"], c["op"]) for c in page["changes"]] == [(gone["id"], "delete")]
+    current_cursor = page["next_cursor"]  # 3
+
+    storage = client.app[STORAGE]
+    assert await storage.purge_tombstones() == 0  # younger than the retention: kept
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=storage.settings.tombstone_retention + 1)
+    assert await storage.purge_tombstones(now=later) == 2
+
+    resp = await client.get(CHANGES, params={"since": stale_cursor - 1}, headers=pro.headers)
+    assert resp.status == 410 and resp.content_type == "application/problem+json"
+    problem = await resp.json()
+    assert problem["code"] == "cursor_expired" and "since=0" in problem["detail"]
+    assert (await client.get(CHANGES, params={"since": stale_cursor}, headers=pro.headers)).status == 410
+    # A device that had already seen the deletion goes on as before.
+    page = await (await client.get(CHANGES, params={"since": current_cursor}, headers=pro.headers)).json()
+    assert page == {"changes": [], "next_cursor": current_cursor, "has_more": False}
+    # From zero: the full state, without the forgotten record.
+    page = await (await client.get(CHANGES, headers=pro.headers)).json()
+    assert [c["id"] for c in page["changes"]] == [kept["id"]]
+    # The other user's deletion was forgotten too; their old cursor is refused, their new one fine.
+    assert (await client.get(CHANGES, params={"since": 1}, headers=other.headers)).status == 410
+    page = await (await client.get(CHANGES, params={"since": 2}, headers=other.headers)).json()
+    assert page["changes"] == [] and page["next_cursor"] == 2
+    # Live records, their bytes and the usage counters are untouched.
+    resp = await client.get(f"{RECORDS}/{kept['id']}", headers=pro.headers)
+    assert resp.status == 200 and await resp.read() == b"kept"
+    report = await maintenance.check(client.app[DB], storage.blobs)
+    assert report.ok, report
+
+
+async def test_tombstone_retention_zero_keeps_them_forever(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, tombstone_retention=0.0)))
+    acct = await register(client, "ada@example.org")
+    await set_tier(client, acct.email, "pro")
+    record = await created(client, acct, b"short-lived")
+    assert (await client.delete(f"{RECORDS}/{record['id']}", headers=acct.headers)).status == 204
+    far = dt.datetime.now(dt.UTC) + dt.timedelta(days=3650)
+    assert await client.app[STORAGE].purge_tombstones(now=far) == 0
+    page = await (await client.get(CHANGES, params={"since": 0}, headers=acct.headers)).json()
+    assert [(c["id"], c["op"]) for c in page["changes"]] == [(record["id"], "delete")]

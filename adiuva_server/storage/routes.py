@@ -272,7 +272,7 @@ async def delete_record(request: web.Request) -> None:
 
 
 @api.get("/storage/changes", summary="Records created, replaced or deleted after a cursor (sync feed)",
-         query=ChangesQuery, response=ChangesPage, errors=(422, 429))
+         query=ChangesQuery, response=ChangesPage, errors=(410, 422, 429))
 async def changes(request: web.Request, query: ChangesQuery) -> ChangesPage:
     rows, cursor, more = await _storage(request).changes(principal(request), query.since, query.limit)
     return ChangesPage(changes=[Change.of(r) for r in rows], next_cursor=cursor, has_more=more)
@@ -357,8 +357,8 @@ async def storage_service(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _sweep_forever(db: Database, service: StorageService) -> None:
-    """Unreferenced objects (a crash, a deleted user) and abandoned temporary files: at start,
-    then every few hours. The keeper's pins protect objects whose rows are being written; the
+    """Unreferenced objects (a crash, a deleted user), abandoned temporary files and tombstones
+    past their retention: at start, then every few hours. The keeper's pins protect objects whose rows are being written; the
     grace period spares temporary files of uploads still being received."""
     while True:
         try:
@@ -366,6 +366,9 @@ async def _sweep_forever(db: Database, service: StorageService) -> None:
             if report.objects_removed or report.temporary_removed:
                 log.info("storage sweep removed %d object(s), %d temporary file(s)",
                          report.objects_removed, report.temporary_removed)
+            forgotten = await service.purge_tombstones()
+            if forgotten:
+                log.info("forgot %d deleted record(s) older than the tombstone retention", forgotten)
         except Exception:
             log.exception("storage sweep failed; will retry")
         await asyncio.sleep(SWEEP_SECONDS)

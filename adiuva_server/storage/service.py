@@ -29,6 +29,7 @@ CHECKSUM = re.compile(r"^[0-9a-fA-F]{64}$")
 TABLE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 MAX_VERSION_LENGTH = 64
 MAX_TIMESTAMP_LENGTH = 64
+PURGE_BATCH = 1000  # tombstones forgotten per write transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +185,31 @@ class StorageService:
 
     async def changes(self, who: Caller, since: int, limit: int) -> tuple[list[Record], int, bool]:
         """Records changed after cursor `since`, oldest change first; the cursor to ask next;
-        whether more changes are waiting."""
-        rows = await self.store.changes(who.id, since, limit + 1)
+        whether more changes are waiting. CursorExpired when deletions after `since` were
+        forgotten (tombstone retention): the device must start again from 0."""
+        rows, purged = await self.store.changes(who.id, since, limit + 1)
+        if 0 < since < purged:
+            raise errors.CursorExpired(
+                f"deletions up to cursor {purged} are older than the retention period and were forgotten; "
+                "sync again from since=0 (records absent from that full feed no longer exist)"
+            )
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, (rows[-1].seq if rows else since), more
+
+    async def purge_tombstones(self, now: dt.datetime | None = None) -> int:
+        """Forget tombstones older than the retention period (in short write transactions)."""
+        retention = self.settings.tombstone_retention
+        if not retention:
+            return 0
+        cutoff = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=retention)
+        deleted_before = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        total = 0
+        while True:
+            purged = await self.store.purge_tombstones(deleted_before, PURGE_BATCH)
+            total += purged
+            if purged < PURGE_BATCH:
+                return total
 
     # -- backups ----------------------------------------------------------------------------------
 

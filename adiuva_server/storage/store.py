@@ -92,7 +92,10 @@ class StorageStore(Protocol):
     async def record_count(self, user_id: str) -> int: ...
     async def get_record(self, user_id: str, record_id: str) -> Record | None: ...
     async def list_records(self, user_id: str, table: str | None, offset: int, limit: int) -> tuple[list[Record], int]: ...
-    async def changes(self, user_id: str, since: int, limit: int) -> list[Record]: ...
+    async def changes(self, user_id: str, since: int, limit: int) -> tuple[list[Record], int]:
+        """Up to `limit` records changed after `since`, and the user's highest forgotten position."""
+    async def purge_tombstones(self, deleted_before: str, batch: int) -> int:
+        """Forget up to `batch` tombstones deleted before `deleted_before` (ISO 8601 UTC)."""
     async def insert_record(self, user_id: str, tier: str, table: str, checksum: str, size: int, max_records: int) -> Record: ...
     async def replace_record(self, user_id: str, tier: str, record_id: str, checksum: str, size: int,
                              precondition: Callable[[str], bool] | None) -> tuple[Record, str]: ...
@@ -141,12 +144,33 @@ class SQLiteStorageStore:
             await conn.rollback()
         return [Record.from_row(r) for r in rows], total
 
-    async def changes(self, user_id: str, since: int, limit: int) -> list[Record]:
-        rows = await self.db.fetchall(
-            f"SELECT {_RECORD} FROM storage_records WHERE user_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (user_id, since, limit),
-        )
-        return [Record.from_row(r) for r in rows]
+    async def changes(self, user_id: str, since: int, limit: int) -> tuple[list[Record], int]:
+        async with self.db.reader() as conn:  # one snapshot: a purge cannot fall in between
+            await conn.execute("BEGIN")
+            rows = await conn.execute_fetchall(
+                f"SELECT {_RECORD} FROM storage_records WHERE user_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (user_id, since, limit),
+            )
+            purged = await _one(conn, "SELECT purged_seq FROM storage_record_counts WHERE user_id = ?", (user_id,))
+            await conn.rollback()
+        return [Record.from_row(r) for r in rows], purged[0] if purged else 0
+
+    async def purge_tombstones(self, deleted_before: str, batch: int) -> int:
+        async with self.db.write() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT id, user_id, seq FROM storage_records WHERE checksum IS NULL AND deleted_at < ? "
+                "ORDER BY deleted_at LIMIT ?",
+                (deleted_before, batch),
+            )
+            highest: dict[str, int] = {}
+            for _, user_id, seq in rows:
+                highest[user_id] = max(seq, highest.get(user_id, 0))
+            await conn.executemany(
+                "UPDATE storage_record_counts SET purged_seq = max(purged_seq, ?) WHERE user_id = ?",
+                [(seq, user_id) for user_id, seq in highest.items()],
+            )
+            await conn.executemany("DELETE FROM storage_records WHERE id = ?", [(r[0],) for r in rows])
+        return len(rows)
 
     async def latest_backup(self, user_id: str) -> Backup | None:
         row = await self.db.fetchone(
