@@ -7,11 +7,11 @@ import json
 import os
 import signal
 import stat
-import sqlite3
 
 import aiohttp
 import pytest
 
+from adiuva_server.db.database import connect
 from tests.conftest import run_cli
 
 
@@ -141,9 +141,10 @@ def test_first_start_creates_a_private_data_dir_and_secret(data_dir, server_proc
     server = server_process()
     assert secret.read_text() == first
     assert server.stop() == 0
-    conn = sqlite3.connect(data_dir / "adiuva.db")
+    conn = connect(data_dir / "adiuva.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
 
 
 def test_jwt_secret_from_the_environment_is_used_and_not_written(data_dir, server_process):
