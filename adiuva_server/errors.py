@@ -118,6 +118,12 @@ class EmailTaken(Conflict):
     title = "An account with this email already exists"
 
 
+class ClientClosedRequest(AdiuvaError):
+    status = 499  # nginx's convention; nobody reads it, the access log shows it
+    code = "client_closed_request"
+    title = "Client closed request"
+
+
 class CursorExpired(AdiuvaError):
     status = 410
     code = "cursor_expired"

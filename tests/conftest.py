@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
@@ -21,6 +23,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings.from_env({}, data_dir=data_dir, env="test", **overrides)
+
+
+class ServedLikeProduction(TestServer):
+    """aiohttp's TestServer cancels a handler whose client disconnects; `adiuva serve` does not
+    (aiohttp's default), and tests must see what production does."""
+
+    async def _make_runner(self, **kwargs):
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client):
+    """pytest-aiohttp's factory, serving an app the way `adiuva serve` does."""
+
+    async def go(app, **kwargs):
+        if isinstance(app, web.Application):
+            app = ServedLikeProduction(app)
+        return await aiohttp_client(app, **kwargs)
+
+    return go
 
 
 @pytest.fixture

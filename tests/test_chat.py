@@ -311,6 +311,18 @@ async def test_ws_disconnect_cancels_the_upstream_call(client, account, fake):
     assert fake.chunks_sent < 150
 
 
+async def test_rest_client_that_goes_away_cancels_the_upstream_call(client, account, fake):
+    """A desktop app closed while waiting for POST /chat must not leave the model generating."""
+    fake.script(Reply(text=" ".join(["word"] * 200), chunk_delay=0.05))  # ~10 s if left to run
+    with pytest.raises(asyncio.TimeoutError):
+        await client.post("/api/v1/chat", json={"message": "tell me a long story"}, headers=account.headers,
+                          timeout=aiohttp.ClientTimeout(total=0.5))
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    assert fake.chunks_sent < 100
+    # The server goes on serving this account.
+    assert (await client.get("/api/v1/auth/me", headers=account.headers)).status == 200
+
+
 async def test_ws_auth_and_errors_as_final_frames(client, account, fake, aiohttp_client, data_dir):
     for url, headers in (("/api/v1/chat/stream", {}), ("/api/v1/chat/stream?token=bogus", {})):
         with pytest.raises(aiohttp.WSServerHandshakeError) as err:

@@ -22,6 +22,7 @@ from adiuva_server.chat.models import (
 from adiuva_server.chat.orchestrator import Orchestrator
 from adiuva_server.chat.plans import ExecutionPlan, PlanSpec, PlaybookSummary
 from adiuva_server.http.auth import principal
+from adiuva_server.http.disconnect import cancel_on_disconnect
 from adiuva_server.http.routing import Api, validation_problem
 from adiuva_server.keys import AUTH, CHAT, DB, RATE_LIMITS, SETTINGS
 
@@ -63,7 +64,8 @@ async def _chat_service(app: web.Application) -> AsyncIterator[None]:
 @api.post("/chat", summary="Send a message to the assistant (plan mode: get the plan instead)", body=ChatRequest,
           response=ChatReply, errors=(401, 403, 413, 422, 429, 503))
 async def chat(request: web.Request, body: ChatRequest) -> ChatResponse | ExecutionPlan:
-    return await request.app[CHAT].orchestrate(principal(request), body)
+    # A desktop app closed mid-answer must not leave the model generating for nobody.
+    return await cancel_on_disconnect(request, request.app[CHAT].orchestrate(principal(request), body))
 
 
 @api.get("/chat/models", summary="The models and agents this account may use", response=ChatModels, errors=(401,))
