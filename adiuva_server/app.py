@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[DB] = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous)
+    app[DB] = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, watch_commits=True)
     try:
         yield
     finally:

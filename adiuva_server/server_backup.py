@@ -27,6 +27,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from adiuva_server.storage.store import REFERENCED_OBJECTS_SQL, SQLiteStorageSto
 from adiuva_server.tls import CERT_FILE, KEY_FILE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT = "adiuva-server-backup"
 FORMAT_VERSION = 1
@@ -139,7 +141,7 @@ async def _create(settings: Settings, out: Path, created: str, progress: Progres
         blobs = await asyncio.to_thread(open_blob_store, settings)
         async with _deletions_paused(blobs):
             snapshot = staging / DB_MEMBER
-            await asyncio.to_thread(_snapshot_database, settings.db_path, snapshot)
+            await _to_thread_to_the_end(_snapshot_database, settings.db_path, snapshot)
             db = await Database.open(snapshot, synchronous="normal", readers=1, migrate=False)
             try:
                 (schema,) = await db.fetchone("PRAGMA user_version")
@@ -215,6 +217,18 @@ async def _deletions_paused(blobs):
         yield
     finally:
         paused.__exit__(None, None, None)
+
+
+async def _to_thread_to_the_end(fn: Callable[..., T], *args: Any) -> T:
+    """`fn` in a worker thread; if we are cancelled (the server stopping during a scheduled
+    backup), wait for the thread before going on: it holds a connection to the live database,
+    which must be closed before the server's own Database closes (see WalIndexHeader)."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait((work,))
+        raise
 
 
 def _snapshot_database(source: Path, target: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,7 +79,7 @@ async def test_commit_marker_changes_with_every_commit_from_anyone(tmp_path, mon
     if mode == "pragma":  # where the WAL-index cannot be mapped, SQLite is asked
         monkeypatch.setattr(database, "_open_wal_index", lambda conn, path: None)
     path = tmp_path / "a.db"
-    db = await Database.open(path)
+    db = await Database.open(path, watch_commits=True)
     try:
         assert (db._wal_header is not None) == (mode == "wal-index")
         marker = db.commit_marker()
@@ -100,32 +101,57 @@ async def test_commit_marker_changes_with_every_commit_from_anyone(tmp_path, mon
         await db.close()
 
 
+def shm_locks(pid: int, shm: Path) -> list[str]:
+    """The POSIX locks process `pid` holds on `shm` (Linux's /proc/locks: 'N: POSIX ADVISORY
+    READ|WRITE PID MAJ:MIN:INODE START END')."""
+    inode = f":{shm.stat().st_ino}"
+    found = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 8 and fields[1] == "POSIX" and fields[4] == str(pid) and fields[5].endswith(inode):
+            found.append(f"{fields[3]} {fields[6]}")
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks to see another process's locks")
 def test_a_running_server_keeps_its_wal_index_locks(tmp_path):
     """Regression: the server once opened and closed the -shm file itself, which released
     SQLite's own locks on it (POSIX drops all of a process's locks on any close); the next
-    process to open the database truncated the file and the server died of SIGBUS. Two
-    Database objects on one file in one process share the locks the same way."""
+    process to open the database truncated the file and the server died of SIGBUS or lost
+    commits. Two Database objects on one file in one process share the locks the same way."""
     code = (
         "import asyncio, sys\n"
         "from adiuva_server.db import Database\n"
         "async def main():\n"
-        "    first = await Database.open(sys.argv[1])\n"
-        "    db = await Database.open(sys.argv[1])\n"
+        "    first = await Database.open(sys.argv[1], watch_commits=True)\n"
+        "    db = await Database.open(sys.argv[1], watch_commits=True)\n"
         "    await first.close()  # must not release the locks of the other's connections\n"
         "    print('open', flush=True)\n"
+        "    sys.stdin.readline()\n"
         "    for i in range(200):\n"
         "        async with db.write() as conn:\n"
         "            await conn.execute(\"INSERT INTO users (id, email, password_hash, created_at) VALUES (?, ?, 'h', 'now')\", (str(i), f'{i}@b'))\n"
         "        db.commit_marker()\n"
-        "        await asyncio.sleep(0.005)\n"
+        "        await asyncio.sleep(0.002)\n"
         "    await db.close()\n"
         "asyncio.run(main())\n"
     )
     path = tmp_path / "a.db"
-    server = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-    assert server.stdout.readline() == "open\n"
-    for _ in range(20):  # other processes come and go, as the CLI does
-        other = connect(path)
-        other.execute("SELECT count(*) FROM users").fetchone()
-        other.close()
-    assert server.wait(timeout=60) == 0
+    server = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "open\n"
+        # SQLite's "somebody uses this WAL-index" lock (a read lock on byte 128) is still held.
+        assert "READ 128" in shm_locks(server.pid, Path(f"{path}-shm"))
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        for _ in range(20):  # other processes come and go, as the CLI does
+            other = connect(path)
+            other.execute("SELECT count(*) FROM users").fetchone()
+            other.close()
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    conn = connect(path)
+    assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 200
+    conn.close()

@@ -6,9 +6,13 @@ import asyncio
 import base64
 import hashlib
 import os
+import threading
+import time
 
 import aiohttp
+import pytest
 
+from adiuva_server import server_backup
 from tests.conftest import ServerProcess, run_cli
 
 FAST = {"ADIUVA_RATE_LIMITS": "free=100000,pro=100000,power=100000,team=100000", "ADIUVA_DEFAULT_TIER": "pro",
@@ -277,3 +281,22 @@ async def test_verify_catches_an_archive_missing_a_referenced_object(tmp_path):
     out = run_cli(tmp_path / "data", "backup", "verify", str(forged))
     assert out.returncode == 1 and "referenced by the database" in out.stderr, out.stderr
     assert run_cli(tmp_path / "data", "backup", "verify", str(archive)).returncode == 0
+
+
+async def test_a_cancelled_snapshot_waits_for_its_thread():
+    """A server stopping during a scheduled backup cancels it; the snapshot thread holds a
+    connection to the live database, which must be closed before the server's Database is."""
+    finished = threading.Event()
+
+    def slow_snapshot() -> str:
+        time.sleep(0.3)
+        finished.set()
+        return "done"
+
+    task = asyncio.create_task(server_backup._to_thread_to_the_end(slow_snapshot))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finished.is_set()
+    assert await server_backup._to_thread_to_the_end(slow_snapshot) == "done"

@@ -26,7 +26,7 @@ class AccessLogger(AbstractAccessLogger):
 
     @property
     def enabled(self) -> bool:
-        # Checked by aiohttp before each call: below INFO, not even the arguments are built.
+        # Read by aiohttp once per connection: below INFO, not even the arguments are built.
         return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request, response, time) -> None:

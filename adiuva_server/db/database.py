@@ -81,12 +81,14 @@ class WalIndexHeader:
     would drop their locks; another process would then take the file for new and truncate it
     under them (SIGBUS). Since the locks belong to the process, there is one mapping per file
     per process, shared by every `Database` on it, and closed only when the last of them has
-    closed its connections."""
+    closed its connections. The rule that follows: in a process that maps it (the server), no
+    other connection to the file (`connect()`) may outlive the last `Database` on it."""
 
     _mapped: ClassVar[dict[tuple[int, int], WalIndexHeader]] = {}
 
     @classmethod
     def acquire(cls, path: Path) -> WalIndexHeader:
+        path = Path(os.path.realpath(path))  # where SQLite keeps it when the file is a symlink
         st = os.stat(f"{path}-shm")
         header = cls._mapped.get((st.st_dev, st.st_ino))
         if header is None:
@@ -188,9 +190,12 @@ class Database:
         self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
-    async def open(cls, path: str | Path, *, synchronous: str = "full", readers: int = 2, migrate: bool = True) -> Database:
+    async def open(cls, path: str | Path, *, synchronous: str = "full", readers: int = 2, migrate: bool = True,
+                   watch_commits: bool = False) -> Database:
         """`migrate=False` for tools that inspect a database (doctor, backup snapshots): they
-        must not change the schema under a server of another version."""
+        must not change the schema under a server of another version. `watch_commits=True`
+        (the server) maps the WAL-index so `commit_marker()` is a memory read; see
+        WalIndexHeader for the rule that then holds in this process."""
         db = cls(Path(path), synchronous, readers)
         try:
             db._writer = await aiosqlite.Connection(lambda: connect(db.path, synchronous=synchronous), 64)
@@ -203,7 +208,8 @@ class Database:
                 db._all_readers.append(conn)
                 db._readers.put_nowait(conn)
             db._loop_conn = connect(db.path, synchronous=synchronous, readonly=True)
-            db._wal_index = _open_wal_index(db._loop_conn, db.path)
+            if watch_commits:
+                db._wal_index = _open_wal_index(db._loop_conn, db.path)
             if db._wal_index is not None and db._wal_index.usable:
                 db._wal_header = db._wal_index.read
             db._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="adiuva-read")
@@ -277,7 +283,8 @@ class Database:
         return await asyncio.shield(fut)
 
     def lookup(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        """Synchronous indexed single-row read on the event loop (see module docstring)."""
+        """Synchronous indexed single-row read on the event loop (see module docstring). Its
+        cursor is dropped at once: a cursor kept open here would pin an old snapshot."""
         return self._loop_conn.execute(sql, params).fetchone()
 
     def commit_marker(self) -> object:
