@@ -228,6 +228,9 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         server.proc.send_signal(signal.SIGTERM)
         resp = await upload
         assert resp.status == 201, await resp.text()
+        # Answers during the drain close their connection: keep-alive clients cannot go on
+        # starting requests on a server that is stopping.
+        assert resp.headers["Connection"].lower() == "close"
         record = await resp.json()
     assert server.stop() == 0
     again = ServerProcess(tmp_path / "data", **FAST)

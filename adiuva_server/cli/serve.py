@@ -121,6 +121,7 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
         print("\n".join(lines), flush=True)
         await stop.wait()
         log.info("shutting down: no new connections; letting requests in flight finish")
+        app[INFLIGHT].draining = True
         for running in list(runner.sites):
             await running.stop()
         if not await app[INFLIGHT].wait_idle(settings.shutdown_timeout):

@@ -19,6 +19,9 @@ from adiuva_server.keys import INFLIGHT
 class InFlight:
     def __init__(self) -> None:
         self.count = 0
+        # Set when the server stops: each answer then closes its connection, so keep-alive
+        # clients cannot go on starting requests while the server waits for the last ones.
+        self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -47,7 +50,10 @@ def setup_inflight(app: web.Application) -> None:
             return await handler(request)
         tracker.enter()
         try:
-            return await handler(request)
+            response = await handler(request)
+            if tracker.draining:
+                response.force_close()
+            return response
         finally:
             tracker.leave()
 
