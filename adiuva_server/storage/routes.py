@@ -358,8 +358,9 @@ async def storage_service(app: web.Application) -> AsyncIterator[None]:
 
 async def _sweep_forever(db: Database, service: StorageService) -> None:
     """Unreferenced objects (a crash, a deleted user), abandoned temporary files and tombstones
-    past their retention: at start, then every few hours. The keeper's pins protect objects whose rows are being written; the
-    grace period spares temporary files of uploads still being received."""
+    past their retention: at start, then every few hours. The keeper's pins protect objects
+    whose rows are being written; the grace period spares temporary files of uploads still
+    being received."""
     while True:
         try:
             report = await maintenance.sweep(db, service.blobs, object_grace_seconds=0, keeper=service.keeper)
