@@ -3,6 +3,7 @@ a token can be bad."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -175,6 +176,7 @@ async def test_bad_access_tokens_get_401(client, account, data_dir):
         "unknown user": jwt.encode({**claims, "sub": "00000000-0000-0000-0000-000000000000"}, secret, algorithm="HS256"),
         "wrong type": jwt.encode({**claims, "typ": "refresh"}, secret, algorithm="HS256"),
         "no expiry": jwt.encode({k: v for k, v in claims.items() if k != "exp"}, secret, algorithm="HS256"),
+        "session version not an integer": jwt.encode({**claims, "sv": False}, secret, algorithm="HS256"),
     }
     for name, token in bad.items():
         resp = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
@@ -186,6 +188,18 @@ async def test_bad_access_tokens_get_401(client, account, data_dir):
         assert resp.status == 401, header
     # The genuine token still works: the checks above were not vacuous.
     assert (await client.get("/api/v1/auth/me", headers=account.headers)).status == 200
+
+
+async def test_undecodable_authorization_bytes_get_401(client, account):
+    """Header bytes that are not UTF-8 reach the app as surrogates; they once made a 500."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET /api/v1/auth/me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\x80\r\n"
+                 b"Connection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"application/problem+json" in head
 
 
 async def test_tier_comes_from_the_database_not_the_token(client, account, data_dir):

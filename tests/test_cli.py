@@ -158,3 +158,23 @@ def test_module_and_version(data_dir):
     assert out.returncode == 0 and out.stdout.startswith("adiuva ")
     out = run_cli(data_dir, "openapi")
     assert json.loads(out.stdout)["openapi"] == "3.1.0"
+
+
+async def test_malformed_requests_are_one_log_line_not_a_traceback(data_dir, server_process):
+    """aiohttp logs each request it cannot parse at ERROR with a traceback; a client could flood
+    the log with them. The server logs one INFO line each, and goes on serving."""
+    import asyncio
+
+    server = server_process()
+    for raw in (b"NOT HTTP AT ALL\r\n\r\n", b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(raw)
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer[:100]
+    async with aiohttp.ClientSession(server.url) as http:
+        assert (await http.get("/api/v1/health")).status == 200
+    assert server.stop() == 0
+    log = "".join(server.output)
+    assert "Traceback" not in log, log
+    assert log.count("INFO aiohttp.server: Error handling request") >= 1, log

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
 import hashlib
 import os
 from email.utils import format_datetime
@@ -807,3 +808,36 @@ async def test_tombstone_retention_zero_keeps_them_forever(aiohttp_client, data_
     assert await client.app[STORAGE].purge_tombstones(now=far) == 0
     page = await (await client.get(CHANGES, params={"since": 0}, headers=acct.headers)).json()
     assert [(c["id"], c["op"]) for c in page["changes"]] == [(record["id"], "delete")]
+
+
+async def test_a_wildcard_inside_an_if_match_list_is_no_wildcard(client, pro):
+    """RFC 9110: `*` means "any" only on its own; `garbage, *` once deleted the record."""
+    meta = await created(client, pro, b"keep me")
+    for header in ("garbage, *", '"x", *', "*,"):
+        resp = await client.delete(f"{RECORDS}/{meta['id']}", headers={**pro.headers, "If-Match": header})
+        await problem(resp, 412, "precondition_failed")
+        resp = await client.put(f"{RECORDS}/{meta['id']}", data=b"other",
+                                headers={**pro.headers, "X-Checksum": sha(b"other"), "If-Match": header})
+        await problem(resp, 412, "precondition_failed")
+    resp = await client.get(f"{RECORDS}/{meta['id']}", headers=pro.headers)
+    assert await resp.read() == b"keep me"
+    assert (await client.delete(f"{RECORDS}/{meta['id']}", headers={**pro.headers, "If-Match": " * "})).status == 204
+
+
+async def test_bodies_that_do_not_decode_are_400(client, pro):
+    """A Content-Encoding the body does not match once made a 500 on every route with a body."""
+    data = b"not gzip at all"
+    resp = await client.post(RECORDS, params={"table": "notes"}, data=data,
+                             headers={**pro.headers, "X-Checksum": sha(data), "Content-Encoding": "gzip"})
+    await problem(resp, 400, "malformed_request")
+    resp = await client.post("/api/v1/auth/login", data=b'{"email": "x@example.org"}',
+                             headers={"Content-Type": "application/json", "Content-Encoding": "deflate"})
+    await problem(resp, 400, "malformed_request")
+    assert (await (await client.get(RECORDS, headers=pro.headers)).json())["total"] == 0
+    assert temporaries(client) == []
+    # A body that really is gzip is decoded, and its checksum is that of the decoded bytes.
+    resp = await client.post(RECORDS, params={"table": "notes"}, data=gzip.compress(data),
+                             headers={**pro.headers, "X-Checksum": sha(data), "Content-Encoding": "gzip"})
+    assert resp.status == 201, await resp.text()
+    record = await resp.json()
+    assert await (await client.get(f"{RECORDS}/{record['id']}", headers=pro.headers)).read() == data

@@ -135,12 +135,16 @@ def _raw(values_json: str) -> bytes:
 @pytest.mark.parametrize(
     "values_json, code",
     [("[1, NaN]", "invalid_vector"), ("[Infinity, 1]", "invalid_vector"), ("[1e39, 1]", "invalid_vector"),
-     ("[-1e400, 1]", "invalid_vector"), ("[]", "invalid_vector"), ("[1, 2, 3]", "dimension_mismatch")],
+     ("[-1e400, 1]", "invalid_vector"), ("[]", "invalid_vector"), ("[1, 2, 3]", "dimension_mismatch"),
+     # float32 sums of squares must stay finite and normal: a norm of 0 or inf broke searches
+     ("[1e-30, 0]", "invalid_vector"), ("[3e38, 3e38]", "invalid_vector"),
+     # numbers only: no booleans or strings taken for numbers
+     ("[true, 1]", "validation_error"), ('["1", 1]', "validation_error")],
 )
 async def test_bad_values_are_400_and_nothing_is_written(client, account, data_dir, values_json, code):
     resp = await client.post(UPSERT, data=_raw(values_json), headers={**account.headers, "Content-Type": "application/json"})
     body = await resp.json()
-    assert (resp.status, body["code"]) == (400, code), body
+    assert (resp.status, body["code"]) == (422 if code == "validation_error" else 400, code), body
     assert resp.content_type == "application/problem+json"
     assert (await search(client, account, [1, 2]))["matches"] == []  # vector "a" was not written either
     assert cloud_usage(data_dir, account.email) == 0
@@ -281,3 +285,12 @@ def test_vector_limits_come_from_the_environment():
         500, 10, 0, 2 * 1024 * 1024)
     with pytest.raises(ConfigError, match="ADIUVA_VECTOR_MAX_TOP_K"):
         Settings.from_env({"ADIUVA_VECTOR_MAX_TOP_K": "4097"})  # sqlite-vec caps k at 4096
+
+
+async def test_queries_outside_float32_limits_are_400_not_500(client, account):
+    await upsert(client, account, [item("a", [1, 0, 0, 0])])
+    for values in ([1e-30, 0, 0, 0], [1e16, 0, 0, 0]):
+        await search(client, account, values, status=400)
+    resp = await client.post(SEARCH, json={"values": [1, 0, 0, 0], "top_k": True}, headers=account.headers)
+    assert resp.status == 422
+    assert [m["id"] for m in (await search(client, account, [1e-14, 0, 0, 0]))["matches"]] == ["a"]

@@ -69,6 +69,8 @@ class AccessTokens:
                 raise errors.InvalidToken("the access token has expired")
             self._cache.move_to_end(token)
             return cached
+        if not token.isascii():  # a JWT is ASCII; undecodable header bytes arrive as surrogates
+            raise errors.InvalidToken("the access token is invalid")
         try:
             data = jwt.decode(
                 token,
@@ -81,7 +83,7 @@ class AccessTokens:
             raise errors.InvalidToken("the access token has expired") from None
         except jwt.InvalidTokenError:
             raise errors.InvalidToken("the access token is invalid") from None
-        if data.get("typ") != "access" or not isinstance(data.get("sv"), int) or not isinstance(data["sub"], str):
+        if data.get("typ") != "access" or type(data.get("sv")) is not int or not isinstance(data["sub"], str):
             raise errors.InvalidToken("the access token is invalid")
         claims = AccessClaims(data["sub"], data["sv"], float(data["exp"]))
         self._cache[token] = claims

@@ -11,6 +11,8 @@ import sys
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
@@ -34,6 +36,21 @@ class AccessLogger(AbstractAccessLogger):
             '%s "%s %s" %s %d %.1fms', request.remote, request.method, request.path,
             response.status, response.body_length, time * 1000,
         )
+
+
+class MalformedRequestsInOneLine(logging.Filter):
+    """aiohttp logs every request it cannot parse (a bad request line, a header over 8 KiB, a
+    body that does not decode) at ERROR with a traceback. That is the client's fault, and a way
+    to flood the log: one INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, (HttpProcessingError, RequestPayloadError)):
+            return True
+        record.msg, record.args = f"{record.getMessage()}: {str(exc).strip()}".replace("\n", " "), None
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
 def lan_addresses() -> list[str]:
@@ -78,6 +95,7 @@ def run(settings: Settings) -> None:
         level=settings.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestsInOneLine())
     asyncio.run(serve(settings))
 
 

@@ -9,6 +9,7 @@ import logging
 from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from adiuva_server import errors
 
@@ -64,6 +65,11 @@ async def problem_middleware(request: web.Request, handler) -> web.StreamRespons
         if exc.status < 400:
             raise
         return from_http_exception(exc)
+    except RequestPayloadError as exc:  # a body aiohttp could not decode (Content-Encoding, chunks)
+        detail = " ".join(str(exc).split())
+        response = problem_response(400, "malformed_request", "Malformed request", f"the request body could not be read: {detail}")
+        response.force_close()  # the rest of the body cannot be framed: this connection is done
+        return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

@@ -71,9 +71,9 @@ def if_match(header: str | None):
     Strong comparison, as RFC 9110 requires for If-Match."""
     if header is None:
         return None
-    tags = {t.strip() for t in header.split(",") if t.strip()}
-    if "*" in tags:
+    if header.strip() == "*":  # only on its own: "x, *" is no wildcard (RFC 9110 13.1.1)
         return lambda current: True
+    tags = {t.strip() for t in header.split(",") if t.strip()}
     return lambda current: etag_of(current) in tags
 
 
@@ -81,8 +81,10 @@ def none_match(header: str | None, checksum: str) -> bool:
     """True when If-None-Match names the current representation (answer 304). Weak comparison."""
     if header is None:
         return False
+    if header.strip() == "*":
+        return True
     tags = {t.strip().removeprefix("W/") for t in header.split(",")}
-    return "*" in tags or etag_of(checksum) in tags
+    return etag_of(checksum) in tags
 
 
 def _printable_ascii(value: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 Metric = Literal["l2", "cosine"]
 CollectionName = Annotated[
@@ -24,7 +24,7 @@ Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="SHA-
 class VectorIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: VectorId
-    values: list[float] = Field(description="1 to 4096 finite float32 values; the collection fixes the length")
+    values: list[StrictFloat] = Field(description="1 to 4096 finite float32 values; the collection fixes the length")
     payload: str = Field(description="base64 (standard alphabet, padded) of the encrypted payload")
     checksum: Sha256Hex
 
@@ -50,8 +50,8 @@ class UpsertResponse(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     collection: CollectionName = "default"
-    values: list[float]
-    top_k: int = Field(10, ge=1, description="1 to the server's bound (ADIUVA_VECTOR_MAX_TOP_K, default 100)")
+    values: list[StrictFloat]
+    top_k: StrictInt = Field(10, ge=1, description="1 to the server's bound (ADIUVA_VECTOR_MAX_TOP_K, default 100)")
 
 
 class MatchOut(BaseModel):

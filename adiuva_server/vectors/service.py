@@ -23,6 +23,11 @@ def _invalid(detail: str, loc: list[str | int]) -> errors.InvalidVector:
     return errors.InvalidVector(detail, extra={"errors": [{"loc": ["body", *loc], "msg": detail}]})
 
 
+# Bounds that keep every float32 sum of squares (4096 of them at most) a finite, normal number.
+MAX_ABS_VALUE = 1e15
+MIN_COSINE_PEAK = 1e-15
+
+
 def to_float32(values: Sequence[float], loc: list[str | int], metric: str | None) -> bytes:
     """float32 bytes of `values`; 400 when empty, too long, not finite in float32, or a zero
     vector under cosine (it has no direction)."""
@@ -36,8 +41,11 @@ def to_float32(values: Sequence[float], loc: list[str | int], metric: str | None
         total = math.nan
     if not math.isfinite(total):
         raise _invalid("values must be finite float32 numbers (no NaN, no Infinity, |x| < 3.4e38)", loc)
-    if metric == "cosine" and not any(vec):
-        raise _invalid("a zero vector has no cosine distance", loc)
+    peak = max(max(vec), -min(vec))
+    if peak > MAX_ABS_VALUE:  # distances are summed in float32: squares of more overflow
+        raise _invalid(f"values must lie within +-{MAX_ABS_VALUE:g}", loc)
+    if metric == "cosine" and peak < MIN_COSINE_PEAK:  # its float32 norm would underflow to 0
+        raise _invalid(f"a cosine vector needs a value of magnitude {MIN_COSINE_PEAK:g} or more (a zero vector has no direction)", loc)
     return vec.tobytes()
 
 
