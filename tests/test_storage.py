@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import gzip
 import hashlib
+import logging
 import os
 from email.utils import format_datetime
 
@@ -841,3 +842,21 @@ async def test_bodies_that_do_not_decode_are_400(client, pro):
     assert resp.status == 201, await resp.text()
     record = await resp.json()
     assert await (await client.get(f"{RECORDS}/{record['id']}", headers=pro.headers)).read() == data
+
+
+async def test_a_client_that_hangs_up_mid_upload_is_no_error(client, pro, caplog):
+    """An upload cut off by the client: nothing stored, no temporary file left, and no ERROR
+    with a traceback in the log (it used to look like a server fault, a 500)."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(f"POST {RECORDS}?table=notes HTTP/1.1\r\nHost: x\r\nAuthorization: {pro.headers['Authorization']}\r\n"
+                 f"X-Checksum: {'0' * 64}\r\nContent-Length: 100000\r\n\r\n".encode() + b"x" * 1000)
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(50):
+        if not temporaries(client):
+            break
+        await asyncio.sleep(0.05)
+    assert temporaries(client) == []
+    assert (await (await client.get(RECORDS, headers=pro.headers)).json())["total"] == 0
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []

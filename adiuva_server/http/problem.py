@@ -58,9 +58,13 @@ async def problem_middleware(request: web.Request, handler) -> web.StreamRespons
     try:
         return await handler(request)
     except errors.AdiuvaError as exc:
-        if exc.status >= 500:
-            log.error("%s %s: %s", request.method, request.path, exc.detail)
-        return from_error(exc)
+        if exc.status >= 500:  # 503: a dependency (the LLM) is down, not a fault of ours
+            log.log(logging.WARNING if exc.status == 503 else logging.ERROR, "%s %s: %s",
+                    request.method, request.path, exc.detail)
+        response = from_error(exc)
+        if isinstance(exc, errors.ClientClosedRequest):
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -70,8 +74,12 @@ async def problem_middleware(request: web.Request, handler) -> web.StreamRespons
         response = problem_response(400, "malformed_request", "Malformed request", f"the request body could not be read: {detail}")
         response.force_close()  # the rest of the body cannot be framed: this connection is done
         return response
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionResetError:  # the client went away mid-request (an upload cut off): no fault
+        response = from_error(errors.ClientClosedRequest("the client closed the connection"))
+        response.force_close()
+        return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return problem_response(500, "internal_error", "Internal server error", "an unexpected error occurred; see the server log")

@@ -127,9 +127,10 @@ def _knn_sql(table: str, cosine: bool) -> str:
 
 
 def _knn_rows_to_matches(rows: Sequence[Any], cosine: bool) -> list[Match]:
+    # A NULL distance (a vector float32 cannot measure; writes refuse them now) is no match.
     if cosine:  # L2 between unit vectors -> cosine distance
-        return [Match(r[0], r[1] * r[1] / 2.0, r[2], r[3]) for r in rows]
-    return [Match(*r) for r in rows]
+        return [Match(r[0], r[1] * r[1] / 2.0, r[2], r[3]) for r in rows if r[1] is not None]
+    return [Match(*r) for r in rows if r[1] is not None]
 
 
 class SQLiteVectorStore:
