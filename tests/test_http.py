@@ -54,6 +54,19 @@ async def test_security_headers(client):
     assert resp.headers["Cache-Control"] == "no-store"
 
 
+async def test_cors_allows_every_request_header_the_api_reads(client):
+    """A header missing from the preflight answer is one the desktop app cannot send at all."""
+    from adiuva_server.keys import ROUTES
+
+    needed = {"authorization", "content-type", "content-encoding"}
+    needed |= {h.lower() for spec in client.app[ROUTES] for h in spec.request_headers}
+    pre = await client.options("/api/v1/storage/records", headers={
+        "Origin": "app://.", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": ", ".join(sorted(needed))})
+    assert pre.status == 204
+    allowed = {h.strip().lower() for h in pre.headers["Access-Control-Allow-Headers"].split(",")}
+    assert needed <= allowed, needed - allowed
+
+
 @pytest.mark.parametrize("origin", ["app://.", "http://localhost:5173"])
 async def test_cors_preflight_and_response_for_allowed_origins(client, account, origin):
     pre = await client.options("/api/v1/auth/me", headers={

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from openapi_spec_validator import OpenAPIV31SpecValidator
+
 from tests.conftest import run_cli
 
 
@@ -43,3 +45,17 @@ async def test_cli_prints_the_same_document(client, data_dir):
     out = run_cli(data_dir, "openapi")
     assert out.returncode == 0
     assert json.loads(out.stdout) == served
+
+
+async def test_document_is_valid_openapi_31_and_tells_what_the_server_does(client):
+    doc = await (await client.get("/api/v1/openapi.json")).json()
+    assert [str(e) for e in OpenAPIV31SpecValidator(doc).iter_errors()] == []
+    paths = doc["paths"]
+    post_record = paths["/api/v1/storage/records"]["post"]
+    assert {p["name"]: p["required"] for p in post_record["parameters"] if p["in"] == "header"} == {"X-Checksum": True}
+    put_backup = paths["/api/v1/backup"]["put"]
+    assert all(p["required"] for p in put_backup["parameters"] if p["name"].startswith("X-Backup-"))
+    for path in ("/api/v1/storage/records/{record_id}", "/api/v1/backup", "/api/v1/backup/{backup_id}"):
+        assert "304" in paths[path]["get"]["responses"], path
+    assert "400" in paths["/api/v1/auth/register"]["post"]["responses"]
+    assert [p["name"] for p in paths["/api/v1/chat/stream"]["get"]["parameters"]] == ["token"]

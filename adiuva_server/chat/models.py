@@ -18,6 +18,13 @@ class ChatRequest(pydantic.BaseModel):
     model: str | None = pydantic.Field(None, description="One of GET /chat/models; pro tier and up.")
 
 
+class StreamQuery(pydantic.BaseModel):
+    token: str | None = pydantic.Field(
+        None, max_length=4096, description="the access token (browsers cannot set headers on a WebSocket); "
+        "or send it as Authorization: Bearer"
+    )
+
+
 class ChatResponse(pydantic.BaseModel):
     response: str
     actions: list[dict[str, Any]]

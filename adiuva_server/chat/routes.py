@@ -18,6 +18,7 @@ from adiuva_server.chat.batches import SQLiteBatchStore
 from adiuva_server.chat.llm import LLM
 from adiuva_server.chat.models import (
     BatchInfo, BatchList, BatchResult, ChatModels, ChatReply, ChatRequest, ChatResponse, PlanRunRequest, PlaybookList,
+    StreamQuery,
 )
 from adiuva_server.chat.orchestrator import Orchestrator
 from adiuva_server.chat.plans import ExecutionPlan, PlanSpec, PlaybookSummary
@@ -76,9 +77,9 @@ async def chat_models(request: web.Request) -> ChatModels:
 
 
 @api.get("/chat/stream", summary="Streaming chat over a WebSocket (token as ?token= or Authorization)",
-         auth=False, status=101, errors=(401, 429))
-async def chat_stream(request: web.Request) -> web.WebSocketResponse:
-    token = _ws_token(request)
+         auth=False, status=101, errors=(401, 429), query=StreamQuery)
+async def chat_stream(request: web.Request, query: StreamQuery) -> web.WebSocketResponse:
+    token = _ws_token(request, query.token)
     # Before the upgrade, so these get a plain problem answer: a bad token 401, an account over
     # its request limit or with all its sockets open 429.
     who = request.app[AUTH].authenticate_token(token)
@@ -203,8 +204,8 @@ async def _close_flooded(ws: web.WebSocketResponse) -> None:
     await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many messages; wait for each answer")
 
 
-def _ws_token(request: web.Request) -> str:
-    token = request.query.get("token", "").strip()
+def _ws_token(request: web.Request, token: str | None) -> str:
+    token = (token or "").strip()
     if token:
         return token
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")

@@ -9,8 +9,8 @@ from adiuva_server.keys import SETTINGS
 
 ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 ALLOW_HEADERS = (
-    "Authorization, Content-Type, X-Checksum, If-Match, If-None-Match, If-Modified-Since, "
-    "X-Backup-Version, X-Backup-Timestamp, X-Backup-Checksum"
+    "Authorization, Content-Type, Content-Encoding, X-Checksum, If-Match, If-None-Match, If-Modified-Since, "
+    "Range, If-Range, X-Backup-Version, X-Backup-Timestamp, X-Backup-Checksum"
 )
 EXPOSE_HEADERS = (
     "ETag, X-Checksum, Last-Modified, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, "

@@ -20,7 +20,7 @@ _PROBLEM = {
         "code": {"type": "string", "description": "stable snake_case error code"},
     },
 }
-_STATUS_TEXT = {400: "Malformed request", 401: "Not authenticated", 402: "Quota exceeded", 403: "Forbidden",
+_STATUS_TEXT = {304: "Not modified (conditional request)", 400: "Malformed request", 401: "Not authenticated", 402: "Quota exceeded", 403: "Forbidden",
                 404: "Not found", 409: "Conflict", 412: "Precondition failed", 413: "Body too large", 416: "Range not satisfiable",
                 422: "Validation error", 429: "Rate limited", 503: "Unavailable"}
 
@@ -55,14 +55,18 @@ def build_openapi(specs: list[RouteSpec]) -> dict[str, Any]:
             qs = spec.query.model_json_schema()
             for name, prop in qs.get("properties", {}).items():
                 params.append({"name": name, "in": "query", "required": name in qs.get("required", []), "schema": prop})
-        params += [{"name": n, "in": "header", "required": False, "description": d, "schema": {"type": "string"}}
-                   for n, d in spec.request_headers.items()]
+        params += [{"name": n, "in": "header", "required": n in spec.required_headers, "description": d,
+                    "schema": {"type": "string"}} for n, d in spec.request_headers.items()]
         if params:
             op["parameters"] = params
         if spec.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[spec.body]}}}
         elif spec.raw_body:
-            op["requestBody"] = {"required": True, "content": {ct: {"schema": {"type": "string", "contentMediaType": ct}, "description": d} for ct, d in spec.raw_body.items()}}
+            op["requestBody"] = {
+                "required": True,
+                "description": "; ".join(spec.raw_body.values()),
+                "content": {ct: {"schema": {"type": "string", "contentMediaType": ct}} for ct in spec.raw_body},
+            }
         ok: dict[str, Any] = {"description": "Success"}
         if spec.response is not None:
             ok["content"] = {"application/json": {"schema": refs[spec.response]}}
@@ -71,7 +75,15 @@ def build_openapi(specs: list[RouteSpec]) -> dict[str, Any]:
         if spec.response_headers:
             ok["headers"] = {n: {"description": d, "schema": {"type": "string"}} for n, d in spec.response_headers.items()}
         op["responses"][str(spec.status)] = ok
-        for status in sorted(set(spec.errors) | ({401} if spec.auth else set())):
+        implied = {401} if spec.auth else set()
+        if spec.body is not None:
+            implied |= {400, 422}  # a body that is not JSON; one that does not validate
+        if spec.query is not None or spec.required_headers:
+            implied.add(422)
+        for status in sorted(set(spec.errors) | implied):
+            if status < 400:  # 304: no body
+                op["responses"][str(status)] = {"description": _STATUS_TEXT.get(status, "Redirection")}
+                continue
             op["responses"][str(status)] = {
                 "description": _STATUS_TEXT.get(status, "Error"),
                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},

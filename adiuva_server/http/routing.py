@@ -38,6 +38,7 @@ class RouteSpec:
     raw_response: dict[str, str] = field(default_factory=dict)
     response_headers: dict[str, str] = field(default_factory=dict)
     request_headers: dict[str, str] = field(default_factory=dict)
+    required_headers: tuple[str, ...] = ()  # of request_headers: a 422 without them
     # A JSON body larger than the app-wide limit: settings -> bytes (e.g. vector upserts).
     body_limit: Callable[[Any], int] | None = None
 

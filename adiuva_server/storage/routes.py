@@ -222,6 +222,7 @@ def _backup_headers(backup: Backup) -> dict[str, str]:
 @api.post(
     "/storage/records", summary="Store an encrypted record", query=RecordCreateQuery, response=RecordMeta,
     status=201, errors=(400, 402, 413, 422, 429), raw_body=_BYTES, request_headers=_CHECKSUM_HEADER,
+    required_headers=tuple(_CHECKSUM_HEADER),
 )
 async def create_record(request: web.Request, query: RecordCreateQuery) -> RecordMeta:
     checksum = parse_checksum(request.headers.get("X-Checksum"), "X-Checksum")
@@ -237,7 +238,7 @@ async def list_records(request: web.Request, query: RecordListQuery) -> RecordPa
 
 
 @api.get(
-    "/storage/records/{record_id}", summary="Download a record's encrypted bytes", errors=(404, 416, 429),
+    "/storage/records/{record_id}", summary="Download a record's encrypted bytes", errors=(304, 404, 416, 429),
     raw_response={OCTETS: "the bytes"},
     request_headers={"If-None-Match": "an ETag: 304 if unchanged",
                      "Range": "one byte range (206); 416 if it starts past the end",
@@ -254,6 +255,7 @@ async def get_record(request: web.Request) -> web.StreamResponse:
     "/storage/records/{record_id}", summary="Replace a record's encrypted bytes", response=RecordMeta,
     errors=(400, 402, 404, 412, 413, 422, 429), raw_body=_BYTES,
     request_headers={**_CHECKSUM_HEADER, "If-Match": "the ETag the client last saw: 412 if it changed since"},
+    required_headers=tuple(_CHECKSUM_HEADER),
 )
 async def replace_record(request: web.Request) -> web.Response:
     checksum = parse_checksum(request.headers.get("X-Checksum"), "X-Checksum")
@@ -284,6 +286,7 @@ async def changes(request: web.Request, query: ChangesQuery) -> ChangesPage:
 @api.put(
     "/backup", summary="Upload an encrypted backup of the desktop database", response=BackupMeta, status=201,
     errors=(400, 402, 413, 422, 429), raw_body=_BYTES, request_headers=_BACKUP_HEADERS,
+    required_headers=tuple(_BACKUP_HEADERS),
 )
 async def put_backup(request: web.Request) -> BackupMeta:
     h = request.headers
@@ -310,7 +313,7 @@ _BACKUP_RESPONSE = dict(
 )
 
 
-@api.get("/backup", summary="Download the latest backup", errors=(404, 416, 429), **_BACKUP_RESPONSE)
+@api.get("/backup", summary="Download the latest backup", errors=(304, 404, 416, 429), **_BACKUP_RESPONSE)
 async def latest_backup(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     return await _send_object(request, lambda: _storage(request).latest_backup(who), _describe_backup)
@@ -321,7 +324,7 @@ async def backup_history(request: web.Request) -> BackupHistory:
     return BackupHistory(items=[BackupMeta.of(b) for b in await _storage(request).backups(principal(request))])
 
 
-@api.get("/backup/{backup_id}", summary="Download one backup", errors=(404, 416, 429), **_BACKUP_RESPONSE)
+@api.get("/backup/{backup_id}", summary="Download one backup", errors=(304, 404, 416, 429), **_BACKUP_RESPONSE)
 async def get_backup(request: web.Request) -> web.StreamResponse:
     who, backup_id = principal(request), request.match_info["backup_id"]
     return await _send_object(request, lambda: _storage(request).backup(who, backup_id), _describe_backup)
