@@ -9,7 +9,7 @@ import gzip
 import hashlib
 import logging
 import os
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 
 import pytest
 
@@ -381,7 +381,11 @@ async def put_backup(client, acct, data: bytes, **kw) -> dict:
     return await resp.json()
 
 
-async def test_backups_latest_history_retention_and_delete(client, pro):
+async def test_backups_latest_history_retention_and_delete(client, pro, monkeypatch):
+    from adiuva_server.storage import store
+
+    now, ticks = store.utc_now(), iter(range(100))  # each upload in a second of its own
+    monkeypatch.setattr(store, "utc_now", lambda: (now[0], now[1] - 100 + next(ticks)))
     resp = await client.get(BACKUP, headers=pro.headers)
     await problem(resp, 404, "not_found")
     blobs = [os.urandom(50_000 + i) for i in range(4)]
@@ -575,11 +579,13 @@ async def test_integer_query_parameters_are_bounded(client, pro):
     assert await resp.json() == {"changes": [], "next_cursor": 2**63 - 1, "has_more": False}
 
 
-async def test_backups_in_the_same_second_have_distinct_validators(client, pro, monkeypatch):
+async def test_backups_in_the_same_second_never_get_a_wrong_304(client, pro, monkeypatch):
+    """Last-Modified has whole seconds and must not be later than Date: two backups in one
+    second share it, so that date is no validator for the second one (ETags still are); and a
+    client holding a backup that was deleted since gets the latest, not a 304."""
     from adiuva_server.storage import store
 
-    real = store.utc_now
-    frozen = real()
+    frozen = store.utc_now()
     monkeypatch.setattr(store, "utc_now", lambda: frozen)  # both uploads land in the same second
     first, second = os.urandom(3000), os.urandom(3000)
     await put_backup(client, pro, first)
@@ -592,13 +598,15 @@ async def test_backups_in_the_same_second_have_distinct_validators(client, pro, 
     resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": first_modified})
     assert resp.status == 200, resp.headers
     assert await resp.read() == second
-    assert resp.headers["Last-Modified"] != first_modified
-    assert resp.headers["ETag"] == f'"{sha(second)}"'
     second_modified, second_etag = resp.headers["Last-Modified"], resp.headers["ETag"]
+    assert second_modified == first_modified  # the same second, and not in the future
+    assert parsedate_to_datetime(second_modified) <= parsedate_to_datetime(resp.headers["Date"])
+    assert second_etag == f'"{sha(second)}"'
+    # Its date cannot tell it from the first: no 304 by date, no range by date; by ETag, yes.
     resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": second_modified})
-    assert resp.status == 304 and resp.headers["ETag"] == second_etag
-
-    # If-None-Match decides, and overrides If-Modified-Since.
+    assert resp.status == 200 and await resp.read() == second
+    resp = await client.get(BACKUP, headers={**pro.headers, "Range": "bytes=-10", "If-Range": second_modified})
+    assert resp.status == 200 and await resp.read() == second
     resp = await client.get(BACKUP, headers={**pro.headers, "If-None-Match": second_etag})
     assert resp.status == 304
     resp = await client.get(BACKUP, headers={**pro.headers, "If-None-Match": first_etag,
@@ -608,6 +616,20 @@ async def test_backups_in_the_same_second_have_distinct_validators(client, pro, 
     history = (await (await client.get(f"{BACKUP}/history", headers=pro.headers)).json())["items"]
     resp = await client.get(f"{BACKUP}/{history[1]['id']}", headers={**pro.headers, "If-None-Match": first_etag})
     assert resp.status == 304 and resp.headers["Last-Modified"] == first_modified
+
+    # A backup a second later has a date of its own, and 304s by it.
+    later = (frozen[0], frozen[1] + 1)
+    monkeypatch.setattr(store, "utc_now", lambda: later)
+    third = os.urandom(3000)
+    meta = await put_backup(client, pro, third)
+    resp = await client.get(BACKUP, headers=pro.headers)
+    third_modified = resp.headers["Last-Modified"]
+    assert third_modified != second_modified
+    assert (await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": third_modified})).status == 304
+    # Deleted: a client still holding it must get the latest that is left.
+    assert (await client.delete(f"{BACKUP}/{meta['id']}", headers=pro.headers)).status == 204
+    resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": third_modified})
+    assert resp.status == 200 and await resp.read() == second
 
 
 async def test_if_range_with_a_stale_etag_sends_the_whole_new_body(client, pro):

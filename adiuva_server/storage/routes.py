@@ -188,7 +188,9 @@ def _not_modified(request: web.Request, checksum: str, last_modified: int | None
         since = request.if_modified_since
     except ValueError:
         return False
-    return since is not None and last_modified <= since.timestamp()
+    # Exactly the date sent, not "any later date": a client holding a newer backup that has
+    # since been deleted must get the (older) latest one, not a 304.
+    return since is not None and last_modified == since.timestamp()
 
 
 def _body(request: web.Request) -> Body:
@@ -211,7 +213,6 @@ def _backup_headers(backup: Backup) -> dict[str, str]:
         "X-Backup-Checksum": backup.checksum,
         "X-Backup-Id": backup.id,
         "ETag": etag_of(backup.checksum),
-        # Unique per backup of a user (the store never gives two of them the same second).
         "Last-Modified": format_datetime(dt.datetime.fromtimestamp(backup.created_unix, dt.UTC), usegmt=True),
     }
 
@@ -297,14 +298,15 @@ async def put_backup(request: web.Request) -> BackupMeta:
 
 
 def _describe_backup(backup: Backup) -> tuple[dict[str, str], int | None]:
-    return _backup_headers(backup), backup.created_unix
+    # Its date is a validator only if no other backup of the user shares its second.
+    return _backup_headers(backup), None if backup.shares_second else backup.created_unix
 
 
 _BACKUP_RESPONSE = dict(
     raw_response={OCTETS: "the backup's bytes"},
     request_headers={
         "If-None-Match": "an ETag: 304 if it is still the one sent",
-        "If-Modified-Since": "304 unless a newer backup arrived since (ignored with If-None-Match)",
+        "If-Modified-Since": "the Last-Modified last received: 304 if that backup is still the one (ignored with If-None-Match)",
         "Range": "one byte range (206); 416 if it starts past the end",
         "If-Range": "an ETag or the Last-Modified date: the Range is honoured only if it is still current",
     },

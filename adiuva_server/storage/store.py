@@ -48,15 +48,16 @@ class Backup:
     size_bytes: int
     created_at: str
     created_unix: int
+    shares_second: bool = False  # with an earlier backup of this user: its date is no validator
 
     @classmethod
     def from_row(cls, row: Any) -> Backup:
         return cls(row["id"], row["version"], row["backup_timestamp"], row["checksum"], row["size_bytes"],
-                   row["created_at"], row["created_unix"])
+                   row["created_at"], row["created_unix"], bool(row["shares_second"]))
 
 
 _RECORD = "id, table_name, checksum, size_bytes, seq, created_at, updated_at, deleted_at"
-_BACKUP = "id, version, backup_timestamp, checksum, size_bytes, created_at, created_unix"
+_BACKUP = "id, version, backup_timestamp, checksum, size_bytes, created_at, created_unix, shares_second"
 
 
 async def _one(conn: Any, sql: str, params: Sequence[Any]) -> Any:
@@ -303,14 +304,13 @@ class SQLiteStorageStore:
         now, unix = utc_now()
         backup_id = str(uuid.uuid4())
         async with self.db.write() as conn:
-            # Last-Modified (whole seconds) must tell this backup from the user's previous one,
-            # or If-Modified-Since would answer 304 for a backup taken in the same second: no
-            # two backups of one user share a second (read before pruning, which may drop it).
+            # Last-Modified (whole seconds, never later than now) cannot tell this backup from
+            # one of the user's that arrived in the same second: mark it, so its date is not
+            # used as a validator (read before pruning, which may drop the other one).
             (previous,) = await _one(
                 conn, "SELECT MAX(created_unix) FROM storage_backups WHERE user_id = ?", (user_id,)
             )
-            if previous is not None:
-                unix = max(unix, previous + 1)
+            shares_second = previous is not None and previous >= unix
             pruned = await conn.execute_fetchall(
                 "SELECT id, checksum, size_bytes FROM storage_backups WHERE user_id = ? "
                 "ORDER BY rowid DESC LIMIT -1 OFFSET ?",
@@ -320,10 +320,11 @@ class SQLiteStorageStore:
             await quota.apply(conn, user_id, tier, "backup", size - freed)
             await conn.executemany("DELETE FROM storage_backups WHERE id = ?", [(r["id"],) for r in pruned])
             await conn.execute(
-                f"INSERT INTO storage_backups ({_BACKUP}, user_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (backup_id, version, timestamp, checksum, size, now, unix, user_id),
+                f"INSERT INTO storage_backups ({_BACKUP}, user_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (backup_id, version, timestamp, checksum, size, now, unix, int(shares_second), user_id),
             )
-        return Backup(backup_id, version, timestamp, checksum, size, now, unix), [r["checksum"] for r in pruned]
+        backup = Backup(backup_id, version, timestamp, checksum, size, now, unix, shares_second)
+        return backup, [r["checksum"] for r in pruned]
 
     async def delete_backup(self, user_id: str, tier: str, backup_id: str) -> str:
         async with self.db.write() as conn:
