@@ -53,7 +53,8 @@ SERVER_LOCK = "server.lock"
 BACKUP_LOCK = "backup.lock"  # held while a backup runs: one at a time, and its staging is not a leftover
 STAGING_PREFIX = ".backup-"
 CHUNK = 1024 * 1024
-_ARCHIVE_NAME = re.compile(r"^adiuva-\d{8}T\d{6}Z\.tar$")
+_ARCHIVE_NAME = re.compile(r"^adiuva-\d{8}T\d{6}Z(-scheduled)?\.tar$")
+SCHEDULED_SUFFIX = "-scheduled.tar"  # the only archives the schedule prunes
 
 Progress = Callable[[int], None]  # called with bytes just written or read
 
@@ -116,13 +117,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 async def create_backup(settings: Settings, out: Path | None = None, progress: Progress | None = None,
-                        on_total: Callable[[int], None] | None = None) -> tuple[Path, Manifest]:
-    """Snapshot the server into one archive (default: `<data dir>/server-backups/adiuva-<UTC>.tar`)."""
+                        on_total: Callable[[int], None] | None = None, *, scheduled: bool = False) -> tuple[Path, Manifest]:
+    """Snapshot the server into one archive (default: `<data dir>/server-backups/adiuva-<UTC>.tar`,
+    or `adiuva-<UTC>-scheduled.tar` for the schedule's, the only ones it prunes)."""
     stamp, created = _utc_stamp()
     if out is None:
         folder = backup_dir(settings)
         folder.mkdir(mode=0o700, exist_ok=True)
-        out = folder / f"adiuva-{stamp}.tar"
+        out = folder / (f"adiuva-{stamp}{SCHEDULED_SUFFIX}" if scheduled else f"adiuva-{stamp}.tar")
     out = Path(out)
     if out.exists():
         raise BackupError(f"{out} already exists")
@@ -331,7 +333,7 @@ async def scheduled_backups(app) -> object:
         while True:
             await asyncio.sleep(settings.backup_interval)
             try:
-                path, manifest = await create_backup(settings)
+                path, manifest = await create_backup(settings, scheduled=True)
                 pruned = await asyncio.to_thread(prune_backups, settings, settings.backup_keep)
                 log.info("scheduled backup %s written (%d bytes); %d old archive(s) pruned",
                          path.name, path.stat().st_size, len(pruned))
@@ -467,8 +469,9 @@ def list_backups(settings: Settings) -> list[tuple[Path, int, Manifest | None]]:
 
 
 def prune_backups(settings: Settings, keep: int) -> list[Path]:
-    """Delete the oldest archives in the backup folder beyond the newest `keep`."""
-    archives = [p for p, _, _ in list_backups(settings)]
+    """Delete the oldest scheduled archives beyond the newest `keep`; the ones an admin made
+    with `adiuva backup create` are theirs to delete."""
+    archives = [p for p, _, _ in list_backups(settings) if p.name.endswith(SCHEDULED_SUFFIX)]
     doomed = archives[:-keep] if keep > 0 else archives
     for path in doomed:
         path.unlink(missing_ok=True)

@@ -178,3 +178,20 @@ async def test_malformed_requests_are_one_log_line_not_a_traceback(data_dir, ser
     log = "".join(server.output)
     assert "Traceback" not in log, log
     assert log.count("INFO aiohttp.server: Error handling request") >= 1, log
+
+
+def test_commands_refuse_a_data_dir_without_a_database(tmp_path):
+    """A mistyped --data-dir must not quietly become a new, empty server."""
+    missing = tmp_path / "typo"
+    for args in (("user", "list"), ("user", "set-tier", "ada@example.org", "pro"), ("doctor",), ("backup", "create")):
+        out = run_cli(missing, *args)
+        assert out.returncode == 2 and "no Adiuva database" in out.stderr, (args, out.stderr)
+        assert not missing.exists(), args
+    # `user add` may start one: an admin can create the first account before the first start.
+    assert run_cli(missing, "user", "add", "ada@example.org", "--password", "correct horse").returncode == 0
+    assert run_cli(missing, "user", "list").returncode == 0
+
+
+def test_serve_refuses_a_port_out_of_range(data_dir):
+    out = run_cli(data_dir, "serve", "--port", "99999")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "65535" in out.stderr

@@ -155,9 +155,11 @@ def test_restore_refuses_a_running_servers_data_dir(tmp_path, server_process, da
 
 
 def test_backup_list_and_scheduled_backups(tmp_path, data_dir):
-    assert run_cli(data_dir, "backup", "list").stdout.startswith("no backups")
+    out = run_cli(data_dir, "backup", "list")  # a mistyped data dir is refused, not created
+    assert out.returncode == 2 and "no Adiuva database" in out.stderr and not data_dir.exists()
     server = ServerProcess(data_dir, ADIUVA_BACKUP_INTERVAL="60", ADIUVA_BACKUP_KEEP="2")
     server.stop()
+    assert run_cli(data_dir, "backup", "list").stdout.startswith("no backups")
     assert run_cli(data_dir, "backup", "create").returncode == 0
     listed = run_cli(data_dir, "backup", "list").stdout
     assert listed.startswith("adiuva-") and "1 users" not in listed
@@ -183,12 +185,14 @@ async def test_scheduler_writes_and_prunes(tmp_path, data_dir):
         raise AssertionError("backed up a data dir without a database")
     await (await Database.open(settings.db_path)).close()
 
+    manual, _ = await create_backup(settings.with_secret())  # an admin's, before an upgrade say
     for _ in range(3):
-        await create_backup(settings.with_secret())
         await asyncio.sleep(1.05)  # archive names are per second
-    assert len(list_backups(settings)) == 3
+        await create_backup(settings.with_secret(), scheduled=True)
+    assert len(list_backups(settings)) == 4
     assert len(prune_backups(settings, 2)) == 1
-    assert len(list_backups(settings)) == 2
+    kept = [p for p, _, _ in list_backups(settings)]
+    assert len(kept) == 3 and manual in kept  # the schedule prunes only its own
 
 
 def test_doctor_finds_and_fixes(tmp_path, data_dir):
@@ -303,3 +307,22 @@ async def test_a_cancelled_snapshot_waits_for_its_thread():
         await task
     assert finished.is_set()
     assert await server_backup._to_thread_to_the_end(slow_snapshot) == "done"
+
+
+async def test_sigterm_closes_chat_sockets_and_stops_promptly(tmp_path):
+    """An open chat WebSocket (the desktop app idling) never ends on its own: the server closes
+    it with 1001 going away instead of making the stop wait out its shutdown timeout."""
+    import signal
+
+    server = ServerProcess(tmp_path / "data", **FAST)
+    async with aiohttp.ClientSession(server.url) as http:
+        resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
+        token = (await resp.json())["access_token"]
+        ws = await http.ws_connect(f"/api/v1/chat/stream?token={token}")
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        msg = await ws.receive(timeout=10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY, msg
+        await ws.close()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 8, "the stop waited for the socket"

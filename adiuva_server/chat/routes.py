@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator
 
 import pydantic
@@ -39,8 +40,10 @@ WS_QUEUE_LIMIT = 2
 WS_MAX_REFUSALS = 8
 WS_RETRY_AFTER = 5  # seconds, when an account has all its sockets open
 _CLOSING = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-# Chat sockets open per user id (Settings.chat_max_sockets caps them).
+# Chat sockets open per user id (Settings.chat_max_sockets caps them), and the sockets
+# themselves, to close when the server stops.
 WS_OPEN = web.AppKey("chat_ws_open", collections.Counter)
+WS_SOCKETS = web.AppKey("chat_ws_sockets", weakref.WeakSet)
 
 
 @api.cleanup_ctx
@@ -50,6 +53,7 @@ async def _chat_service(app: web.Application) -> AsyncIterator[None]:
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     app[WS_OPEN] = collections.Counter()
+    app[WS_SOCKETS] = weakref.WeakSet()
     llm = LLM(app[SETTINGS])
     batches = SQLiteBatchStore(app[DB])
     interrupted = await batches.interrupt_running()
@@ -91,12 +95,21 @@ async def chat_stream(request: web.Request, query: StreamQuery) -> web.WebSocket
     try:
         ws = web.WebSocketResponse(heartbeat=request.app[SETTINGS].chat_heartbeat_seconds, max_msg_size=WS_MESSAGE_LIMIT)
         await ws.prepare(request)
+        request.app[WS_SOCKETS].add(ws)
         await _converse(request, ws, token)
     finally:
         sockets[who.id] -= 1
         if sockets[who.id] <= 0:
             del sockets[who.id]
     return ws
+
+
+@api.on_shutdown
+async def _close_sockets(app: web.Application) -> None:
+    """A stopping server says so (1001 going away) instead of making the stop wait for sockets
+    that never end on their own; the app reconnects to the next server."""
+    await asyncio.gather(*[ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                           for ws in list(app[WS_SOCKETS])], return_exceptions=True)
 
 
 class _Inbox:

@@ -43,7 +43,7 @@ def _root(
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (ADIUVA_HOST; default 0.0.0.0, every interface).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="TCP port (ADIUVA_PORT; default 8000).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="TCP port (ADIUVA_PORT; default 8000).")] = None,
     data_dir: DataDirOption = None,
     tls: Annotated[Optional[bool], typer.Option("--tls/--no-tls", help="Serve HTTPS with a self-signed certificate kept in the data dir (ADIUVA_TLS).", show_default=False)] = None,
     cert: Annotated[Optional[Path], typer.Option(help="Your own TLS certificate (PEM, chain first); implies --tls.")] = None,
@@ -71,7 +71,7 @@ def doctor(
 
     from adiuva_server.doctor import FAIL, run_doctor
 
-    settings = load_settings(data_dir=data_dir)
+    settings = load_settings(data_dir=data_dir, existing=True)
     findings = asyncio.run(run_doctor(settings, fix=fix))
     for finding in findings:
         typer.echo(str(finding))

@@ -36,7 +36,7 @@ def create(
     """Snapshot the whole server into one archive while it keeps serving."""
     from adiuva_server.server_backup import create_backup
 
-    settings = load_settings(data_dir=data_dir)
+    settings = load_settings(data_dir=data_dir, existing=True)
     bar = None
 
     def on_total(total: int) -> None:
@@ -73,7 +73,7 @@ def list_(data_dir: DataDirOption = None) -> None:
     """List the archives in <data dir>/server-backups."""
     from adiuva_server.server_backup import backup_dir, list_backups
 
-    settings = load_settings(data_dir=data_dir)
+    settings = load_settings(data_dir=data_dir, existing=True)
     archives = list_backups(settings)
     if not archives:
         typer.echo(f"no backups in {backup_dir(settings)}")

@@ -27,9 +27,16 @@ def fail(message: str, code: int = EXIT_FAILED) -> None:
     raise typer.Exit(code)
 
 
-def load_settings(**overrides) -> Settings:
+def load_settings(*, existing: bool = False, **overrides) -> Settings:
+    """The settings, with the data dir created if needed; `existing=True` (commands that work
+    on a server's data) refuses a data dir without a database instead: a mistyped --data-dir
+    must not quietly become a new, empty server."""
     try:
-        return ensure_data_dir(Settings.from_env(**overrides))
+        settings = Settings.from_env(**overrides)
+        if existing and not settings.db_path.exists():
+            fail(f"no Adiuva database in {settings.data_dir}; pass the data dir of your server "
+                 "(--data-dir or ADIUVA_DATA_DIR), or start the server there once with adiuva serve", EXIT_USAGE)
+        return ensure_data_dir(settings)
     except errors.ConfigError as exc:
         fail(exc.detail, EXIT_USAGE)
         raise  # unreachable

@@ -21,6 +21,7 @@ from adiuva_server.keys import INFLIGHT, SETTINGS
 from adiuva_server.server_backup import hold_server_lock, remove_leftovers
 
 log = logging.getLogger("adiuva")
+CLOSE_GRACE_SECONDS = 2.0
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -119,7 +120,9 @@ async def serve(settings: Settings) -> None:
 
 
 async def _run(app: web.Application, settings: Settings, ssl_context, pin: str | None) -> None:
-    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
+    # aiohttp's own wait for handlers at cleanup: in-flight requests have had shutdown_timeout
+    # already (below) and chat sockets are closed on shutdown, so only a short grace is left.
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=CLOSE_GRACE_SECONDS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)

@@ -21,8 +21,8 @@ def _admin(settings, db):
     return UserAdmin(settings, SQLiteAccountStore(db), PasswordHasher(settings))
 
 
-def _do(data_dir, op):
-    settings = load_settings(data_dir=data_dir)
+def _do(data_dir, op, *, existing: bool = True):
+    settings = load_settings(data_dir=data_dir, existing=existing)
 
     async def go(db):
         return await op(_admin(settings, db))
@@ -39,7 +39,8 @@ def add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Create an account."""
-    user, generated = _do(data_dir, lambda a: a.add(email, password, tier, admin))
+    # The one command that may start a data dir: an admin can create the first account first.
+    user, generated = _do(data_dir, lambda a: a.add(email, password, tier, admin), existing=False)
     typer.echo(f"created {user.email} (tier {user.tier}{', admin' if user.is_admin else ''}) id {user.id}")
     if generated:
         typer.echo(f"password: {generated}")

@@ -55,11 +55,18 @@ class Api:
         self.tag = tag
         self.specs: list[RouteSpec] = []
         self._contexts: list[Callable] = []
+        self._on_shutdown: list[Callable] = []
 
     def cleanup_ctx(self, fn: Callable) -> Callable:
         """Register an async generator that opens this feature's services (after the database
         and the core services) and closes them at shutdown."""
         self._contexts.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Callable) -> Callable:
+        """Register `async fn(app)` to run when the server stops, before it waits for handlers
+        (close long-lived connections here, or the stop waits for them)."""
+        self._on_shutdown.append(fn)
         return fn
 
     def route(self, method: str, path: str, *, summary: str, **options: Any) -> Callable:
@@ -89,6 +96,7 @@ class Api:
             app.router.add_route(spec.method, spec.full_path, spec.handler)
         app[ROUTES].extend(self.specs)
         app.cleanup_ctx.extend(self._contexts)
+        app.on_shutdown.extend(self._on_shutdown)
 
 
 def route_spec(request: web.Request) -> RouteSpec | None:
