@@ -190,9 +190,10 @@ class LLMUnavailable(ServiceUnavailable):
     title = "The language model is unavailable"
 
 
-class ActiveBatchLimit(AdiuvaError):
-    status = 429
-    code = "active_batch_limit"
+class ActiveBatchLimit(QuotaExceeded):
+    """A tier quota (DESIGN: quotas over the limit are 402), but one that frees itself when a
+    batch finishes: Retry-After says when to try again."""
+
     title = "Too many active batches"
     retry_after = 5  # seconds: a guess at when a running batch may have finished
 

@@ -218,6 +218,22 @@ async def test_provider_failures_are_503_never_500_or_hang(aiohttp_client, data_
     await assert_unavailable(resp, started, 4)
 
 
+async def test_a_dead_router_model_that_is_also_the_agent_model_fails_at_once(aiohttp_client, data_dir, fake):
+    """With one model for routing and answering (the default), a router call that times out
+    is a 503 at once: the fallback agent would only wait for the same dead model again."""
+    client = await aiohttp_client(create_app(chat_settings(data_dir, fake, llm_router_model="ollama/fake", llm_timeout=0.5)))
+    account = await register(client)
+    fake.router = Reply(text="task_agent", delay=5.0)
+    resp = await client.post("/api/v1/chat", json={"message": "hi"}, headers=account.headers)
+    await assert_unavailable(resp, time.monotonic(), 4)
+    assert len(fake.router_requests) == 1 and fake.requests == []  # no second call
+    # A separate router model that is down still falls back to task_agent on the agent model.
+    client = await aiohttp_client(create_app(chat_settings(data_dir, fake, llm_timeout=0.5)))
+    account = await register(client, "bob@example.org")
+    body = await chat(client, account, "hi")
+    assert body["agent"] == "task_agent" and len(fake.requests) == 1
+
+
 async def test_slow_stream_times_out_between_chunks(aiohttp_client, data_dir, fake):
     client = await aiohttp_client(create_app(chat_settings(data_dir, fake, llm_timeout=0.5)))
     account = await register(client)
@@ -568,7 +584,7 @@ async def test_active_batches_are_capped_per_tier(client, account, fake):
     while len(fake.requests) < 2:
         await asyncio.sleep(0.02)
     resp = await run()
-    assert resp.status == 429 and (await resp.json())["code"] == "active_batch_limit"
+    assert resp.status == 402 and (await resp.json())["code"] == "quota_exceeded" and resp.headers["Retry-After"] == "5"
     assert resp.headers["Retry-After"] == "5"  # every 429 says when to come back
     await set_tier(client, account.email, "power")  # unlimited: the same call now starts
     fake.script(Reply(text='{"title": "W", "content": "x"}'))

@@ -65,9 +65,10 @@ class Orchestrator:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    async def classify_intent(self, message: str) -> list[str]:
+    async def classify_intent(self, message: str, agent_model: str | None = None) -> list[str]:
         """Agent names in the order they should work; task_agent when the router is unsure,
-        answers nonsense or is unreachable."""
+        answers nonsense or is unreachable (unless the agent would use that same model: then
+        LLMUnavailable at once, rather than a second wait for the same dead model)."""
         listing = "\n".join(f"- {a.name}: {a.description}" for a in self.registry)
         prompt = ROUTER_PROMPT.replace("$agents", listing)
         try:
@@ -76,6 +77,8 @@ class Orchestrator:
                 [{"role": "system", "content": prompt}, {"role": "user", "content": message}],
             )
         except errors.LLMUnavailable:
+            if agent_model == self.settings.llm_router_model:
+                raise
             log.warning("router model unavailable; falling back to %s", FALLBACK_AGENT)
             return [FALLBACK_AGENT]
         names = list(dict.fromkeys(self._agent_names.findall(answer.text)))
@@ -108,7 +111,7 @@ class Orchestrator:
         """Direct mode answers (streaming text through `emit`, sanitized, when given); plan mode
         returns the plan it would run, cached so the client can run it."""
         model = self.pick_model(who.tier, request.model)
-        names = await self.classify_intent(request.message)
+        names = await self.classify_intent(request.message, model)
         self.check_agents(who.tier, names)
         if request.mode == "plan":
             builder = ExecutionPlanBuilder(self.prompts, "Plan for your request", "Runs " + ", ".join(names))

@@ -288,7 +288,7 @@ async def build_plan(request: web.Request, body: PlanSpec) -> ExecutionPlan:
 
 
 @plans_api.post("/plans/{plan_id}/run", summary="Run a playbook or plan as a batch (capped per tier)",
-                body=PlanRunRequest, response=BatchResult, errors=(401, 403, 404, 422, 429, 503))
+                body=PlanRunRequest, response=BatchResult, errors=(401, 402, 403, 404, 422, 429, 503))
 async def run_plan(request: web.Request, body: PlanRunRequest) -> BatchResult:
     return await request.app[CHAT].run_plan(principal(request), request.match_info["plan_id"], body)
 
