@@ -105,8 +105,11 @@ async def _storage(settings: Settings, fix: bool) -> list[Finding]:
                 # leave young leftovers alone unless it is stopped.
                 grace = maintenance.DEFAULT_GRACE_SECONDS if server_running(settings.data_dir) else 0.0
                 swept = await maintenance.sweep(db, blobs, grace_seconds=grace)
+                left = leftovers - swept.objects_removed - swept.temporary_removed
+                note = (f"; {left} younger than {grace / 3600:.0f} h left alone while the server runs "
+                        "(it may still be writing them)" if left > 0 and grace else "")
                 out.append(Finding(OK, "storage", f"swept {swept.objects_removed} unreferenced object(s), "
-                                                  f"{swept.temporary_removed} temporary file(s)"))
+                                                  f"{swept.temporary_removed} temporary file(s){note}"))
             else:
                 out.append(Finding(WARN, "storage", f"{report.unreferenced} unreferenced object(s), {report.temporary} "
                                                     "temporary file(s) (harmless; swept by the server or --fix)"))
