@@ -224,9 +224,13 @@ async def test_a_dead_router_model_that_is_also_the_agent_model_fails_at_once(ai
     client = await aiohttp_client(create_app(chat_settings(data_dir, fake, llm_router_model="ollama/fake", llm_timeout=0.5)))
     account = await register(client)
     fake.router = Reply(text="task_agent", delay=5.0)
+    started = time.monotonic()
     resp = await client.post("/api/v1/chat", json={"message": "hi"}, headers=account.headers)
-    await assert_unavailable(resp, time.monotonic(), 4)
+    await assert_unavailable(resp, started, 4)
     assert len(fake.router_requests) == 1 and fake.requests == []  # no second call
+    # Plan mode calls no agent model: a dead router still gives a (task_agent) plan.
+    plan = await chat(client, account, "hi", mode="plan")
+    assert plan["steps"] and fake.requests == []
     # A separate router model that is down still falls back to task_agent on the agent model.
     client = await aiohttp_client(create_app(chat_settings(data_dir, fake, llm_timeout=0.5)))
     account = await register(client, "bob@example.org")
@@ -585,7 +589,7 @@ async def test_active_batches_are_capped_per_tier(client, account, fake):
         await asyncio.sleep(0.02)
     resp = await run()
     assert resp.status == 402 and (await resp.json())["code"] == "quota_exceeded" and resp.headers["Retry-After"] == "5"
-    assert resp.headers["Retry-After"] == "5"  # every 429 says when to come back
+    assert resp.headers["Retry-After"] == "5"  # a batch quota frees itself: it says when to come back
     await set_tier(client, account.email, "power")  # unlimited: the same call now starts
     fake.script(Reply(text='{"title": "W", "content": "x"}'))
     assert (await run()).status == 200

@@ -617,19 +617,26 @@ async def test_backups_in_the_same_second_never_get_a_wrong_304(client, pro, mon
     resp = await client.get(f"{BACKUP}/{history[1]['id']}", headers={**pro.headers, "If-None-Match": first_etag})
     assert resp.status == 304 and resp.headers["Last-Modified"] == first_modified
 
-    # A backup a second later has a date of its own, and 304s by it.
-    later = (frozen[0], frozen[1] + 1)
-    monkeypatch.setattr(store, "utc_now", lambda: later)
-    third = os.urandom(3000)
-    meta = await put_backup(client, pro, third)
-    resp = await client.get(BACKUP, headers=pro.headers)
-    third_modified = resp.headers["Last-Modified"]
-    assert third_modified != second_modified
+    # A client holding the second, deleted since: the first (same date) is no match for it.
+    assert (await client.delete(f"{BACKUP}/{history[0]['id']}", headers=pro.headers)).status == 204
+    resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": second_modified})
+    assert resp.status == 200 and await resp.read() == first
+    resp = await client.get(BACKUP, headers={**pro.headers, "Range": "bytes=0-9", "If-Range": second_modified})
+    assert resp.status == 200 and await resp.read() == first
+
+    # Backups a second apart have dates of their own, and 304 by them.
+    async def put_at(second_offset: int) -> tuple[dict, str]:
+        monkeypatch.setattr(store, "utc_now", lambda: (frozen[0], frozen[1] + second_offset))
+        meta = await put_backup(client, pro, os.urandom(3000))
+        return meta, (await client.get(BACKUP, headers=pro.headers)).headers["Last-Modified"]
+
+    _, third_modified = await put_at(1)
     assert (await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": third_modified})).status == 304
-    # Deleted: a client still holding it must get the latest that is left.
-    assert (await client.delete(f"{BACKUP}/{meta['id']}", headers=pro.headers)).status == 204
-    resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": third_modified})
-    assert resp.status == 200 and await resp.read() == second
+    fourth, fourth_modified = await put_at(2)
+    # Deleted: a client still holding it gets the (older) latest, not a 304 for "not modified since".
+    assert (await client.delete(f"{BACKUP}/{fourth['id']}", headers=pro.headers)).status == 204
+    resp = await client.get(BACKUP, headers={**pro.headers, "If-Modified-Since": fourth_modified})
+    assert resp.status == 200 and resp.headers["Last-Modified"] == third_modified
 
 
 async def test_if_range_with_a_stale_etag_sends_the_whole_new_body(client, pro):

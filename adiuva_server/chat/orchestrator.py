@@ -111,7 +111,8 @@ class Orchestrator:
         """Direct mode answers (streaming text through `emit`, sanitized, when given); plan mode
         returns the plan it would run, cached so the client can run it."""
         model = self.pick_model(who.tier, request.model)
-        names = await self.classify_intent(request.message, model)
+        # Plan mode calls no agent model: a dead router still yields a (task_agent) plan.
+        names = await self.classify_intent(request.message, model if request.mode == "direct" else None)
         self.check_agents(who.tier, names)
         if request.mode == "plan":
             builder = ExecutionPlanBuilder(self.prompts, "Plan for your request", "Runs " + ", ".join(names))

@@ -73,7 +73,8 @@ def list_(data_dir: DataDirOption = None) -> None:
     """List the archives in <data dir>/server-backups."""
     from adiuva_server.server_backup import backup_dir, list_backups
 
-    settings = load_settings(data_dir=data_dir, existing=True)
+    # No database needed (after a disaster this is how to find an archive), and nothing created.
+    settings = load_settings(data_dir=data_dir, create=False)
     archives = list_backups(settings)
     if not archives:
         typer.echo(f"no backups in {backup_dir(settings)}")

@@ -92,7 +92,8 @@ class WalIndexHeader:
         st = os.stat(f"{path}-shm")
         header = cls._mapped.get((st.st_dev, st.st_ino))
         if header is None:
-            header = cls._mapped[(st.st_dev, st.st_ino)] = cls(path)
+            header = cls(path)
+            cls._mapped[header._key] = header  # the file it opened, should the name have moved
         header._users += 1
         return header
 

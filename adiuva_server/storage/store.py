@@ -311,6 +311,9 @@ class SQLiteStorageStore:
                 conn, "SELECT MAX(created_unix) FROM storage_backups WHERE user_id = ?", (user_id,)
             )
             shares_second = previous is not None and previous >= unix
+            if shares_second:  # the earlier one cannot be told from this one by date either
+                await conn.execute("UPDATE storage_backups SET shares_second = 1 WHERE user_id = ? AND created_unix >= ?",
+                                   (user_id, unix))
             pruned = await conn.execute_fetchall(
                 "SELECT id, checksum, size_bytes FROM storage_backups WHERE user_id = ? "
                 "ORDER BY rowid DESC LIMIT -1 OFFSET ?",
