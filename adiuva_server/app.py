@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from adiuva_server import meta
+from adiuva_server.admin import routes as admin_routes
 from adiuva_server.auth import routes as auth_routes
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.auth.service import AuthService
@@ -38,7 +39,8 @@ JSON_BODY_LIMIT = 1024 * 1024
 HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
-FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api)
+FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
+            admin_routes.api)
 
 
 def create_app(settings: Settings) -> web.Application:

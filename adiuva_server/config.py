@@ -40,7 +40,10 @@ class Settings:
     refresh_token_days: int = 30
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     signups_open: bool = True
-    default_tier: str = "free"
+    # No license, homelab mode: the box's disk is the limit, so new accounts get `team` (DESIGN
+    # "Tiers"); a licensed (paid cloud) server gives them `free`. ADIUVA_DEFAULT_TIER decides when set.
+    licensed: bool = False
+    default_tier: str = "team"
     password_min_length: int = 8
     # argon2id cost (OWASP's recommended minimum by default: 19 MiB, t=2, p=1, ~18 ms here).
     argon2_memory_kib: int = 19 * 1024
@@ -124,6 +127,7 @@ class Settings:
         (they come from CLI flags). Raises ConfigError naming the variable at fault."""
         env = dict(os.environ if environ is None else environ)
         r = _Reader(env)
+        licensed = licensed_mode(env)
         values: dict[str, Any] = {
             "data_dir": Path(
                 env.get("ADIUVA_DATA_DIR") or platformdirs.user_data_dir("adiuva", appauthor=False)
@@ -140,7 +144,8 @@ class Settings:
             "refresh_token_days": r.int("JWT_REFRESH_TOKEN_EXPIRE_DAYS", 30, 1, 365),
             "cors_origins": r.list("CORS_ORIGINS", DEFAULT_CORS_ORIGINS),
             "signups_open": r.choice("ADIUVA_SIGNUPS", "open", ("open", "closed")) == "open",
-            "default_tier": r.choice("ADIUVA_DEFAULT_TIER", "free", TIERS),
+            "licensed": licensed,
+            "default_tier": r.choice("ADIUVA_DEFAULT_TIER", default_tier(licensed), TIERS),
             "password_min_length": r.int("ADIUVA_PASSWORD_MIN_LENGTH", 8, 6, 128),
             "argon2_memory_kib": r.int("ADIUVA_ARGON2_MEMORY_KIB", 19 * 1024, 8 * 1024, 4 * 1024 * 1024),
             "argon2_time_cost": r.int("ADIUVA_ARGON2_TIME_COST", 2, 1, 20),
@@ -229,6 +234,17 @@ class Settings:
         if len(secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
         return dataclasses.replace(self, jwt_secret=secret)
+
+
+def licensed_mode(env: Mapping[str, str]) -> bool:
+    """Whether this server runs under a valid license: the one place that decides it. There is
+    no licensed mode yet, so every server is in homelab mode (the licensing work replaces this)."""
+    return False
+
+
+def default_tier(licensed: bool) -> str:
+    """The tier of new accounts when ADIUVA_DEFAULT_TIER is not set."""
+    return "free" if licensed else "team"
 
 
 def ensure_data_dir(settings: Settings) -> Settings:

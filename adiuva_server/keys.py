@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from adiuva_server.admin.service import AdminService
     from adiuva_server.auth.passwords import PasswordHasher
     from adiuva_server.auth.service import AuthService
     from adiuva_server.chat.orchestrator import Orchestrator
@@ -26,6 +27,7 @@ ROUTES = web.AppKey("routes", "list[RouteSpec]")
 VECTORS = web.AppKey("vectors", "VectorService")
 STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
+ADMIN = web.AppKey("admin", "AdminService")
 
 INFLIGHT = web.AppKey("inflight", object)
 

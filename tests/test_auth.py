@@ -205,11 +205,12 @@ async def test_undecodable_authorization_bytes_get_401(client, account):
 async def test_tier_comes_from_the_database_not_the_token(client, account, data_dir):
     from adiuva_server.db import connect
 
+    conn = connect(data_dir / "adiuva.db")
+    conn.execute("UPDATE users SET tier = 'free'")
     claims = await _claims(client, account)
     forged = jwt.encode({**claims, "tier": "team"}, secret_of(data_dir), algorithm="HS256")
     resp = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {forged}"})
     assert (await resp.json())["tier"] == "free"
-    conn = connect(data_dir / "adiuva.db")
     conn.execute("UPDATE users SET tier = 'pro'")
     resp = await client.get("/api/v1/auth/me", headers=account.headers)
     assert (await resp.json())["tier"] == "pro"

@@ -22,7 +22,7 @@ def users(data_dir) -> list[dict]:
 
 
 def test_user_lifecycle(data_dir):
-    out = run_cli(data_dir, "user", "add", "Ada@Example.org", "--password", "correct horse", "--tier", "pro")
+    out = run_cli(data_dir, "user", "add", "Ada@Example.org", "--password", "correct horse", "--tier", "pro", "--create")
     assert out.returncode == 0, out.stderr
     assert "created ada@example.org (tier pro" in out.stdout
     out = run_cli(data_dir, "user", "add", "bob@example.org")
@@ -31,7 +31,7 @@ def test_user_lifecycle(data_dir):
     assert len(generated) >= 16
     listed = {u["email"]: u for u in users(data_dir)}
     assert listed["ada@example.org"]["tier"] == "pro" and listed["ada@example.org"]["admin"] is True
-    assert listed["bob@example.org"]["tier"] == "free" and listed["bob@example.org"]["admin"] is False
+    assert listed["bob@example.org"]["tier"] == "team" and listed["bob@example.org"]["admin"] is False
 
     assert run_cli(data_dir, "user", "set-tier", "bob@example.org", "team").returncode == 0
     assert run_cli(data_dir, "user", "disable", "bob@example.org").returncode == 0
@@ -47,7 +47,7 @@ def test_user_lifecycle(data_dir):
 
 
 def test_passwd_prompts_when_no_password_is_given(data_dir):
-    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
     out = run_cli(data_dir, "user", "passwd", "ada@example.org", input="brand new pw\nbrand new pw\n")
     assert out.returncode == 0, out.stderr
     assert "brand new pw" not in out.stdout
@@ -68,7 +68,7 @@ def test_passwd_prompts_when_no_password_is_given(data_dir):
     ],
 )
 def test_clear_errors_and_nothing_half_written(data_dir, args, code, message):
-    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
     before = users(data_dir)
     out = run_cli(data_dir, *args)
     assert out.returncode == code, (out.stdout, out.stderr)
@@ -98,7 +98,7 @@ async def test_admin_changes_reach_a_running_server(data_dir, server_process):
         resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
         tokens = await resp.json()
         auth = {"Authorization": f"Bearer {tokens['access_token']}"}
-        assert (await (await http.get("/api/v1/auth/me", headers=auth)).json())["tier"] == "free"
+        assert (await (await http.get("/api/v1/auth/me", headers=auth)).json())["tier"] == "team"
 
         assert run_cli(data_dir, "user", "set-tier", "ada@example.org", "power").returncode == 0
         resp = await http.get("/api/v1/auth/me", headers=auth)
@@ -187,9 +187,16 @@ def test_commands_refuse_a_data_dir_without_a_database(tmp_path):
         out = run_cli(missing, *args)
         assert out.returncode == 2 and "no Adiuva database" in out.stderr, (args, out.stderr)
         assert not missing.exists(), args
-    # `user add` may start one: an admin can create the first account before the first start.
-    assert run_cli(missing, "user", "add", "ada@example.org", "--password", "correct horse").returncode == 0
+    # `user add` too, unless told to start a new server there (the first admin before the first start).
+    out = run_cli(missing, "user", "add", "ada@example.org", "--password", "correct horse")
+    assert out.returncode == 2 and "no Adiuva database" in out.stderr and "--create" in out.stderr, out.stderr
+    assert not missing.exists()
+    out = run_cli(missing, "user", "add", "ada@example.org", "--password", "correct horse", "--admin", "--create")
+    assert out.returncode == 0 and "admin" in out.stdout, out.stderr
     assert run_cli(missing, "user", "list").returncode == 0
+    # On an existing server, --create changes nothing: it adds the account as usual.
+    assert run_cli(missing, "user", "add", "bob@example.org", "--password", "correct horse", "--create").returncode == 0
+    assert [u["email"] for u in users(missing)] == ["ada@example.org", "bob@example.org"]
 
 
 def test_serve_refuses_a_port_out_of_range(data_dir):

@@ -90,6 +90,9 @@ async def test_cors_refuses_other_origins(client):
 
 
 async def test_per_user_rate_limit_by_tier(client, account):
+    from adiuva_server.keys import AUTH
+
+    await client.app[AUTH].store.update_user(account.email, tier="free")  # this test is about the free tier
     for i in range(20):
         resp = await client.get("/api/v1/auth/me", headers=account.headers)
         assert resp.status == 200

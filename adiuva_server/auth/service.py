@@ -170,6 +170,10 @@ class AuthService:
             raise errors.InvalidToken("the access token is no longer valid")
         return Principal(user.id, user.email, user.tier, user.is_admin, user.created_at)
 
+    async def unlock(self, email: str) -> None:
+        """Lift a login back-off on this account (minimal: the auth work replaces it)."""
+        self.limits.reset(f"login-fail:acct:{normalise_email(email)}")
+
 
 class UserAdmin:
     """What the `adiuva user` commands do; importable and testable on its own."""

@@ -10,12 +10,15 @@ import datetime as dt
 import enum
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import sqlean
 
 from adiuva_server import errors
 from adiuva_server.db import Database
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,12 @@ class AccountStore(Protocol):
     async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int) -> None: ...
     async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int) -> tuple[Rotation, User | None]: ...
     async def purge_expired_sessions(self, now: int) -> int: ...
+    async def update_user_by_id(self, user_id: str, **changes) -> User:
+        """As update_user, by id; refuses (LastAdmin) to leave the server without an active admin."""
+    async def delete_user_by_id(self, user_id: str, inside: Callable[[Any, str], Awaitable[T]] | None = None,
+                                *, keep_an_admin: bool = True) -> T | None:
+        """Delete a user (LastAdmin if it is the last active admin and `keep_an_admin`);
+        `inside(conn, user_id)` runs first in the same transaction and its result is returned."""
 
 
 _USER_COLUMNS = "id, email, tier, is_admin, disabled, session_version, created_at, password_hash"
@@ -192,3 +201,51 @@ class SQLiteAccountStore:
     async def purge_expired_sessions(self, now: int) -> int:
         # Used tokens are kept until they expire: that is what makes reuse detectable.
         return await self.db.execute_write("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,))
+
+    # -- admin (the admin API and `adiuva user delete`) ----------------------------------------
+
+    async def _keeps_an_admin(self, conn, user_id: str) -> None:
+        """Inside the write transaction: refuse when `user_id` is the only enabled admin, so two
+        admins demoting each other at once cannot both succeed."""
+        async with conn.execute(
+            "SELECT (SELECT is_admin = 1 AND disabled = 0 FROM users WHERE id = ?), "
+            "(SELECT count(*) FROM users WHERE is_admin = 1 AND disabled = 0 AND id != ?)",
+            (user_id, user_id),
+        ) as cur:
+            active_admin, others = await cur.fetchone()
+        if active_admin and others == 0:
+            raise errors.LastAdmin("this is the server's only active admin; make another account admin first")
+
+    async def update_user_by_id(self, user_id: str, **changes) -> User:
+        allowed = {"tier", "disabled", "password_hash", "is_admin"}
+        if not changes or set(changes) - allowed:
+            raise ValueError(f"unsupported changes: {sorted(set(changes) - allowed)}")
+        # As update_user: a new password or disabling ends every session.
+        ends_sessions = "password_hash" in changes or changes.get("disabled")
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        if ends_sessions:
+            sets += ", session_version = session_version + 1"
+        async with self.db.write() as conn:
+            if changes.get("is_admin") == 0 or changes.get("disabled"):
+                await self._keeps_an_admin(conn, user_id)
+            async with conn.execute(
+                f"UPDATE users SET {sets} WHERE id = ? RETURNING {_USER_COLUMNS}", (*changes.values(), user_id)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise errors.NotFound("no such user")
+            if ends_sessions:
+                await conn.execute("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?", (user_id,))
+        return User.from_row(row)
+
+    async def delete_user_by_id(self, user_id: str, inside: Callable[[Any, str], Awaitable[T]] | None = None,
+                                *, keep_an_admin: bool = True) -> T | None:
+        async with self.db.write() as conn:
+            if keep_an_admin:
+                await self._keeps_an_admin(conn, user_id)
+            result = await inside(conn, user_id) if inside is not None else None
+            # Every row the user owns goes with it (ON DELETE CASCADE; vectors through triggers).
+            cur = await conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
+            if cur.rowcount == 0:
+                raise errors.NotFound("no such user")
+        return result

@@ -91,6 +91,13 @@ def urls(host: str, port: int, scheme: str = "http") -> list[str]:
     return [fmt(host)]
 
 
+def new_accounts_line(settings: Settings) -> str:
+    """Which tier new accounts get, and how to change that (a free account stores nothing)."""
+    mode = "licensed mode" if settings.licensed else "homelab mode"
+    return (f"  New accounts get the {settings.default_tier} tier ({mode}; ADIUVA_DEFAULT_TIER changes it, "
+            "`adiuva user set-tier EMAIL TIER` changes one account).")
+
+
 def run(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level, stream=sys.stderr,
@@ -139,6 +146,7 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
             lines.append(f"  TLS certificate SHA-256 fingerprint (pin this in the app): {pin}")
         if settings.signups_open:
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
+        lines.append(new_accounts_line(settings))
         print("\n".join(lines), flush=True)
         await stop.wait()
         log.info("shutting down: no new connections; letting requests in flight finish")

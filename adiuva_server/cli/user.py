@@ -21,8 +21,8 @@ def _admin(settings, db):
     return UserAdmin(settings, SQLiteAccountStore(db), PasswordHasher(settings))
 
 
-def _do(data_dir, op, *, existing: bool = True):
-    settings = load_settings(data_dir=data_dir, existing=existing)
+def _do(data_dir, op, *, existing: bool = True, missing_hint: str | None = None):
+    settings = load_settings(data_dir=data_dir, existing=existing, missing_hint=missing_hint)
 
     async def go(db):
         return await op(_admin(settings, db))
@@ -36,11 +36,14 @@ def add(
     password: Annotated[Optional[str], typer.Option(help="The password; generated and printed once when omitted.")] = None,
     tier: Annotated[Optional[str], typer.Option(help="free, pro, power or team (default: ADIUVA_DEFAULT_TIER).")] = None,
     admin: Annotated[bool, typer.Option("--admin", help="Make the user an admin.")] = False,
+    create: Annotated[bool, typer.Option("--create", "--init", help="Start a new server's data dir here if it has no database (the first admin, before the first start).")] = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Create an account."""
-    # The one command that may start a data dir: an admin can create the first account first.
-    user, generated = _do(data_dir, lambda a: a.add(email, password, tier, admin), existing=False)
+    # Only with --create may it start a data dir (a first admin before the first `serve`): a
+    # mistyped --data-dir must not quietly become a second, empty server.
+    user, generated = _do(data_dir, lambda a: a.add(email, password, tier, admin), existing=not create,
+                          missing_hint="pass --create to start a new server's data dir there")
     typer.echo(f"created {user.email} (tier {user.tier}{', admin' if user.is_admin else ''}) id {user.id}")
     if generated:
         typer.echo(f"password: {generated}")
@@ -111,5 +114,8 @@ def delete(
     """Delete an account and everything it owns."""
     if not yes:
         typer.confirm(f"Delete {email} and all of its data?", abort=True)
-    _do(data_dir, lambda a: a.delete(email))
-    typer.echo(f"{email.strip().lower()} deleted")
+    from adiuva_server.admin.service import delete_user_from_cli
+
+    settings = load_settings(data_dir=data_dir, existing=True)
+    deletion = run_with_db(settings, lambda db: delete_user_from_cli(settings, db, email))
+    typer.echo(f"{deletion.email} deleted ({deletion.objects_deleted} stored object(s) removed)")
