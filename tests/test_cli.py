@@ -3,6 +3,7 @@ server runs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -202,3 +203,31 @@ def test_commands_refuse_a_data_dir_without_a_database(tmp_path):
 def test_serve_refuses_a_port_out_of_range(data_dir):
     out = run_cli(data_dir, "serve", "--port", "99999")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "65535" in out.stderr
+
+
+async def test_user_delete_while_the_server_runs_and_the_banner_names_the_default_tier(data_dir, server_process):
+    """The CLI deletes through the same code as the admin API. A running server's pins are
+    invisible to it, so objects written in the last hour stay for that server's sweep; every
+    row goes at once, and neither the database nor its WAL holds the email afterwards."""
+    server = server_process()
+    banner = [server.proc.stdout.readline() for _ in range(2)]  # printed with the URLs, after them
+    assert "  New accounts get the team tier (homelab mode; ADIUVA_DEFAULT_TIER changes it" in banner[1], banner
+    email = "eve.cli-7e3b@example.org"
+    async with aiohttp.ClientSession(server.url) as http:
+        resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
+        assert resp.status == 201
+        resp = await http.post("/api/v1/auth/register", json={"email": email, "password": "correct horse"})
+        auth = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+        data = b"eve's young record"
+        digest = hashlib.sha256(data).hexdigest()
+        resp = await http.post("/api/v1/storage/records?table=notes", data=data, headers={**auth, "X-Checksum": digest})
+        assert resp.status == 201, await resp.text()  # a team account by default: no 402
+
+        out = run_cli(data_dir, "user", "delete", email, "--yes")
+        assert out.returncode == 0, out.stderr
+        assert "0 stored object(s) removed" in out.stdout and "1 object(s) kept" in out.stdout
+        assert (data_dir / "blobs" / "objects" / digest[:2] / digest).exists()
+        assert (await http.get("/api/v1/auth/me", headers=auth)).status == 401
+        stored = b"".join(p.read_bytes() for p in data_dir.glob("adiuva.db*"))
+        assert email.encode() not in stored
+    assert server.stop() == 0

@@ -35,6 +35,7 @@ class Deletion:
     user_id: str
     email: str
     objects_deleted: int
+    objects_kept: int  # shared with another user, or (from another process) left for the sweep
     wal_truncated: bool
 
 
@@ -119,10 +120,7 @@ class AdminService:
         if not truncated:
             log.warning("the WAL could not be emptied after deleting a user (a long read was running); "
                         "it is at the next checkpoint")
-        if deleted < len(digests):
-            log.info("deleted user %s: %d of %d objects deleted now, the rest are shared or left to the sweep",
-                     user_id, deleted, len(digests))
-        return Deletion(user_id, user.email, deleted, truncated)
+        return Deletion(user_id, user.email, deleted, len(digests) - deleted, truncated)
 
     # -- the server ---------------------------------------------------------------------------
 

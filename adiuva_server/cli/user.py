@@ -119,3 +119,6 @@ def delete(
     settings = load_settings(data_dir=data_dir, existing=True)
     deletion = run_with_db(settings, lambda db: delete_user_from_cli(settings, db, email))
     typer.echo(f"{deletion.email} deleted ({deletion.objects_deleted} stored object(s) removed)")
+    if deletion.objects_kept:
+        typer.echo(f"{deletion.objects_kept} object(s) kept: shared with other users, or written in the last hour "
+                   "while the server runs (its next sweep removes those)")
