@@ -275,6 +275,15 @@ async def test_unlock_lifts_a_login_back_off(client, admin, user):
     assert (await client.post(f"/api/v1/admin/users/{uuid.uuid4()}/unlock", headers=admin.headers)).status == 404
 
 
+async def test_a_new_password_lifts_a_login_back_off(client, admin, user):
+    for _ in range(10):
+        await client.post("/api/v1/auth/login", json={"email": user.email, "password": "wrong guess!"})
+    bob = await user_id(client, admin, user.email)
+    await client.patch(f"/api/v1/admin/users/{bob}", json={"password": "the new one!"}, headers=admin.headers)
+    resp = await client.post("/api/v1/auth/login", json={"email": user.email, "password": "the new one!"})
+    assert resp.status == 200
+
+
 async def test_delete_a_user(client, admin, user):
     bob = await user_id(client, admin, user.email)
     resp = await client.delete(f"/api/v1/admin/users/{bob}", headers=admin.headers)
@@ -325,6 +334,12 @@ async def populate_victim(client, eve, bob):
     record = b"EVE-RECORD-PAYLOAD-" + os.urandom(16).hex().encode() * 8
     marks["record payload"] = record[:64]
     meta = await put_record(client, eve, record)
+    # A deleted record stays in her change feed as a tombstone: its table name must go too.
+    resp = await client.post("/api/v1/storage/records?table=eve_private_table_5d2c", data=b"gone",
+                             headers={**eve.headers, "X-Checksum": sha(b"gone")})
+    assert resp.status == 201
+    assert (await client.delete(f"/api/v1/storage/records/{(await resp.json())['id']}", headers=eve.headers)).status == 204
+    marks["change-feed table"] = b"eve_private_table_5d2c"
     shared = b"shared between eve and bob " + os.urandom(8).hex().encode()
     await put_record(client, eve, shared)
     await put_record(client, bob, shared)

@@ -10,6 +10,7 @@ WAL still held (checkpointed and truncated). A server backup taken after holds n
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -89,13 +90,19 @@ class AdminService:
             changes["password_hash"] = await self.hasher.hash(password)
         if not changes:
             raise errors.ValidationError("nothing to change: give tier, disabled, admin or password")
-        await self.accounts.update_user_by_id(user_id, **changes)
+        user = await self.accounts.update_user_by_id(user_id, **changes)
+        if password is not None and self.auth is not None:  # a new password lifts a back-off too
+            await self._unlock(user.email)
         return await self.user(user_id)
 
     async def unlock(self, user_id: str) -> None:
-        user = await self.user(user_id)
+        await self._unlock((await self.user(user_id)).user.email)
+
+    async def _unlock(self, email: str) -> None:
         assert self.auth is not None, "unlocking is the running server's (its throttles live in memory)"
-        await self.auth.unlock(user.user.email)
+        # AuthService.unlock may be a plain or an async method (a Redis-backed throttle awaits).
+        if inspect.isawaitable(outcome := self.auth.unlock(email)):
+            await outcome
 
     async def by_email(self, email: str) -> User:
         user = await self.accounts.get_by_email(normalise_email(email))

@@ -218,5 +218,7 @@ class UserAdmin:
         return await self.store.update_user(user.email, disabled=int(disabled))
 
     async def delete(self, email: str) -> None:
+        """The rows only: `adiuva user delete` and the admin API use admin.service, which also
+        removes the user's objects, in-memory vectors and WAL pages at once."""
         user = await self._get(email)
         await self.store.delete_user(user.email)
