@@ -87,6 +87,16 @@ REQUESTS: dict[tuple[str, str], Req] = {
     ("POST", "/plans"): Req(json={"name": "mine", "steps": [{"id": "s1", "kind": "llm", "template_id": "{template_id}"}]}),
     ("POST", "/plans/{plan_id}/run"): Req(json={"context": {}}),
     ("GET", "/plans/batches"): Req(),
+    # Admin routes act on {user_id}: another account (the owner is the first account: the admin).
+    ("GET", "/admin/users"): Req(params={"q": "example"}),
+    ("POST", "/admin/users"): Req(json={"email": "made@example.org", "tier": "pro"}),
+    ("GET", "/admin/users/{user_id}"): Req(),
+    ("PATCH", "/admin/users/{user_id}"): Req(json={"tier": "free"}),
+    ("DELETE", "/admin/users/{user_id}"): Req(),
+    ("POST", "/admin/users/{user_id}/unlock"): Req(),
+    ("GET", "/admin/status"): Req(),
+    ("GET", "/admin/backups"): Req(),
+    ("POST", "/admin/backups"): Req(),
 }
 
 # Routes that answer without a bearer token on purpose.
@@ -139,7 +149,9 @@ async def _owner(client) -> Owner:
     plan = await client.post(f"{API}/plans", headers=acct.headers,
                              json={"name": "ada's", "steps": [{"id": "s1", "kind": "llm", "template_id": template_id}]})
     assert plan.status in (200, 201), await plan.text()
-    ids = {"record_id": (await rec.json())["id"], "backup_id": (await bak.json())["id"], "vector_id": "ada-v1",
+    victim = await register(client, "victim@example.org")
+    victim_me = await (await client.get(f"{API}/auth/me", headers=victim.headers)).json()
+    ids = {"user_id": victim_me["id"], "record_id": (await rec.json())["id"], "backup_id": (await bak.json())["id"], "vector_id": "ada-v1",
            "plan_id": (await plan.json())["plan_id"], "template_id": template_id,
            "refresh_token": acct.refresh_token, "playbook_id": playbook_id}
     return Owner(acct.headers, me["id"], ids)
@@ -153,7 +165,8 @@ async def _snapshot(client, owner: Owner) -> dict:
     hits = await (await client.post(f"{API}/storage/vectors/search", headers=h, json={"values": vector(1), "top_k": 5})).json()
     listing = await (await client.get(f"{API}/storage/records", headers=h)).json()
     history = await (await client.get(f"{API}/backup/history", headers=h)).json()
-    return {"record": (rec.status, await rec.read()), "backup": (bak.status, await bak.read()),
+    users = await (await client.get(f"{API}/admin/users", headers=h)).json()
+    return {"users": sorted((u["email"], u["tier"], u["disabled"], u["admin"]) for u in users["items"]),"record": (rec.status, await rec.read()), "backup": (bak.status, await bak.read()),
             "vectors": sorted(m["id"] for m in hits["matches"]), "records": listing["total"],
             "backups": len(history["items"] if isinstance(history, dict) else history)}
 
@@ -264,8 +277,8 @@ async def test_the_websocket_refuses_bad_tokens(client):
 
 async def test_another_users_ids_are_not_found_and_change_nothing(client):
     owner = await _owner(client)
-    before = await _snapshot(client, owner)
     mallory = await register(client, "mallory@example.org")
+    before = await _snapshot(client, owner)
     secrets = ("ada@example.org", owner.user_id, "ada secret", base64.b64encode(b"ada secret").decode())
     checked = 0
     for spec in client.app[ROUTES]:
@@ -274,7 +287,10 @@ async def test_another_users_ids_are_not_found_and_change_nothing(client):
         url, kw = _request(spec.method, spec.path, owner.ids)
         kw["headers"].update(mallory.headers)
         resp = await client.request(spec.method, url, **kw)
-        await assert_problem(resp, {404}, {"not_found"}, secrets=secrets)
+        if spec.path.startswith("/admin"):
+            await assert_problem(resp, {403}, {"admin_required"}, secrets=secrets)
+        else:
+            await assert_problem(resp, {404}, {"not_found"}, secrets=secrets)
         checked += 1
     assert checked >= 6
     # Vectors have no id in the path: Mallory's search never sees Ada's, her delete never removes them.
