@@ -41,6 +41,9 @@ class RouteSpec:
     required_headers: tuple[str, ...] = ()  # of request_headers: a 422 without them
     # A JSON body larger than the app-wide limit: settings -> bytes (e.g. vector upserts).
     body_limit: Callable[[Any], int] | None = None
+    # False: `body` only documents the request; the handler reads and validates it itself
+    # (its own bounded, streaming-safe read, e.g. a body larger than any JSON route's).
+    read_body: bool = True
 
     @property
     def full_path(self) -> str:
@@ -121,7 +124,7 @@ def validation_problem(exc: pydantic.ValidationError, where: str) -> errors.Adiu
 
 
 def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    body_model: type[pydantic.BaseModel] | None = options.get("body")
+    body_model: type[pydantic.BaseModel] | None = options.get("body") if options.get("read_body", True) else None
     query_model: type[pydantic.BaseModel] | None = options.get("query")
     status: int = options.get("status", 200)
     body_limit: Callable[[Any], int] | None = options.get("body_limit")

@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import AsyncIterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +72,14 @@ class BlobStore(Protocol):
         when identical bytes are already stored). Consumes the staged object."""
 
     async def discard(self, staged: Staged) -> None: ...
+
+    async def put_many(self, objects: Sequence[tuple[str, bytes]]) -> None:
+        """Make each (digest, bytes) durable under its digest, as `store` does (the caller has
+        hashed the bytes; identical objects already stored are freshened). On failure, objects
+        already put in place stay: the caller releases what no row references."""
+
+    async def read_many(self, digests: Sequence[str]) -> list[bytes | None]:
+        """The bytes of each object (None where it is missing), read off the event loop."""
 
     async def delete(self, digest: str, *, older_than: float | None = None) -> bool:
         """Remove an object (only if not modified since `older_than`, a Unix time, when given)."""
@@ -172,6 +180,65 @@ class FileBlobStore:
 
     async def discard(self, staged: Staged) -> None:
         await asyncio.get_running_loop().run_in_executor(None, _remove, staged.token)
+
+    async def put_many(self, objects: Sequence[tuple[str, bytes]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._locking, self._put_many, objects)
+
+    def _put_many(self, objects: Sequence[tuple[str, bytes]]) -> None:
+        wanted = dict(objects)  # identical bytes are kept once
+        temps: dict[str, str] = {}
+        try:
+            # The slow part (a write and an fsync per object) outside the lock.
+            for digest, data in wanted.items():
+                if not self.local_path(digest).exists():
+                    temps[digest] = self._write_temp(data)
+            folders: set[Path] = set()
+            new_folder = False
+            # As in `_store`: shared, so no deletion by age falls between a freshen and its row.
+            with _file_lock(self.root / DELETION_LOCK, exclusive=False):
+                for digest, data in wanted.items():
+                    final = self.local_path(digest)
+                    if final.exists():
+                        os.utime(final)
+                        continue
+                    temp = temps.pop(digest, None) or self._write_temp(data)  # deleted meanwhile: rare
+                    if not final.parent.exists():
+                        final.parent.mkdir(mode=0o700, exist_ok=True)
+                        new_folder = True
+                    os.rename(temp, final)
+                    folders.add(final.parent)
+                if new_folder:
+                    _fsync_dir(self.objects)
+                for folder in folders:  # once per folder, not per object
+                    _fsync_dir(folder)
+        finally:
+            for temp in temps.values():
+                _remove(temp)
+
+    def _write_temp(self, data: bytes) -> str:
+        fd, path = self._new_temp()
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _remove(path)
+            raise
+        os.close(fd)
+        return path
+
+    async def read_many(self, digests: Sequence[str]) -> list[bytes | None]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._read_many, digests)
+
+    def _read_many(self, digests: Sequence[str]) -> list[bytes | None]:
+        found: list[bytes | None] = []
+        for digest in digests:
+            try:
+                with open(self.local_path(digest), "rb", buffering=0) as fh:
+                    found.append(fh.read())
+            except FileNotFoundError:
+                found.append(None)
+        return found
 
     # -- maintenance ----------------------------------------------------------------------------
 
