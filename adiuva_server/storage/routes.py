@@ -297,14 +297,23 @@ async def write_batch(request: web.Request) -> RecordBatchResult | web.Response:
     try:
         raw = await _read_limited(request, MAX_BATCH_BODY_BYTES)
     except errors.PayloadTooLarge as exc:
-        # The rest of the body is not read: close rather than let aiohttp drain (and decode) it.
-        response = from_error(exc)
-        response.force_close()
-        return response
+        return _answer_and_close(request, exc)
     body = await asyncio.to_thread(_parse_batch, raw)  # ~25 ms for 16 MiB
     del raw
     records = await _storage(request).write_batch(principal(request), body.records)
     return RecordBatchResult(items=[RecordMeta.of(r) for r in records])
+
+
+def _answer_and_close(request: web.Request, exc: errors.AdiuvaError) -> web.Response:
+    """Answer, then close without reading the rest of the body. Without keep-alive aiohttp still
+    reads and discards (and decodes) the rest for its lingering time (10 s) before it closes;
+    with none, it closes as soon as the answer is out. `_lingering_time` is private:
+    tests/test_bulk_sync.py notices if it moves."""
+    response = from_error(exc)
+    response.force_close()
+    if request.protocol is not None:
+        request.protocol._lingering_time = 0.0
+    return response
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytearray:
