@@ -15,11 +15,11 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterable, Iterator, Sequence
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from adiuva_server import errors
 
@@ -51,6 +51,9 @@ PAUSE_LOCK = "backup-pause.lock"
 # backup holds PAUSE_LOCK exclusively while it needs default-executor threads, so deletions
 # waiting there could starve it of threads and never be released.
 LOCKING_THREADS = 8
+# Threads that write and fsync the objects of a batch in parallel: concurrent fsyncs share the
+# filesystem's journal commits (measured here: 1,000 objects 0.9 s one by one, ~0.15 s on 8).
+BATCH_WRITE_THREADS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class FileBlobStore:
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
         self._locking = ThreadPoolExecutor(LOCKING_THREADS, thread_name_prefix="blob-lock")
+        self._writing = ThreadPoolExecutor(BATCH_WRITE_THREADS, thread_name_prefix="blob-write")
 
     def open(self) -> None:
         """Blocking: create the folders (0700)."""
@@ -188,10 +192,12 @@ class FileBlobStore:
         wanted = dict(objects)  # identical bytes are kept once
         temps: dict[str, str] = {}
         try:
-            # The slow part (a write and an fsync per object) outside the lock.
-            for digest, data in wanted.items():
-                if not self.local_path(digest).exists():
-                    temps[digest] = self._write_temp(data)
+            # The slow part (a write and an fsync per object) outside the lock, in parallel.
+            missing = [d for d in wanted if not self.local_path(d).exists()]
+            written, failure = self._parallel(self._write_temp, [wanted[d] for d in missing])
+            temps.update((d, t) for d, t in zip(missing, written) if t is not None)
+            if failure is not None:
+                raise failure
             folders: set[Path] = set()
             new_folder = False
             # As in `_store`: shared, so no deletion by age falls between a freshen and its row.
@@ -209,11 +215,27 @@ class FileBlobStore:
                     folders.add(final.parent)
                 if new_folder:
                     _fsync_dir(self.objects)
-                for folder in folders:  # once per folder, not per object
-                    _fsync_dir(folder)
+                _, failure = self._parallel(_fsync_dir, list(folders))  # once per folder, not per object
+                if failure is not None:
+                    raise failure
         finally:
             for temp in temps.values():
                 _remove(temp)
+
+    def _parallel(self, fn: Callable[[Any], Any], args: list) -> tuple[list, BaseException | None]:
+        """Blocking: `fn` over `args` on the batch writers, waiting for every call even when one
+        fails (so nothing is created after the caller has cleaned up). Returns the results in
+        order (None where a call failed) and the first failure."""
+        futures = [self._writing.submit(fn, a) for a in args]
+        results: list = []
+        failure: BaseException | None = None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except BaseException as exc:
+                results.append(None)
+                failure = failure or exc
+        return results, failure
 
     def _write_temp(self, data: bytes) -> str:
         fd, path = self._new_temp()
