@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
+import json
 import os
 import random
 import time
@@ -354,10 +356,28 @@ async def test_a_body_over_16_mib_is_413_and_the_connection_closed(client, ada):
     assert await listed(client, ada) == 0
 
 
+async def test_the_limit_counts_the_body_as_decoded(client, ada):
+    small = gzip.compress(json.dumps({"records": [item(b"zipped")]}).encode())
+    resp = await client.post(BATCH, data=small, headers={**ada.headers, "Content-Type": "application/json",
+                                                          "Content-Encoding": "gzip"})
+    assert resp.status == 201, await resp.text()
+    # 20 MiB of JSON in 20 KB of gzip: refused once 16 MiB have been decoded, and closed.
+    bomb = gzip.compress(b'{"records": [' + b" " * (20 * 1024 * 1024) + b"]}")
+    reader, writer = await open_raw(client)
+    writer.write((f"POST {BATCH} HTTP/1.1\r\nHost: x\r\nAuthorization: {ada.headers['Authorization']}\r\n"
+                  f"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n"
+                  ).encode() + bomb)
+    await writer.drain()
+    status, body = await read_answer(reader)
+    assert status == 413 and b"payload_too_large" in body
+    await assert_closed(reader)
+    writer.close()
+    assert await listed(client, ada) == 1
+
+
 async def test_a_body_of_exactly_16_mib_is_read(client, ada):
-    records = [item(b"x" * 100)]
-    raw = b'{"records": [' + b",".join(str(r).replace("'", '"').encode() for r in records) + b"]}"
-    raw = raw[:-1] + b" " * (MAX_BODY - len(raw)) + b"}"
+    raw = json.dumps({"records": [item(b"x" * 100)]}).encode()
+    raw = raw[:-1] + b" " * (MAX_BODY - len(raw)) + b"}"  # padded with whitespace to the limit
     assert len(raw) == MAX_BODY
     resp = await client.post(BATCH, data=raw, headers={**ada.headers, "Content-Type": "application/json"})
     assert resp.status == 201, await resp.text()
