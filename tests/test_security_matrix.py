@@ -68,7 +68,11 @@ REQUESTS: dict[tuple[str, str], Req] = {
                                                  headers={"X-Checksum": sha(RECORD_BYTES[::-1]),
                                                           "Content-Type": "application/octet-stream"}),
     ("DELETE", "/storage/records/{record_id}"): Req(),
-    ("GET", "/storage/changes"): Req(params={"since": "0"}),
+    ("GET", "/storage/changes"): Req(params={"since": "0", "include_data": "true"}),
+    ("POST", "/storage/records/batch"): Req(json={"records": [
+        {"table": "tasks", "data": base64.b64encode(RECORD_BYTES).decode(), "checksum": sha(RECORD_BYTES)},
+        {"table": "tasks", "id": "{record_id}", "data": base64.b64encode(RECORD_BYTES[::-1]).decode(),
+         "checksum": sha(RECORD_BYTES[::-1])}]}),
     ("PUT", "/backup"): Req(data=BACKUP_BYTES, headers={
         "X-Backup-Version": "1", "X-Backup-Timestamp": "2026-01-01T00:00:00Z",
         "X-Backup-Checksum": sha(BACKUP_BYTES), "Content-Type": "application/octet-stream"}),
@@ -327,6 +331,7 @@ async def test_the_wrong_tier_is_refused_and_stores_nothing(client):
     await client.app[AUTH].store.update_user("free@example.org", tier="free")
     refused = {
         ("POST", "/storage/records"): ({402}, {"quota_exceeded"}),
+        ("POST", "/storage/records/batch"): ({402, 404}, {"quota_exceeded", "not_found"}),
         ("PUT", "/backup"): ({402}, {"quota_exceeded"}),
         ("POST", "/storage/vectors/upsert"): ({402}, {"quota_exceeded"}),
         ("POST", "/plans"): ({403}, {"feature_not_in_tier"}),

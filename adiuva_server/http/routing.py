@@ -41,8 +41,8 @@ class RouteSpec:
     required_headers: tuple[str, ...] = ()  # of request_headers: a 422 without them
     # A JSON body larger than the app-wide limit: settings -> bytes (e.g. vector upserts).
     body_limit: Callable[[Any], int] | None = None
-    # False: `body` only documents the request; the handler reads and validates it itself
-    # (its own bounded, streaming-safe read, e.g. a body larger than any JSON route's).
+    # False: `body` (and `body_limit`) only document the request; the handler reads and
+    # validates it itself (its own bounded, streaming-safe read).
     read_body: bool = True
 
     @property

@@ -308,7 +308,8 @@ def _changes_json(rows: list[tuple[Record, bytes | None]], cursor: int, more: bo
 
 @api.post(
     "/storage/records/batch", summary="Create and replace many records at once (all or nothing)",
-    body=RecordBatchRequest, read_body=False, response=RecordBatchResult, status=201,
+    body=RecordBatchRequest, read_body=False, body_limit=lambda settings: MAX_BATCH_BODY_BYTES,
+    response=RecordBatchResult, status=201,
     errors=(400, 402, 404, 412, 413, 422, 429),
 )
 async def write_batch(request: web.Request) -> RecordBatchResult | web.Response:
