@@ -315,7 +315,7 @@ def _changes_json(rows: list[tuple[Record, bytes | None]], cursor: int, more: bo
 async def write_batch(request: web.Request) -> RecordBatchResult | web.Response:
     try:
         fields = await _read_json_incrementally(request, MAX_BATCH_BODY_BYTES)
-    except errors.PayloadTooLarge as exc:
+    except (errors.PayloadTooLarge, errors.MalformedRequest) as exc:  # the rest of the body is of no use
         return _answer_and_close(request, exc)
     body = await asyncio.to_thread(_validate_batch, fields)
     records = await _storage(request).write_batch(principal(request), body.records)

@@ -31,7 +31,7 @@ from adiuva_server import errors, quota
 from adiuva_server.config import Settings
 from adiuva_server.storage.blobs import BlobStore, Staged
 from adiuva_server.storage.keeper import BlobKeeper
-from adiuva_server.storage.store import Backup, Record, RecordWrite, StorageStore
+from adiuva_server.storage.store import Backup, Record, RecordWrite, StorageStore, batch_growth
 
 CHECKSUM = re.compile(r"^[0-9a-fA-F]{64}$")
 TABLE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
@@ -269,18 +269,7 @@ class StorageService:
         """Before any object is written: the ids, preconditions, record count and quota the
         transaction checks again (authoritatively, against concurrent writes)."""
         current = await self.store.live_records(who.id, [w.record_id for w in writes if w.record_id])
-        growth = 0
-        for i, w in enumerate(writes):
-            if w.record_id is None:
-                growth += w.size
-                continue
-            old = current.get(w.record_id)
-            if old is None:  # missing and someone else's answer the same
-                raise errors.NotFound(f"records[{i}]: no such record", extra={"index": i})
-            if w.precondition is not None and not w.precondition(old.checksum):
-                raise errors.PreconditionFailed(f"records[{i}]: the record has changed since that ETag (if_match)",
-                                                extra={"index": i})
-            growth += w.size - old.size_bytes
+        growth = batch_growth(writes, current)
         await self._precheck_count(who, sum(1 for w in writes if w.record_id is None))
         quota.check(who.tier, "cloud", await self.store.usage(who.id, "cloud"), growth)
 

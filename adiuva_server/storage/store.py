@@ -88,6 +88,24 @@ async def _next_seq(conn: Any, user_id: str) -> int:
     return seq
 
 
+def batch_growth(writes: Sequence[RecordWrite], current: dict[str, Record]) -> int:
+    """The bytes `writes` add (a replacement counts its difference), given the live records
+    they replace (`current`, by id): NotFound or PreconditionFailed naming the first bad item."""
+    growth = 0
+    for i, w in enumerate(writes):
+        if w.record_id is None:
+            growth += w.size
+            continue
+        old = current.get(w.record_id)
+        if old is None:  # missing and someone else's answer the same
+            raise errors.NotFound(f"records[{i}]: no such record", extra={"index": i})
+        if w.precondition is not None and not w.precondition(old.checksum):
+            raise errors.PreconditionFailed(f"records[{i}]: the record has changed since that ETag (if_match)",
+                                            extra={"index": i})
+        growth += w.size - old.size_bytes
+    return growth
+
+
 async def _live_records(conn: Any, user_id: str, record_ids: Sequence[str]) -> list[Record]:
     found: list[Record] = []
     for i in range(0, len(record_ids), IN_BATCH):
@@ -288,18 +306,7 @@ class SQLiteStorageStore:
         now, _ = utc_now()
         async with self.db.write() as conn:
             current = {r.id: r for r in await _live_records(conn, user_id, [w.record_id for w in writes if w.record_id])}
-            growth = 0
-            for i, w in enumerate(writes):
-                if w.record_id is None:
-                    growth += w.size
-                    continue
-                old = current.get(w.record_id)
-                if old is None:
-                    raise errors.NotFound(f"records[{i}]: no such record", extra={"index": i})
-                if w.precondition is not None and not w.precondition(old.checksum):
-                    raise errors.PreconditionFailed(
-                        f"records[{i}]: the record has changed since that ETag (if_match)", extra={"index": i})
-                growth += w.size - old.size_bytes
+            growth = batch_growth(writes, current)
             created = sum(1 for w in writes if w.record_id is None)
             row = await _one(conn, "SELECT records FROM storage_record_counts WHERE user_id = ?", (user_id,))
             if created and (row[0] if row else 0) + created > max_records:
