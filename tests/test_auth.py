@@ -439,3 +439,19 @@ async def test_auth_service_unlock_lifts_a_backoff_in_process(client, account):
 
     with pytest.raises(errors.NotFound):
         await client.server.app[AUTH].unlock("nobody@example.org")
+
+
+async def test_new_hash_costs_upgrade_the_hash_without_ending_sessions(aiohttp_client, data_dir):
+    from adiuva_server.db import connect
+
+    first = await aiohttp_client(create_app(make_settings(data_dir)))
+    account = await register(first)
+    await first.close()
+    # The admin raises the cost: the next login rehashes the password, and is only a login.
+    client = await aiohttp_client(create_app(make_settings(data_dir, argon2_time_cost=3)))
+    resp = await client.post("/api/v1/auth/login", json=login_json(account.email, account.password))
+    assert resp.status == 200
+    (stored,) = connect(data_dir / "adiuva.db").execute("SELECT password_hash FROM users").fetchone()
+    assert ",t=3," in stored
+    assert (await client.get("/api/v1/auth/me", headers=account.headers)).status == 200
+    assert (await refresh(client, account.refresh_token)).status == 200

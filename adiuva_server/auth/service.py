@@ -136,9 +136,9 @@ class AuthService:
         if user.disabled:
             raise errors.AccountDisabled("ask the server's admin to enable it")
         if self.hasher.needs_rehash(user.password_hash):
-            # Cost settings changed since this hash was made: upgrade it now that we know the password.
-            await self.store.update_user(user.email, password_hash=await self.hasher.hash(password))
-            user = await self.store.get_by_email(email) or user
+            # Cost settings changed since this hash was made: upgrade it now that we know the
+            # password. The same password: sessions and known addresses stay.
+            await self.store.rehash_password(user.id, await self.hasher.hash(password))
         return await self._new_session(user, client)
 
     async def refresh(self, refresh_token: str, client: str) -> IssuedTokens:

@@ -84,6 +84,8 @@ class AccountStore(Protocol):
     async def update_user(self, email: str, **changes) -> User:
         """tier / disabled / password_hash; disabling or a new password ends all sessions; a new
         password or enabling also unlocks the account's login throttles."""
+    async def rehash_password(self, user_id: str, password_hash: str) -> None:
+        """The same password hashed at new cost settings: nothing else changes."""
     async def delete_user(self, email: str) -> None: ...
     async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int,
                             address_tag: bytes | None = None) -> None:
@@ -204,6 +206,9 @@ class SQLiteAccountStore:
                 # Whoever signed in with the old password proves nothing now.
                 await conn.execute("DELETE FROM login_addresses WHERE user_id = ?", (row["id"],))
         return User.from_row(row)
+
+    async def rehash_password(self, user_id: str, password_hash: str) -> None:
+        await self.db.execute_write("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
 
     async def delete_user(self, email: str) -> None:
         # Refresh tokens go with the user (ON DELETE CASCADE); so will every later feature's rows.

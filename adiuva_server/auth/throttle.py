@@ -65,7 +65,7 @@ class Attempt:
     def __init__(self, store: RateLimitStore, window: float) -> None:
         self._store = store
         self._window = window
-        self._held: list[tuple[str, int]] = []
+        self._held: list[tuple[str, object]] = []
 
     async def take(self, key: str, limit: int, refused: str) -> None:
         deadline = asyncio.get_running_loop().time() + WAIT_FOR_PENDING_SECONDS

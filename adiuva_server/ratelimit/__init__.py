@@ -32,7 +32,7 @@ class Decision(NamedTuple):  # a tuple: built on every authenticated request
     # denial with pending > 0 may turn into room when they settle), and the ticket that names
     # this reservation for `settle` (None when denied).
     pending: int = 0
-    ticket: int | None = None
+    ticket: object = None
 
     def headers(self) -> dict[str, str]:
         return {
@@ -53,7 +53,7 @@ class RateLimitStore(Protocol):
         """`hit`, with the event held until `settle`: it counts against the limit meanwhile.
         The answer's `ticket` names the reservation; `pending` counts held ones."""
 
-    async def settle(self, key: str, ticket: int, *, keep: bool) -> None:
+    async def settle(self, key: str, ticket: object, *, keep: bool) -> None:
         """End a reservation: keep it as an ordinary event (`keep=True`) or refund it."""
 
     async def reset(self, key: str) -> None: ...
