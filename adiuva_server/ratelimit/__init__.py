@@ -117,12 +117,15 @@ class MemoryRateLimitStore:
     async def reserve(self, key: str, limit: int, window: float) -> Decision:
         now = self._clock()
         events, counted = self._hit(key, limit, window, now)
-        held = self._held.setdefault(key, {})
-        cutoff = now - window
-        for stale in [t for t, at in held.items() if at <= cutoff]:  # its event left the window
-            del held[stale]
+        held = self._held.get(key)
+        if held:
+            cutoff = now - window
+            for stale in [t for t, at in held.items() if at <= cutoff]:  # its event left the window
+                del held[stale]
         if not counted:
-            return self._decision(events, limit, window, now)._replace(pending=len(held))
+            return self._decision(events, limit, window, now)._replace(pending=len(held) if held else 0)
+        if held is None:
+            held = self._held[key] = {}
         ticket = next(self._tickets)
         held[ticket] = now
         return Decision(True, limit, limit - len(events), 0.0, window, len(held), ticket)
