@@ -93,7 +93,7 @@ async def _housekeeping(app: web.Application) -> None:
     """Forget idle rate-limit windows every minute; drop expired refresh tokens."""
     while True:
         try:
-            app[RATE_LIMITS].sweep()
+            await app[RATE_LIMITS].sweep()
             purged = await app[AUTH].store.purge_expired_sessions(int(time.time()))
             if purged:
                 log.debug("purged %d expired refresh tokens", purged)

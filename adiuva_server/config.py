@@ -38,6 +38,9 @@ class Settings:
     jwt_algorithm: str = "HS256"
     access_token_minutes: int = 30
     refresh_token_days: int = 30
+    # A refresh token presented again this soon after its rotation (a network retry, two windows
+    # of the app) gets the same successor back instead of revoking its family as a theft.
+    refresh_grace_seconds: int = 10
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     signups_open: bool = True
     # No license, homelab mode: the box's disk is the limit, so new accounts get `team` (DESIGN
@@ -142,6 +145,7 @@ class Settings:
             "jwt_algorithm": r.choice("JWT_ALGORITHM", "HS256", ("HS256",)),
             "access_token_minutes": r.int("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", 30, 1, 24 * 60),
             "refresh_token_days": r.int("JWT_REFRESH_TOKEN_EXPIRE_DAYS", 30, 1, 365),
+            "refresh_grace_seconds": r.int("ADIUVA_REFRESH_GRACE_SECONDS", cls.refresh_grace_seconds, 0, 60),
             "cors_origins": r.list("CORS_ORIGINS", DEFAULT_CORS_ORIGINS),
             "signups_open": r.choice("ADIUVA_SIGNUPS", "open", ("open", "closed")) == "open",
             "licensed": licensed,

@@ -236,7 +236,7 @@ def _bad_tokens(secret: str, user_id: str, valid: str) -> dict[str, str | None]:
         "expired": "Bearer " + jwt.encode(claims, secret, algorithm="HS256"),
         "tampered payload": f"Bearer {header}.{forged_payload}.{signature}",
         "tampered signature": f"Bearer {header}.{payload}.{signature[:-4]}AAAA",
-        "other key": "Bearer " + AccessTokens("another server's secret, long enough", 600).issue(user_id, 0),
+        "other key": "Bearer " + AccessTokens("another server's secret, long enough", 600).issue(user_id, 0, "family"),
         "alg none": "Bearer " + jwt.encode({**claims, "exp": 4_000_000_000}, None, algorithm="none"),
         "refresh token as access": None,  # filled by the caller
     }
