@@ -85,6 +85,10 @@ def setup_bodies(app: web.Application) -> None:
             # still arrives without parsing or inflating it, then close (http.protocol).
             response.force_close()
             request.protocol.close()
+            if content.exception() is not None:
+                # A body that timed out or broke: no rest to wait for, close after the answer
+                # (aiohttp's wait for the rest would raise the body's error again).
+                content.feed_eof()
         return response
 
     app.middlewares.append(bodies_middleware)
