@@ -4,9 +4,10 @@
   answer, and data that does not complete a request head does not reset it; so it bounds both
   an idle keep-alive connection and a client that never finishes its request line or headers
   (slowloris) with one number, `ADIUVA_HEADER_TIMEOUT`. Bodies: `http.bodies`.
-- No lingering: after an answer sent before its body was read (413, 415, 401 on an upload),
-  aiohttp would go on reading and discarding, and inflating, the body for 10 s on the event loop.
-  The connection is closed instead.
+- No reading on after an early answer (413, 415, 401 on an upload): aiohttp went on reading,
+  and inflating, the rest of the body for 10 s on the event loop. Now http.bodies stops the
+  connection parsing; what still arrives is dropped for at most LINGER_SECONDS (so the client
+  reads the answer rather than a reset), then the connection closes.
 - Caps on open connections, in all and per client address, so a few hundred slow clients cannot
   exhaust the descriptors the database and uploads need (`adiuva serve` raises RLIMIT_NOFILE
   to its hard limit and keeps the total cap below it).
@@ -54,6 +55,8 @@ def handler_args(settings: Settings) -> dict[str, Any]:
 
 
 class Protocol(RequestHandler):
+    """aiohttp's connection, answering the requests its parser refuses with problem+json."""
+
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None, message: str | None = None):
         plain = super().handle_error(request, status, exc, message)  # logs; raises if the answer has begun
         if isinstance(exc, ContentEncodingError):
