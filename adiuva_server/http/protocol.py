@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -123,7 +124,9 @@ class Server(web.Server):
     def connection_made(self, handler: RequestHandler, transport) -> None:
         super().connection_made(handler, transport)
         if not self.caps.admit(handler, transport):
-            transport.abort()  # frees the descriptor now; aiohttp then sees connection_lost
+            # Soon, not now: the connection's task must start before it learns it is lost.
+            # abort(), not close(): the descriptor is freed at once.
+            asyncio.get_running_loop().call_soon(transport.abort)
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self.caps.release(handler)
