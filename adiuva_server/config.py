@@ -111,6 +111,14 @@ class Settings:
     backup_retention: int = 5
     # Deleted records stay in the change feed as tombstones this long (seconds; 0: forever).
     tombstone_retention: float = 90 * 86400.0
+    # Hostile clients (http/protocol.py, http/bodies.py): seconds a connection has to deliver a
+    # complete request head after it opens or after its previous answer (idle keep-alive
+    # connections close after it too); seconds a request body may go without a byte; open
+    # connections in all and from one client address (trusted proxies are not capped).
+    header_timeout: float = 15.0
+    body_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_address: int = 256
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -178,6 +186,11 @@ class Settings:
             "max_backup_bytes": r.int("ADIUVA_MAX_BACKUP_BYTES", cls.max_backup_bytes, 1, 2**44),
             "max_records_per_user": r.int("ADIUVA_MAX_RECORDS_PER_USER", cls.max_records_per_user, 1, 10**9),
             "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
+            "header_timeout": r.float("ADIUVA_HEADER_TIMEOUT", cls.header_timeout, 0.1, 3600.0),
+            "body_timeout": r.float("ADIUVA_BODY_TIMEOUT", cls.body_timeout, 0.1, 3600.0),
+            "max_connections": r.int("ADIUVA_MAX_CONNECTIONS", cls.max_connections, 16, 1_000_000),
+            "max_connections_per_address": r.int(
+                "ADIUVA_MAX_CONNECTIONS_PER_ADDRESS", cls.max_connections_per_address, 1, 1_000_000),
         }
         values["backup_interval"] = r.duration("ADIUVA_BACKUP_INTERVAL", 0.0)
         values["tombstone_retention"] = r.duration("ADIUVA_TOMBSTONE_RETENTION", cls.tombstone_retention)

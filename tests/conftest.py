@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
+from adiuva_server.http.protocol import Runner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,11 +28,11 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
 
 class ServedLikeProduction(TestServer):
     """aiohttp's TestServer cancels a handler whose client disconnects; `adiuva serve` does not
-    (aiohttp's default), and tests must see what production does."""
+    (aiohttp's default), and tests must see what production does (its runner too)."""
 
     async def _make_runner(self, **kwargs):
         kwargs["handler_cancellation"] = False
-        return await super()._make_runner(**kwargs)
+        return Runner(self.app, **kwargs)  # adiuva serve's runner: its connection class and caps
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pydantic
 from aiohttp import web
 
 from adiuva_server import errors
+from adiuva_server.http.bodies import read_body
 from adiuva_server.keys import ROUTES, SETTINGS
 
 JSON = "application/json"
@@ -141,10 +142,8 @@ def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callabl
     async def handler(request: web.Request) -> web.StreamResponse:
         kwargs: dict[str, Any] = {}
         if body_model is not None:
-            reader = request
-            if body_limit is not None:  # aiohttp answers 413 past the clone's limit
-                reader = request.clone(client_max_size=body_limit(request.app[SETTINGS]))
-            raw = await reader.read()
+            limit = body_limit(request.app[SETTINGS]) if body_limit is not None else request.client_max_size
+            raw = await read_body(request, limit)
             if not raw:
                 raise errors.MalformedRequest("a JSON request body is required")
             try:
