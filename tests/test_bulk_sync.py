@@ -342,16 +342,16 @@ async def test_a_body_over_16_mib_is_413_and_the_connection_closed(client, ada):
     await assert_closed(reader)
     writer.close()
 
-    # A client that goes on sending is cut off: the server stops reading at the limit.
+    # A client that goes on sending is cut off: past the limit the server drops what arrives
+    # unparsed for a short grace (so the 413 can be read), then closes (http.bodies).
     reader, writer = await open_raw(client)
     writer.write(head)
-    sent = 0
+    started = time.monotonic()
     with pytest.raises(ConnectionError):
-        while sent < 256 * 1024 * 1024:
+        while time.monotonic() - started < 30:
             writer.write(chunk(filler))
             await asyncio.wait_for(writer.drain(), 10)
-            sent += len(filler)
-    assert sent < 64 * 1024 * 1024  # 16 MiB read, the rest at most in socket buffers
+    assert time.monotonic() - started < 15
     writer.close()
     assert await listed(client, ada) == 0
 

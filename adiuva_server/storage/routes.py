@@ -313,25 +313,11 @@ def _changes_json(rows: list[tuple[Record, bytes | None]], cursor: int, more: bo
     errors=(400, 402, 404, 412, 413, 422, 429),
 )
 async def write_batch(request: web.Request) -> RecordBatchResult | web.Response:
-    try:
-        fields = await _read_json_incrementally(request, MAX_BATCH_BODY_BYTES)
-    except (errors.PayloadTooLarge, errors.MalformedRequest) as exc:  # the rest of the body is of no use
-        return _answer_and_close(request, exc)
+    # A refused body is never read further: the connection drops the rest and closes (http.bodies).
+    fields = await _read_json_incrementally(request, MAX_BATCH_BODY_BYTES)
     body = await asyncio.to_thread(_validate_batch, fields)
     records = await _storage(request).write_batch(principal(request), body.records)
     return RecordBatchResult(items=[RecordMeta.of(r) for r in records])
-
-
-def _answer_and_close(request: web.Request, exc: errors.AdiuvaError) -> web.Response:
-    """Answer, then close without reading the rest of the body. Without keep-alive aiohttp still
-    reads and discards (and decodes) the rest for its lingering time (10 s) before it closes;
-    with none, it closes as soon as the answer is out. `_lingering_time` is private:
-    tests/test_bulk_sync.py notices if it moves."""
-    response = from_error(exc)
-    response.force_close()
-    if request.protocol is not None:
-        request.protocol._lingering_time = 0.0
-    return response
 
 
 async def _read_json_incrementally(request: web.Request, limit: int) -> dict[str, Any]:
