@@ -22,6 +22,7 @@ from adiuva_server.http.auth import setup_auth
 from adiuva_server.http.cors import setup_cors
 from adiuva_server.http.headers import setup_security_headers
 from adiuva_server.http.inflight import setup_inflight
+from adiuva_server.http.metrics import api as metrics_api, setup_metrics
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.ratelimit import setup_rate_limits
 from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
@@ -38,7 +39,8 @@ JSON_BODY_LIMIT = 1024 * 1024
 HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
-FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api)
+FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
+            metrics_api)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -49,6 +51,8 @@ def create_app(settings: Settings) -> web.Application:
     # Middleware order, outermost first: in-flight tracking (for graceful shutdown), CORS (so
     # errors carry CORS headers too), security headers, problem+json for every error,
     # authentication, per-user rate limits.
+    # Metrics go first of all (outermost): they time everything and see every final status.
+    setup_metrics(app)
     setup_inflight(app)
     setup_cors(app)
     setup_security_headers(app)
