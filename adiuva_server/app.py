@@ -24,6 +24,7 @@ from adiuva_server.http.bodies import setup_bodies
 from adiuva_server.http.cors import setup_cors
 from adiuva_server.http.headers import setup_security_headers
 from adiuva_server.http.inflight import setup_inflight
+from adiuva_server.http.metrics import api as metrics_api, setup_metrics
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.protocol import handler_args
 from adiuva_server.http.ratelimit import setup_rate_limits
@@ -42,7 +43,7 @@ HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
 FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
-            admin_routes.api)
+            admin_routes.api, metrics_api)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -56,6 +57,8 @@ def create_app(settings: Settings) -> web.Application:
     # errors carry CORS headers too), security headers, request bodies (encodings refused before
     # a byte is read, a body timeout, no reading on after an early answer), problem+json for
     # every error, authentication, per-user rate limits.
+    # Metrics go first of all (outermost): they time everything and see every final status.
+    setup_metrics(app)
     setup_inflight(app)
     setup_cors(app)
     setup_security_headers(app)

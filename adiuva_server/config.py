@@ -25,6 +25,7 @@ TIERS = ("free", "pro", "power", "team")
 DEFAULT_CORS_ORIGINS = ("app://.", "http://localhost:3000", "http://localhost:5173")
 JWT_SECRET_FILE = "jwt_secret"
 MIN_SECRET_BYTES = 32
+MIN_METRICS_TOKEN_BYTES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,12 @@ class Settings:
     body_timeout: float = 30.0
     max_connections: int = 4096
     max_connections_per_address: int = 256
+    # Bearer token that /metrics requires; empty: /metrics answers 404.
+    metrics_token: str = dataclasses.field(default="", repr=False)
+    # LAN discovery (mDNS/DNS-SD) by `adiuva serve` (ADIUVA_MDNS: on unless set off), announced on
+    # these local addresses (empty: the LAN addresses the banner prints).
+    mdns: bool = False
+    mdns_interfaces: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -198,6 +205,9 @@ class Settings:
         values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
         values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))
         values["tls"] = r.choice("ADIUVA_TLS", "off", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
+        values["metrics_token"] = r.secret("ADIUVA_METRICS_TOKEN", MIN_METRICS_TOKEN_BYTES)
+        values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
+        values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
             values["data_dir"] = Path(overrides["data_dir"]).expanduser()
@@ -386,3 +396,20 @@ class _Reader:
             except ValueError:
                 raise ConfigError(f"{name}: {item!r} is not an IP address or network") from None
         return tuple(nets)
+
+    def secret(self, name: str, min_bytes: int) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        if len(raw.encode()) < min_bytes:
+            raise ConfigError(f"{name} must be at least {min_bytes} bytes (e.g. `openssl rand -hex 32`)")
+        return raw
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        out = []
+        for item in self.list(name, ()):
+            try:
+                out.append(str(ipaddress.ip_address(item)))
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} is not an IP address of this host") from None
+        return tuple(out)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
     from adiuva_server.db import Database
+    from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
@@ -30,6 +31,7 @@ CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 
 INFLIGHT = web.AppKey("inflight", object)
+METRICS = web.AppKey("metrics", "Metrics")
 
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)

@@ -88,7 +88,8 @@ async def account(client) -> Account:
 
 def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ADIUVA_", "JWT_"))}
-    env.update({"ADIUVA_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO)}, **extra)
+    # No LAN announcements from test servers unless a test asks (ADIUVA_MDNS="on").
+    env.update({"ADIUVA_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO), "ADIUVA_MDNS": "off"}, **extra)
     return env
 
 

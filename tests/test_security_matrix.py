@@ -56,6 +56,7 @@ def _payload(data: bytes) -> dict:
 REQUESTS: dict[tuple[str, str], Req] = {
     ("GET", "/health"): Req(),
     ("GET", "/openapi.json"): Req(),
+    ("GET", "/metrics"): Req(),  # its own token (tests/test_metrics.py), served at the root
     ("POST", "/auth/register"): Req(json={"email": "new@example.org", "password": "correct horse battery"}),
     ("POST", "/auth/login"): Req(json={"email": "ada@example.org", "password": "correct horse battery"}),
     ("POST", "/auth/refresh"): Req(json={"refresh_token": "{refresh_token}"}),
@@ -105,7 +106,7 @@ REQUESTS: dict[tuple[str, str], Req] = {
 
 # Routes that answer without a bearer token on purpose.
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json"), ("POST", "/auth/register"), ("POST", "/auth/login"),
-          ("POST", "/auth/refresh"), ("GET", "/chat/stream")}
+          ("POST", "/auth/refresh"), ("GET", "/chat/stream"), ("GET", "/metrics")}
 # Ids that are global, not owned (the built-in playbook): another user may read them.
 SHARED_IDS = {("GET", "/plans/playbook/{plan_id}")}
 

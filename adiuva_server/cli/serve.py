@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from adiuva_server import __version__, tls
+from adiuva_server import __version__, discovery, tls
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
 from adiuva_server.http.accesslog import EscapingFormatter
@@ -140,7 +140,12 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         lines.append(new_accounts_line(settings))
         print("\n".join(lines), flush=True)
-        await stop.wait()
+        # LAN discovery (mDNS): announced in the background, withdrawn first thing at stop.
+        announcer = discovery.start(settings, port, "https" if ssl_context else "http", pin, lan_addresses)
+        try:
+            await stop.wait()
+        finally:
+            await announcer.stop()
         log.info("shutting down: no new connections; letting requests in flight finish")
         app[INFLIGHT].draining = True
         for running in list(runner.sites):
