@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import signal
@@ -123,6 +124,10 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
                     nofile, max_connections, settings.max_connections)
     runner = Runner(app, max_connections=max_connections, shutdown_timeout=CLOSE_GRACE_SECONDS)
     await runner.setup()
+    # What start-up made (modules, settings, caches) lives as long as the process: out of the
+    # collector's sight, so a full collection no longer walks it (57 ms pauses measured under
+    # bulk sync before).
+    gc.freeze()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
         await site.start()
