@@ -193,10 +193,14 @@ async def test_tool_loop_stops_after_five_model_calls(client, account, fake):
 # -- providers failing --------------------------------------------------------------------------
 
 
-async def assert_unavailable(resp, started, limit):
+async def assert_unavailable(resp, started, limit, cause=None):
     assert resp.status == 503 and resp.headers["Content-Type"].startswith("application/problem+json")
-    assert (await resp.json())["code"] == "llm_unavailable"
+    body = await resp.json()
+    assert body["code"] == "llm_unavailable"
     assert time.monotonic() - started < limit
+    if cause is not None:
+        assert body["cause"] == cause, body
+    return body
 
 
 async def test_provider_down_is_503(aiohttp_client, data_dir, fake):
@@ -208,14 +212,18 @@ async def test_provider_down_is_503(aiohttp_client, data_dir, fake):
     await assert_unavailable(resp, started, 5)
 
 
-@pytest.mark.parametrize("failure", [Reply(garbage=True), Reply(status=500), Reply(delay=5.0)], ids=["garbage", "http500", "slow"])
-async def test_provider_failures_are_503_never_500_or_hang(aiohttp_client, data_dir, fake, failure):
+@pytest.mark.parametrize("failure,cause,says", [(Reply(garbage=True), "upstream_error", "answered something unreadable"),
+                                                (Reply(status=500), "upstream_error", "answered HTTP 500"),
+                                                (Reply(delay=5.0), "timeout", "did not answer within 0.5 s")],
+                         ids=["garbage", "http500", "slow"])
+async def test_provider_failures_are_503_never_500_or_hang(aiohttp_client, data_dir, fake, failure, cause, says):
     client = await aiohttp_client(create_app(chat_settings(data_dir, fake, llm_timeout=0.5)))
     account = await register(client)
     fake.script(failure)
     started = time.monotonic()
     resp = await client.post("/api/v1/chat", json={"message": "hi"}, headers=account.headers)
-    await assert_unavailable(resp, started, 4)
+    body = await assert_unavailable(resp, started, 4, cause)
+    assert says in body["detail"] and body["model"] == "ollama/fake"
 
 
 async def test_a_dead_router_model_that_is_also_the_agent_model_fails_at_once(aiohttp_client, data_dir, fake):
@@ -257,14 +265,17 @@ async def test_tier_gates_on_agents_and_models(client, account, fake):
     assert (await chat(client, account, "hi", status=403, model="ollama/big"))["code"] == "feature_not_in_tier"
     assert (await chat(client, account, "hi", model="ollama/fake"))["agent"] == "task_agent"  # the default is fine
     resp = await client.get("/api/v1/chat/models", headers=account.headers)
-    assert await resp.json() == {"default": "ollama/fake", "models": ["ollama/fake"], "agents": ["task_agent", "project_agent", "note_agent"]}
+    ready = {"available": True, "cause": None, "reason": None}
+    assert await resp.json() == {"default": "ollama/fake", "models": ["ollama/fake"], "agents": ["task_agent", "project_agent", "note_agent"],
+                                 "availability": {"ollama/fake": ready}}
 
     await set_tier(client, account.email, "pro")
     await chat(client, account, "hi", model="ollama/big")
     assert fake.requests[-1]["model"] == "big"
     assert (await chat(client, account, "hi", status=422, model="ollama/unconfigured"))["code"] == "validation_error"
     resp = await client.get("/api/v1/chat/models", headers=account.headers)
-    assert (await resp.json())["models"] == ["ollama/fake", "ollama/big", "ollama/small"]
+    body = await resp.json()
+    assert body["models"] == ["ollama/fake", "ollama/big", "ollama/small"] == list(body["availability"])
 
 
 # -- sanitizer ----------------------------------------------------------------------------------
@@ -356,16 +367,18 @@ async def test_ws_auth_and_errors_as_final_frames(client, account, fake, aiohttp
     await ws.send_str(json.dumps({"message": "milestones"}))
     _, final = await collect(ws)
     assert final["error"]["code"] == "feature_not_in_tier"
+    fake.router = "note_agent"
+    await ws.send_str(json.dumps({"message": "plan it", "mode": "plan"}))
+    _, final = await collect(ws)
+    assert final["plan"]["steps"][0]["template_id"] == "tpl_note_agent_default"
     fake.router = "task_agent"
     fake.script(Reply(status=500))
     await ws.send_str(json.dumps({"message": "hi"}))
     _, final = await collect(ws)
     assert final["done"] is True and final["error"]["code"] == "llm_unavailable" and final["error"]["status"] == 503
-    fake.router = "note_agent"
-    await ws.send_str(json.dumps({"message": "plan it", "mode": "plan"}))
-    _, final = await collect(ws)
-    assert final["plan"]["steps"][0]["template_id"] == "tpl_note_agent_default"
-    await ws.close()
+    assert final["error"]["cause"] == "upstream_error"
+    # The next message would meet the same model: the socket says so and closes, 1013 (try again later).
+    assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1013
 
 
 async def test_ws_sanitizes_markers_split_across_chunks(client, account, fake):
@@ -419,14 +432,14 @@ async def test_ws_client_that_keeps_flooding_is_disconnected(client, account, fa
 
 
 async def test_ws_frames_count_against_the_rate_limit_when_they_arrive(aiohttp_client, data_dir, fake):
-    limits = {"free": 2, "pro": 60, "power": 120, "team": 200}
+    limits = {"free": 3, "pro": 60, "power": 120, "team": 200}
     client = await aiohttp_client(create_app(chat_settings(data_dir, fake, rate_limits=limits)))
     account = await register(client)
     gate = asyncio.Event()
     ws = await start_slow_answer(client, account, fake, gate)
     await ws.send_str(json.dumps({"message": "queued"}))
     await asyncio.sleep(0.3)
-    # Two frames arrived, so the limit is reached now, not when the queued one gets its turn.
+    # The opening and two frames, so the limit is reached now, not when the queued one gets its turn.
     resp = await client.get("/api/v1/chat/models", headers=account.headers)
     assert resp.status == 429 and resp.headers["Retry-After"]
     await ws.send_str(json.dumps({"message": "one too many"}))  # the queue has room, the account has not
@@ -434,8 +447,8 @@ async def test_ws_frames_count_against_the_rate_limit_when_they_arrive(aiohttp_c
     gate.set()
     answers = [(await collect(ws))[1] for _ in range(3)]
     assert [a["response"] for a in answers[:2]] == ["slow answer", "Done."]
-    assert answers[2]["error"]["code"] == "rate_limited" and "2 requests per minute" in answers[2]["error"]["detail"]
-    # An account over its limit may not open another socket either (opening it does not count).
+    assert answers[2]["error"]["code"] == "rate_limited" and "3 requests per minute" in answers[2]["error"]["detail"]
+    # An account over its limit may not open another socket either.
     with pytest.raises(aiohttp.WSServerHandshakeError) as err:
         await client.ws_connect(f"/api/v1/chat/stream?token={account.access_token}")
     assert err.value.status == 429 and err.value.headers["Retry-After"]
@@ -725,7 +738,7 @@ async def test_ws_token_never_reaches_our_logs(client, account, fake, caplog):
         ws = await ws_chat(client, account, "hi")
         await collect(ws)
         await ws.close()
-    assert "llm_unavailable" in caplog.text or "unavailable" in caplog.text  # something was logged
+    assert "LLM ollama/fake failed" in caplog.text  # something was logged
     assert account.access_token not in caplog.text
 
 
