@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
-import httpx
 
 from adiuva_server import errors
 from adiuva_server.config import Settings
@@ -204,22 +203,25 @@ def public_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-# Failures to open a connection at all (refused, no route, no such host), under whatever the
-# client library wrapped them in. A connection that breaks later is an upstream error.
-_CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError, aiohttp.ClientConnectorError)
-
-
 def _connect_failed(exc: BaseException) -> bool:
+    """A failure to open a connection at all (refused, no route, no such host), under whatever
+    the client library wrapped it in. A connection that breaks later is an upstream error."""
+    import httpx  # both clients are built on it; imported here so a start does not pay for it
+
+    failures = (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError, aiohttp.ClientConnectorError)
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, _CONNECT_FAILURES):
+        if isinstance(exc, failures):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
 
 
 def _timed_out(exc: BaseException) -> bool:
+    import httpx
+
+    # litellm.Timeout, without importing litellm for the Ollama provider.
     return isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)) or type(exc).__name__ == "Timeout"
 
 

@@ -16,6 +16,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
+from adiuva_server.chat.status import announce_llm
 from adiuva_server.config import Settings
 from adiuva_server.keys import INFLIGHT, SETTINGS
 from adiuva_server.server_backup import hold_server_lock, remove_leftovers
@@ -140,6 +141,8 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
         if settings.signups_open:
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         print("\n".join(lines), flush=True)
+        # Chat: the LLM's provider and model now; whether it is reachable and pulled once checked.
+        announce_llm(app)
         await stop.wait()
         log.info("shutting down: no new connections; letting requests in flight finish")
         app[INFLIGHT].draining = True
