@@ -203,26 +203,30 @@ def public_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _connect_failed(exc: BaseException) -> bool:
-    """A failure to open a connection at all (refused, no route, no such host), under whatever
-    the client library wrapped it in. A connection that breaks later is an upstream error."""
-    import httpx  # both clients are built on it; imported here so a start does not pay for it
-
-    failures = (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError, aiohttp.ClientConnectorError)
+def _in_chain(exc: BaseException | None, types: tuple[type[BaseException], ...]) -> bool:
+    """Whether `exc` or an exception it was raised from is one of `types` (the client libraries
+    wrap the transport's errors, LiteLLM twice)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, failures):
+        if isinstance(exc, types):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
 
 
+def _connect_failed(exc: BaseException) -> bool:
+    """A failure to open a connection at all (refused, no route, no such host). A connection
+    that breaks later is an upstream error."""
+    import httpx  # both clients are built on it; imported here so a start does not pay for it
+
+    return _in_chain(exc, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError, aiohttp.ClientConnectorError))
+
+
 def _timed_out(exc: BaseException) -> bool:
     import httpx
 
-    # litellm.Timeout, without importing litellm for the Ollama provider.
-    return isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)) or type(exc).__name__ == "Timeout"
+    return _in_chain(exc, (asyncio.TimeoutError, httpx.TimeoutException))
 
 
 # -- Ollama -------------------------------------------------------------------------------------
@@ -257,11 +261,16 @@ class OllamaProvider:
                 return
         raise ValueError("the stream ended before done")
 
-    def unavailable(self, model: str, exc: Exception) -> errors.LLMUnavailable:
+    def _unreachable(self, exc: Exception) -> errors.LLMUnavailable | None:
         # ollama turns a refused connection into a bare ConnectionError (not when streaming).
         if _connect_failed(exc) or type(exc) is ConnectionError:
             return errors.LLMUnavailable(f"Ollama is not reachable at {self.where} (OLLAMA_HOST); is it running?",
                                          cause=UNREACHABLE)
+        return None
+
+    def unavailable(self, model: str, exc: Exception) -> errors.LLMUnavailable:
+        if unreachable := self._unreachable(exc):
+            return unreachable
         if isinstance(exc, self._response_error) and exc.status_code == 404:  # Ollama: model not found
             return self._missing(model)
         if _timed_out(exc):
@@ -284,7 +293,8 @@ class OllamaProvider:
                 problem = errors.LLMUnavailable(f"Ollama at {self.where} did not answer within {PROBE_TIMEOUT:g} s",
                                                 cause=TIMEOUT)
             else:
-                problem = self.unavailable("its models", exc)
+                problem = self._unreachable(exc) or errors.LLMUnavailable(
+                    f"Ollama at {self.where} did not list its models ({type(exc).__name__}); see its log", cause=UPSTREAM_ERROR)
             return dict.fromkeys(models, Availability.of(problem))
         pulled = {m.model for m in listed.models if m.model}
         return {m: Availability(True) if m in pulled or f"{m}:latest" in pulled else Availability.of(self._missing(m))
