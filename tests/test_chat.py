@@ -351,6 +351,18 @@ async def test_no_api_key_names_the_variable_and_never_shows_a_key(aiohttp_clien
     assert key not in json.dumps(body) and ROUTER_PROMPT[:40] not in json.dumps(body)
 
 
+async def test_litellm_provider_unreachable_says_where(aiohttp_client, data_dir, fake, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-real")
+    base = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    settings = chat_settings(data_dir, fake, llm_model="openai/gpt-fake", llm_router_model="openai/gpt-fake",
+                             llm_api_base=base, llm_timeout=30.0)
+    client = await aiohttp_client(create_app(settings))
+    account = await register(client)
+    resp = await client.post("/api/v1/chat", json={"message": "hi"}, headers=account.headers)
+    body = await assert_unavailable(resp, time.monotonic(), 30, "unreachable")
+    assert body["detail"] == f"{base} is not reachable for openai/gpt-fake"
+
+
 async def test_chat_models_checks_are_cached_shared_and_never_block(aiohttp_client, data_dir, fake):
     client = await aiohttp_client(create_app(chat_settings(data_dir, fake, llm_models=("ollama/big", "ollama/small"),
                                                            llm_status_ttl=0.5)))
@@ -457,6 +469,21 @@ async def test_ws_errors_after_the_upgrade_are_frames_or_close_codes(server_proc
     log = [line for line in "".join(server.output).splitlines() if '"GET /api/v1/chat/stream"' in line]
     assert [line.split('"GET /api/v1/chat/stream" ')[1].split()[0] for line in log] == ["101", "101", "101", "429"]
     assert "Traceback" not in "".join(server.output)
+
+
+async def test_a_bug_after_the_upgrade_is_close_1011_not_an_http_answer(client, account, fake, monkeypatch, caplog):
+    from adiuva_server.chat import routes
+
+    def broken(result):
+        raise ValueError("a bug in shaping the last frame")
+
+    monkeypatch.setattr(routes, "_final", broken)
+    ws = await ws_chat(client, account, "hi")
+    msg = await ws.receive(timeout=10)
+    while msg.type == aiohttp.WSMsgType.TEXT:  # the streamed text came before the bug
+        msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1011
+    assert "chat stream: unexpected error" in caplog.text and "unhandled error in GET" not in caplog.text
 
 
 async def test_serve_banner_says_the_llm_state_without_waiting_for_it(server_process, fake):

@@ -18,6 +18,7 @@ the environment) with a short timeout, cached a few seconds, one check at a time
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -164,6 +165,10 @@ class LLM:
 
     async def _check(self) -> dict[str, Availability]:
         models = list(dict.fromkeys((*self.settings.chat_models, self.settings.llm_router_model)))
+        if self._ollama is None and any(m.startswith(OLLAMA_PREFIX) for m in models):
+            # The serve banner's check comes right after the start: ollama's ~0.5 s of imports
+            # happen in a thread, not on the event loop that already serves requests.
+            await asyncio.to_thread(importlib.import_module, "ollama")
         by_provider: dict[Provider, list[str]] = {}
         for model in models:
             provider, name = self.provider(model)
