@@ -1021,6 +1021,8 @@ async def test_serve_logs_neither_tokens_nor_query_strings(server_process, fake)
     out = "".join(server.output)
     assert '"GET /api/v1/health" 200' in out and '"GET /api/v1/chat/stream" 101' in out  # the access log ran
     assert "SECRET-IN-QUERY" not in out and token not in out and "token=" not in out
-    # Nor did httpx log the provider's URL: only the banner names it (without credentials).
-    assert "HTTP Request" not in out and [line for line in out.splitlines() if fake.url in line] == [
-        f"  LLM ollama/fake: Ollama at {fake.url}; checking it...", f"  LLM ollama/fake-router: Ollama at {fake.url}; checking it..."]
+    # Nor did httpx log the provider's URL: only the banner names it (without credentials). (The
+    # banner's lines after the first URL may be missing here: ServerProcess.stop reads the pipe
+    # itself, past what readline had buffered.)
+    assert "HTTP Request" not in out
+    assert all(line.startswith("  LLM ollama/fake") for line in out.splitlines() if fake.url in line)
