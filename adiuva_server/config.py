@@ -82,6 +82,9 @@ class Settings:
     # plans (plan-mode answers, built plans) kept in memory per account, its oldest dropped first.
     chat_max_sockets: int = 4
     chat_max_plans_per_user: int = 50
+    # How long GET /chat/models (and the serve banner) trust their last check of the providers,
+    # so the app's polling does not ask Ollama every time. Not read from the environment.
+    llm_status_ttl: float = 5.0
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     shutdown_timeout: float = 15.0

@@ -186,8 +186,24 @@ class MetricMismatch(InvalidVector):
     code = "metric_mismatch"
     title = "Metric does not match the collection"
 class LLMUnavailable(ServiceUnavailable):
+    """`cause` (a problem field too) says why, for programs: unreachable, model_missing,
+    litellm_missing, no_api_key, timeout or upstream_error (chat/llm.py); the detail says it
+    for people, and what to do."""
+
     code = "llm_unavailable"
     title = "The language model is unavailable"
+
+    def __init__(self, detail: str | None = None, *, cause: str = "upstream_error", model: str | None = None,
+                 **kw: Any) -> None:
+        extra = kw.pop("extra", None) or {}
+        extra["cause"] = cause
+        if model is not None:
+            extra["model"] = model
+        super().__init__(detail, extra=extra, **kw)
+
+    @property
+    def cause(self) -> str:
+        return self.extra["cause"]
 
 
 class ActiveBatchLimit(QuotaExceeded):

@@ -1,6 +1,7 @@
 """A local stand-in for LLM providers, scripted per test: one aiohttp server on 127.0.0.1 that
-speaks Ollama's /api/chat (NDJSON streaming, tools) and OpenAI's /v1/chat/completions (SSE
-streaming, tools), so the real `ollama` and `litellm` clients talk to it over a real socket."""
+speaks Ollama's /api/chat (NDJSON streaming, tools) and /api/tags (the pulled models), and
+OpenAI's /v1/chat/completions (SSE streaming, tools), so the real `ollama` and `litellm` clients
+talk to it over a real socket. Like Ollama, it answers 404 for a model it has not pulled."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 ROUTER_OPENER = "Classify which assistant"
+PULLED = ("fake", "fake-router", "big", "small")  # the Ollama models the tests use
 
 
 @dataclass
@@ -42,6 +44,9 @@ class FakeLLM:
         self.router_requests: list[dict] = []
         self.disconnected = asyncio.Event()
         self.chunks_sent = 0
+        self.pulled: set[str] = set(PULLED)  # Ollama model names, without ":latest"
+        self.tags_requests = 0
+        self.tags_gate: asyncio.Event | None = None  # /api/tags waits for it when set
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -51,6 +56,7 @@ class FakeLLM:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/api/chat", self._ollama)
+        app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/v1/chat/completions", self._openai)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
@@ -91,8 +97,8 @@ class FakeLLM:
             raise
         return resp
 
-    async def _prelude(self, request: web.Request) -> tuple[dict, Reply, web.Response | None]:
-        body = await request.json()
+    async def _prelude(self, request: web.Request, body: dict | None = None) -> tuple[dict, Reply, web.Response | None]:
+        body = await request.json() if body is None else body
         reply = self._next(body)
         if reply.delay:
             await asyncio.sleep(reply.delay)
@@ -102,8 +108,21 @@ class FakeLLM:
             return body, reply, web.Response(text="<html>502 bad gateway, not JSON</html>\n", content_type="application/x-ndjson")
         return body, reply, None
 
+    async def _tags(self, request: web.Request) -> web.Response:
+        self.tags_requests += 1
+        if self.tags_gate is not None:
+            await self.tags_gate.wait()
+        stamp = "2024-01-01T00:00:00Z"
+        return web.json_response({"models": [
+            {"name": f"{n}:latest", "model": f"{n}:latest", "modified_at": stamp, "size": 1, "digest": "0" * 64,
+             "details": {"format": "gguf", "family": "fake", "parameter_size": "1B", "quantization_level": "Q4_0"}}
+            for n in sorted(self.pulled)]})
+
     async def _ollama(self, request: web.Request) -> web.StreamResponse:
-        body, reply, early = await self._prelude(request)
+        body = await request.json()
+        if body["model"].removesuffix(":latest") not in self.pulled:  # Ollama's answer, word for word
+            return web.json_response({"error": f"model '{body['model']}' not found"}, status=404)
+        body, reply, early = await self._prelude(request, body)
         if early is not None:
             return early
         model = body["model"]

@@ -58,7 +58,7 @@ class Served:
             ADIUVA_DEFAULT_TIER="team",
             # Generated traffic is thousands of requests a minute; the limits have their own tests.
             ADIUVA_RATE_LIMITS="free=100000,pro=100000,power=100000,team=100000",
-            OLLAMA_HOST=llm_url,
+            OLLAMA_HOST=llm_url, LLM_MODEL="ollama/fake", LLM_ROUTER_MODEL="ollama/fake-router",
             ADIUVA_LOG_LEVEL="WARNING",
         )
         self._log = log.open("w")

@@ -35,10 +35,20 @@ class ChatReply(pydantic.RootModel[ChatResponse | ExecutionPlan]):
     """A ChatResponse, or in plan mode an ExecutionPlan."""
 
 
+class ModelAvailability(pydantic.BaseModel):
+    available: bool
+    cause: Literal["unreachable", "model_missing", "litellm_missing", "no_api_key", "timeout", "upstream_error"] | None = (
+        pydantic.Field(None, description="Why not, as llm_unavailable problems say it."))
+    reason: str | None = pydantic.Field(None, description="Why not, and what the server's admin can do about it.")
+
+
 class ChatModels(pydantic.BaseModel):
     default: str
     models: list[str] = pydantic.Field(description="Models this account may pick per request.")
     agents: list[str] = pydantic.Field(description="Agents this account may use.")
+    availability: dict[str, ModelAvailability] = pydantic.Field(
+        default_factory=dict, description="For each of `models`: whether it can answer now (checked against its provider "
+        "a few seconds ago at most; for LiteLLM models: installed and the provider's key set, no request is made).")
 
 
 class PlaybookList(pydantic.BaseModel):

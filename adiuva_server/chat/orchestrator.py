@@ -13,7 +13,7 @@ from typing import Any
 from adiuva_server import errors, tiers
 from adiuva_server.chat.agents import AgentRegistry, AgentResult, ChatAgent, Emit, registry
 from adiuva_server.chat.batches import BatchStore
-from adiuva_server.chat.llm import LLM
+from adiuva_server.chat.llm import LLM, Availability
 from adiuva_server.chat.models import BatchResult, ChatRequest, ChatResponse, PlanRunRequest
 from adiuva_server.chat.plans import ExecutionPlan, ExecutionPlanBuilder, PlanCache, PlanSpec, builtin_playbooks, parse_items
 from adiuva_server.chat.prompts import ROUTER_PROMPT, SYNTHESIS_PROMPT, PromptTemplateRegistry
@@ -47,6 +47,11 @@ class Orchestrator:
     def models_for(self, tier: str) -> list[str]:
         models = self.settings.chat_models
         return list(models) if tiers.limit(tier, "llm_providers") is None else [models[0]]
+
+    async def availability(self, tier: str) -> dict[str, Availability]:
+        """Whether each model of `models_for(tier)` can answer now."""
+        known = await self.llm.availability()
+        return {m: known[m] for m in self.models_for(tier)}
 
     def pick_model(self, tier: str, requested: str | None) -> str:
         if requested is None or requested == self.settings.llm_model:

@@ -18,8 +18,8 @@ from adiuva_server import errors
 from adiuva_server.chat.batches import SQLiteBatchStore
 from adiuva_server.chat.llm import LLM
 from adiuva_server.chat.models import (
-    BatchInfo, BatchList, BatchResult, ChatModels, ChatReply, ChatRequest, ChatResponse, PlanRunRequest, PlaybookList,
-    StreamQuery,
+    BatchInfo, BatchList, BatchResult, ChatModels, ChatReply, ChatRequest, ChatResponse, ModelAvailability, PlanRunRequest,
+    PlaybookList, StreamQuery,
 )
 from adiuva_server.chat.orchestrator import Orchestrator
 from adiuva_server.chat.plans import ExecutionPlan, PlanSpec, PlaybookSummary
@@ -76,8 +76,9 @@ async def chat(request: web.Request, body: ChatRequest) -> ChatResponse | Execut
 @api.get("/chat/models", summary="The models and agents this account may use", response=ChatModels, errors=(401,))
 async def chat_models(request: web.Request) -> ChatModels:
     who, chat = principal(request), request.app[CHAT]
-    return ChatModels(default=chat.settings.llm_model, models=chat.models_for(who.tier),
-                      agents=[a.name for a in chat.agents_for(who.tier)])
+    available = await chat.availability(who.tier)
+    return ChatModels(default=chat.settings.llm_model, models=list(available), agents=[a.name for a in chat.agents_for(who.tier)],
+                      availability={m: ModelAvailability(**vars(a)) for m, a in available.items()})
 
 
 @api.get("/chat/stream", summary="Streaming chat over a WebSocket (token as ?token= or Authorization)",
@@ -85,9 +86,10 @@ async def chat_models(request: web.Request) -> ChatModels:
 async def chat_stream(request: web.Request, query: StreamQuery) -> web.WebSocketResponse:
     token = _ws_token(request, query.token)
     # Before the upgrade, so these get a plain problem answer: a bad token 401, an account over
-    # its request limit or with all its sockets open 429.
+    # its request limit or with all its sockets open 429. Opening counts as a request (the rate
+    # limit middleware does not see this route: its token may come in the query).
     who = request.app[AUTH].authenticate_token(token)
-    await _check_rate(request, who)
+    await _count(request, who)
     limit, sockets = request.app[SETTINGS].chat_max_sockets, request.app[WS_OPEN]
     if sockets[who.id] >= limit:
         raise errors.TooManyConnections(WS_RETRY_AFTER, f"at most {limit} chat streams may be open per account; close one first")
@@ -155,6 +157,7 @@ async def _converse(request: web.Request, ws: web.WebSocketResponse, token: str)
     auth, chat = request.app[AUTH], request.app[CHAT]
     inbox = _Inbox(request, token)
     receive: asyncio.Task | None = None
+    answer: asyncio.Task | None = None
     try:
         while True:
             if not inbox:
@@ -195,6 +198,12 @@ async def _converse(request: web.Request, ws: web.WebSocketResponse, token: str)
                         return
             try:
                 result = answer.result()
+            except errors.LLMUnavailable as exc:
+                # The model will not answer the next message either: say why, then close with
+                # 1013 (try again later) so the app shows the cause and reconnects later.
+                await _send_error(ws, exc)
+                await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=f"llm_unavailable: {exc.cause}".encode())
+                return
             except errors.AdiuvaError as exc:
                 await _send_error(ws, exc)
                 continue
@@ -206,9 +215,15 @@ async def _converse(request: web.Request, ws: web.WebSocketResponse, token: str)
                 await _send_error(ws, errors.AdiuvaError("an unexpected error occurred; see the server log"))
                 continue
             await ws.send_str(_final(result))
+    except (ConnectionResetError, RuntimeError) as exc:  # the socket went away mid-send
+        log.info("chat stream closed while sending: %s", type(exc).__name__)
+    except Exception:  # after the upgrade no HTTP answer is possible (it would reach the access log): a close code
+        log.exception("chat stream: unexpected error")
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"unexpected server error; see the server log")
     finally:
-        if receive is not None:
-            receive.cancel()
+        for task in (receive, answer):
+            if task is not None and not task.done():
+                task.cancel()  # an answer cancelled closes its upstream response
         await ws.close()
 
 
@@ -227,20 +242,14 @@ def _ws_token(request: web.Request, token: str | None) -> str:
     raise errors.Unauthorized("pass the access token as ?token=<jwt> or an Authorization: Bearer header")
 
 
-async def _count(request: web.Request, who, *, hit: bool = True) -> None:
-    """Each message on the socket counts against the per-minute limit like a request (when it
-    arrives, not when its turn comes). `hit=False`: only check that one more would fit."""
+async def _count(request: web.Request, who) -> None:
+    """Opening the socket and each message on it count against the per-minute limit like a
+    request (a message when it arrives, not when its turn comes). The one call into the store."""
     settings, store = request.app[SETTINGS], request.app[RATE_LIMITS]
-    decide = store.hit if hit else store.check
-    decision = await decide(f"user:{who.id}", settings.rate_limits[who.tier], settings.rate_window_seconds)
+    decision = await store.hit(f"user:{who.id}", settings.rate_limits[who.tier], settings.rate_window_seconds)
     if not decision.allowed:
         raise errors.RateLimited(decision.retry_after, f"limit of {decision.limit} requests per minute reached",
                                  headers=decision.headers())
-
-
-async def _check_rate(request: web.Request, who) -> None:
-    """Opening a socket is not a request, but an account over its limit may not open one."""
-    await _count(request, who, hit=False)
 
 
 def _parse(msg) -> ChatRequest:
@@ -261,7 +270,7 @@ def _final(result: ChatResponse | ExecutionPlan) -> str:
 async def _send_error(ws: web.WebSocketResponse, exc: errors.AdiuvaError) -> None:
     if exc.status >= 500:
         log.warning("chat stream: %s", exc.detail)
-    error = {"status": exc.status, "code": exc.code, "title": exc.title, "detail": exc.detail}
+    error = {"status": exc.status, "code": exc.code, "title": exc.title, "detail": exc.detail, **exc.extra}
     if "Retry-After" in exc.headers:
         error["retry_after"] = exc.headers["Retry-After"]
     with contextlib.suppress(ConnectionResetError, RuntimeError):

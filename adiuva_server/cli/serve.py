@@ -16,6 +16,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from adiuva_server import __version__, discovery, tls
 from adiuva_server.app import create_app
+from adiuva_server.chat.status import announce_llm
 from adiuva_server.config import Settings
 from adiuva_server.http.accesslog import EscapingFormatter
 from adiuva_server.http.protocol import Runner, raise_open_files_limit
@@ -145,6 +146,8 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         lines.append(new_accounts_line(settings))
         print("\n".join(lines), flush=True)
+        # Chat: the LLM's provider and model now; whether it is reachable and pulled once checked.
+        announce_llm(app)
         # LAN discovery (mDNS): announced in the background, withdrawn first thing at stop.
         announcer = discovery.start(settings, port, "https" if ssl_context else "http", pin, lan_addresses)
         try:
