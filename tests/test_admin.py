@@ -17,7 +17,7 @@ import pytest
 from adiuva_server import server_backup
 from adiuva_server.app import create_app
 from adiuva_server.keys import ROUTES, SETTINGS
-from tests.conftest import make_settings, register, run_cli
+from tests.conftest import free_port, make_settings, register, run_cli
 
 # Generous limits, one per tier, so a tier change shows in X-RateLimit-Limit.
 FAST = {"rate_limits": {"free": 10_001, "pro": 10_002, "power": 10_003, "team": 10_004}}
@@ -296,7 +296,10 @@ async def test_delete_a_user(client, admin, user):
 # -- the server ---------------------------------------------------------------------------------
 
 
-async def test_status(client, admin):
+async def test_status(aiohttp_client, data_dir):
+    # Ollama configured on a port where nothing listens: the status says so, with the cause.
+    client = await aiohttp_client(create_app(make_settings(data_dir, ollama_host=f"http://127.0.0.1:{free_port()}", **FAST)))
+    admin = await register(client, "ada@example.org")
     resp = await client.get("/api/v1/admin/status", headers=admin.headers)
     status = await resp.json()
     from adiuva_server import __version__
@@ -306,6 +309,8 @@ async def test_status(client, admin):
     assert status["counts"] == {"users": 1, "records": 0, "vectors": 0}
     assert status["database_bytes"] > 0 and status["default_tier"] == "team"
     assert status["llm"]["provider"] == "ollama" and status["llm"]["model"] == "ollama/llama3.2"
+    checked = status["llm"]["availability"]["ollama/llama3.2"]
+    assert checked["available"] is False and checked["cause"] == "unreachable" and "127.0.0.1" in checked["reason"]
     assert status["license"] == {"licensed": False, "state": "homelab mode"}
 
 

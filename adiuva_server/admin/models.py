@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adiuva_server.admin.store import UserWithUsage
 from adiuva_server.auth.models import Tier
+from adiuva_server.chat.models import ModelAvailability
 
 MAX_PAGE_SIZE = 200
 
@@ -87,6 +88,8 @@ class Llm(BaseModel):
     model: str
     router_model: str
     models: list[str]
+    availability: dict[str, ModelAvailability] = Field(
+        description="each configured model: whether it can be used now, and if not why (cached a few seconds)")
 
 
 class License(BaseModel):

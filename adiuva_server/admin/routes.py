@@ -17,7 +17,8 @@ from adiuva_server.admin.models import (
 )
 from adiuva_server.admin.service import AdminService
 from adiuva_server.http.auth import principal
-from adiuva_server.keys import ADMIN, AUTH, DB, HASHER, SETTINGS, STORAGE, VECTORS
+from adiuva_server.chat.models import ModelAvailability
+from adiuva_server.keys import ADMIN, AUTH, CHAT, DB, HASHER, SETTINGS, STORAGE, VECTORS
 from adiuva_server.http.routing import Api
 
 
@@ -129,7 +130,8 @@ async def status(request: web.Request) -> Status:
         storage_bytes=counts.storage_bytes, backup_bytes=counts.backup_bytes,
         database_bytes=service.database_bytes(), default_tier=settings.default_tier,
         llm=Llm(provider=provider, model=settings.llm_model, router_model=settings.llm_router_model,
-                models=list(settings.chat_models)),
+                models=list(settings.chat_models),
+                availability={m: ModelAvailability(**vars(a)) for m, a in (await request.app[CHAT].llm.availability()).items()}),
         license=License(licensed=settings.licensed, state="licensed" if settings.licensed else "homelab mode"),
     )
 
