@@ -1,14 +1,12 @@
-"""An in-memory mirror of large collections for exact k-NN with numpy (BLAS).
+"""In-memory float32 copies of searched collections for exact k-NN with numpy (BLAS).
 
-Why: the sqlite-vec 0.1.9 wheel is built without SIMD, and its KNN copies every chunk of a
-partition out of SQLite's pages on each query: a 100k x 384 search costs ~40 ms here where a
-BLAS matrix-vector product over the same float32 data costs ~7 ms (bench/bench_vectors.py).
-A SIMD build would not close the gap: the per-query copy of the chunks alone costs about as
-much as the whole numpy search.
+Why: a BLAS matrix-vector product over a collection's float32 matrix is the fastest exact
+search here (100k x 384: ~7 ms); reading the same vectors out of SQLite's pages costs ~20x more
+(bench/bench_vectors.py). The database stays the source of truth; a copy is only a cache.
 
-What is kept: for each mirrored collection, keyed by (user id, collection id), its embeddings
-as one float32 matrix exactly as sqlite-vec stores them (unit vectors for cosine), their
-squared norms, their rowids, and the collection's `version` read in the same transaction.
+What is kept: for each copied collection, keyed by (user id, collection id), its embeddings as
+one float32 matrix exactly as stored (unit vectors for cosine), their squared norms and norms,
+their rowids in ascending order, and the collection's `version` read in the same transaction.
 
 Why it cannot serve stale or foreign data (by construction):
 - the key holds the user id and the collection id, and the caller reads the collection's
@@ -17,6 +15,8 @@ Why it cannot serve stale or foreign data (by construction):
 - the version is bumped by triggers in the same transaction as every insert, update or delete
   of vector_items (db/migrations/0005_vector_versions.sql), from one counter that never goes
   back, so an entry can never match a later state, nor a collection id reused later;
+- a write made by this process moves a copy forward (`VectorMirror.advance`) only from exactly
+  the version the write transaction started from, to the version it committed;
 - payloads are fetched `WHERE collection_id = ? AND vec_rowid IN (...)`.
 
 Exact, not approximate: the matrix-vector product ranks by |x|^2 - 2 x.q, whose float32
@@ -24,14 +24,15 @@ rounding error is bounded (see `top_k`); every row that could be among the k nea
 that bound is re-scored directly in float64, and those scores decide the order.
 
 Memory is bounded: entries are evicted least recently used first so that their total size
-stays under `max_bytes`; a collection larger than that is never mirrored (sqlite-vec serves it).
+stays under `max_bytes`; a collection larger than that is never copied (it is scanned from
+the database block by block instead).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -39,31 +40,112 @@ Key = tuple[str, int]  # (user id, collection id)
 
 # Unit roundoff of float32.
 _U32 = 2.0**-24
+# Python and numpy objects of one entry, counted against the budget so that many tiny
+# collections cannot exceed it.
+ENTRY_OVERHEAD = 1024
+# Spare rows allocated when a copy grows by appends (the sync path appends batch after batch).
+GROWTH = 1.25
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+def row_bytes(dimension: int) -> int:
+    return 4 * dimension + 4 + 4 + 8  # x, sq, norm, rowid
+
+
+class _Rows:
+    """Preallocated arrays shared by the successive entries of one collection: an entry sees
+    rows [:n]; appends write past the newest entry's n, which no older entry can see."""
+
+    def __init__(self, capacity: int, dimension: int) -> None:
+        self.x = np.empty((capacity, dimension), dtype=np.float32)
+        self.sq = np.empty(capacity, dtype=np.float32)
+        self.norm = np.empty(capacity, dtype=np.float32)
+        self.rowids = np.empty(capacity, dtype=np.int64)
+        self.used = 0
+        self.lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return len(self.rowids)
+
+    def write(self, at: int, rowids: np.ndarray, x: np.ndarray) -> None:
+        end = at + len(rowids)
+        self.x[at:end] = x
+        sq = np.einsum("ij,ij->i", self.x[at:end], self.x[at:end])
+        self.sq[at:end] = sq
+        self.norm[at:end] = np.sqrt(sq)
+        self.rowids[at:end] = rowids
+
+
 class MirrorEntry:
-    """Immutable once built: a search holding it is never disturbed by eviction or reload."""
+    """Immutable once built: a search holding it is never disturbed by eviction, appends or
+    reloads."""
 
-    version: int
-    rowids: np.ndarray  # int64 (n,)
-    x: np.ndarray  # float32 (n, d), C-contiguous
-    sq: np.ndarray  # float32 (n,): |x|^2
-    norm: np.ndarray  # float32 (n,): |x|
+    __slots__ = ("version", "n", "_rows", "x", "sq", "norm", "rowids")
+
+    def __init__(self, version: int, rows: _Rows, n: int) -> None:
+        self.version = version
+        self.n = n
+        self._rows = rows
+        self.x = rows.x[:n]
+        self.sq = rows.sq[:n]
+        self.norm = rows.norm[:n]
+        self.rowids = rows.rowids[:n]
 
     @classmethod
-    def build(cls, version: int, rowids: np.ndarray, x: np.ndarray) -> MirrorEntry:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        sq = np.einsum("ij,ij->i", x, x)
-        return cls(version, np.asarray(rowids, dtype=np.int64), x, sq, np.sqrt(sq))
+    def build(cls, version: int, rowids: np.ndarray, x: np.ndarray, capacity: int | None = None) -> MirrorEntry:
+        """rowids in ascending order, x float32 (n, d)."""
+        rowids = np.asarray(rowids, dtype=np.int64)
+        n = len(rowids)
+        rows = _Rows(max(n, capacity or 0), x.shape[1])
+        rows.write(0, rowids, x)
+        rows.used = n
+        return cls(version, rows, n)
+
+    @property
+    def dimension(self) -> int:
+        return self.x.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.x.nbytes + self.sq.nbytes + self.norm.nbytes + self.rowids.nbytes
+        return self._rows.capacity * row_bytes(self.dimension) + ENTRY_OVERHEAD
+
+    def changed(self, version: int, rowids: np.ndarray, x: np.ndarray, removed: Iterable[int]) -> MirrorEntry | None:
+        """The entry after a write: rows `rowids` (ascending) set to `x` (replaced where they
+        exist, appended otherwise, new ones above every rowid held), rows `removed` gone.
+        None when the write does not fit what is held (the copy is then dropped)."""
+        rowids = np.asarray(rowids, dtype=np.int64)
+        removed = np.fromiter(removed, dtype=np.int64)
+        pos = np.searchsorted(self.rowids, rowids)
+        held = pos < self.n
+        held[held] = self.rowids[pos[held]] == rowids[held]
+        new = ~held
+        if new.any() and self.n and rowids[new].min() <= self.rowids[-1]:
+            return None  # an insert below a held rowid: not the layout this copy assumes
+        rpos = np.searchsorted(self.rowids, removed)
+        if len(removed) and (np.any(rpos >= self.n) or np.any(self.rowids[np.minimum(rpos, self.n - 1)] != removed)):
+            return None
+        add_ids, add_x = rowids[new], x[new]
+        if not held.any() and not len(removed):  # appends only: share the arrays when we can
+            rows = self._rows
+            with rows.lock:
+                if rows.used == self.n and self.n + len(add_ids) <= rows.capacity:
+                    rows.write(self.n, add_ids, add_x)
+                    rows.used = self.n + len(add_ids)
+                    return MirrorEntry(version, rows, rows.used)
+            n = self.n + len(add_ids)
+            out = MirrorEntry.build(version, np.concatenate([self.rowids, add_ids]),
+                                    np.concatenate([self.x, add_x]), capacity=int(n * GROWTH) + 16)
+            return out
+        keep = np.ones(self.n, dtype=bool)
+        keep[rpos] = False
+        xs = self.x.copy()
+        xs[pos[held]] = x[held]
+        ids = np.concatenate([self.rowids[keep], add_ids])
+        return MirrorEntry.build(version, ids, np.concatenate([xs[keep], add_x]))
 
     def top_k(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The rowids of the k nearest rows to q (float32, (d,)) by L2, nearest first, and
-        their squared L2 distances (float64)."""
+        """The rowids of the k nearest rows to q (float32, (d,)) by L2, nearest first (ties by
+        rowid), and their squared L2 distances (float64)."""
         n, d = self.x.shape
         k = min(k, n)
         if k <= 0:
@@ -87,17 +169,23 @@ class MirrorEntry:
         return self.rowids[cand[order]], d2[order]
 
 
+def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of several exact partial top-k results (rowids, float64 d2), same order rule."""
+    rowids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+    d2 = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float64)
+    order = np.lexsort((rowids, d2))[:k]
+    return rowids[order], d2[order]
+
+
 class VectorMirror:
     """A thread-safe LRU of MirrorEntry by bytes. Searches run on reader threads."""
 
-    def __init__(self, max_bytes: int, min_vectors: int) -> None:
+    def __init__(self, max_bytes: int, min_vectors: int = 1) -> None:
         self.max_bytes = max_bytes
         self.min_vectors = min_vectors
         self._entries: OrderedDict[Key, MirrorEntry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        # (key, version) pairs found too large to mirror: not retried until the version moves.
-        self._too_big: dict[Key, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -108,17 +196,15 @@ class VectorMirror:
 
     @staticmethod
     def estimate_bytes(count: int, dimension: int) -> int:
-        return count * (4 * dimension + 4 + 4 + 8)
+        return count * row_bytes(dimension) + ENTRY_OVERHEAD
 
-    def fits(self, key: Key, version: int, count: int, dimension: int) -> bool:
+    def fits(self, count: int, dimension: int) -> bool:
+        return self.estimate_bytes(count, dimension) <= self.max_bytes
+
+    def room(self) -> int:
+        """Bytes free without evicting anything."""
         with self._lock:
-            if self._too_big.get(key) == version:
-                return False
-        if self.estimate_bytes(count, dimension) > self.max_bytes:
-            with self._lock:
-                self._too_big[key] = version
-            return False
-        return True
+            return self.max_bytes - self._bytes
 
     def get(self, key: Key, version: int) -> MirrorEntry | None:
         """The entry for key if it was read at exactly `version`; a stale entry is dropped."""
@@ -132,15 +218,23 @@ class VectorMirror:
             self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: Key, entry: MirrorEntry) -> bool:
+    def peek(self, key: Key) -> MirrorEntry | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: Key, entry: MirrorEntry, evict: bool = True) -> bool:
+        """Keep `entry` unless a newer copy is held; `evict=False` (background warm-up) only
+        takes free room and never pushes out what searches use."""
         size = entry.nbytes
         with self._lock:
             if size > self.max_bytes:
-                self._too_big[key] = entry.version
                 return False
             old = self._entries.get(key)
             if old is not None and old.version > entry.version:
                 return False  # a newer copy is already there
+            free = self.max_bytes - self._bytes + (old.nbytes if old is not None else 0)
+            if not evict and size > free:
+                return False
             if old is not None:
                 self._drop(key)
             while self._entries and self._bytes + size > self.max_bytes:
@@ -148,6 +242,21 @@ class VectorMirror:
             self._entries[key] = entry
             self._bytes += size
             return True
+
+    def advance(self, key: Key, from_version: int, to_version: int, rowids: np.ndarray, x: np.ndarray,
+                removed: Iterable[int] = ()) -> bool:
+        """After a committed write of this process: move the copy held at exactly
+        `from_version` to `to_version`. Any other copy of the key is dropped."""
+        entry = self.peek(key)
+        if entry is None:
+            return False
+        new = entry.changed(to_version, rowids, x, removed) if entry.version == from_version else None
+        if new is None:
+            with self._lock:
+                if self._entries.get(key) is entry:
+                    self._drop(key)
+            return False
+        return self.put(key, new)
 
     def discard(self, key: Key) -> None:
         with self._lock:
