@@ -163,6 +163,7 @@ class SQLiteVectorStore:
         self.db = db
         self.mirror = mirror if mirror is not None and mirror.enabled else None
         self._warming: asyncio.Task[int] | None = None
+        self._coarse: asyncio.Future[bool] | None = None  # one quantized copy built at a time
 
     async def get_collection(self, user_id: str, name: str) -> Collection | None:
         # An indexed single-row read: cheaper on the event loop than a thread hand-off.
@@ -301,9 +302,18 @@ class SQLiteVectorStore:
 
     async def search(self, collection: Collection, query: bytes, k: int) -> list[Match]:
         # On a pooled reader connection (its own thread): a large search never blocks the loop.
-        return await self.db.run_read(self._search_sync, collection, query, k)
+        matches, entry = await self.db.run_read(self._search_sync, collection, query, k)
+        if entry is not None and entry.wants_coarse:
+            self._attach_coarse(entry)
+        return matches
 
-    def _search_sync(self, conn: Any, coll: Collection, query: bytes, k: int) -> list[Match]:
+    def _attach_coarse(self, entry: MirrorEntry) -> None:
+        """Build the quantized copy of a large entry in the background (searches meanwhile take
+        the BLAS path; an entry replaced in the meantime just loses it)."""
+        if self._coarse is None or self._coarse.done():
+            self._coarse = asyncio.ensure_future(asyncio.to_thread(entry.attach_coarse))
+
+    def _search_sync(self, conn: Any, coll: Collection, query: bytes, k: int) -> tuple[list[Match], MirrorEntry | None]:
         """In one read transaction: the collection's version (for this user), then numpy over
         the current in-memory copy, or over the rows read now, and the payloads."""
         conn.execute("BEGIN")
@@ -311,7 +321,7 @@ class SQLiteVectorStore:
             "SELECT version, count FROM vector_collections WHERE id = ? AND user_id = ?", (coll.id, coll.user_id)
         ).fetchone()
         if row is None:  # deleted since the caller looked it up
-            return []
+            return [], None
         version, count = row
         q = np.frombuffer(query, dtype=np.float32)
         if coll.metric == "cosine":
@@ -329,7 +339,7 @@ class SQLiteVectorStore:
             for ids, block in _read_blocks(conn, coll.id, coll.dimension):
                 best = [merge_top_k([*best, MirrorEntry.build(version, ids, block).top_k(q, k)], k)]
             rowids, d2 = best[0] if best else (np.empty(0, np.int64), np.empty(0))
-        return _matches(conn, coll, rowids, d2)
+        return _matches(conn, coll, rowids, d2), entry
 
     # -- in-memory copies -------------------------------------------------------------------
 
@@ -354,11 +364,17 @@ class SQLiteVectorStore:
         return self.mirror.put(key, _read_entry(conn, coll_id, dimension, count, version), evict=evict)
 
     async def warm(self, collection: Collection) -> bool:
-        """Load the in-memory copy of `collection` now (benchmarks, tests). True when a current
-        copy is in memory afterwards."""
-        if self.mirror is None:
+        """Load the in-memory copy of `collection` now, with its quantized copy when it gets
+        one (benchmarks, tests). True when a current copy is in memory afterwards."""
+        return await self._load((collection.user_id, collection.id), True)
+
+    async def _load(self, key: Key, evict: bool) -> bool:
+        if self.mirror is None or not await self.db.run_read(self._load_sync, key, evict):
             return False
-        return await self.db.run_read(self._load_sync, (collection.user_id, collection.id), True)
+        entry = self.mirror.peek(key)
+        if entry is not None and entry.wants_coarse:
+            await asyncio.to_thread(entry.attach_coarse)
+        return True
 
     def start_warm_up(self) -> asyncio.Task[int]:
         """Load the largest collections into the free part of the budget, one at a time, in
@@ -382,7 +398,7 @@ class SQLiteVectorStore:
                 continue  # another, smaller one may still fit
             budget -= size
             try:
-                if await self.db.run_read(self._load_sync, (user_id, coll_id), False):
+                if await self._load((user_id, coll_id), False):
                     loaded += 1
             except Exception:
                 log.exception("could not load vector collection %s into memory", coll_id)
@@ -391,10 +407,11 @@ class SQLiteVectorStore:
 
     async def close(self) -> None:
         """Stop the warm-up (it holds a database connection while it reads)."""
-        if self._warming is not None:
-            self._warming.cancel()
-            await asyncio.gather(self._warming, return_exceptions=True)
-            self._warming = None
+        for task in (self._warming, self._coarse):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._warming = self._coarse = None
 
 
 async def upgrade_legacy_layout(db: Database) -> int:
