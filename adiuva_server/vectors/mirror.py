@@ -59,6 +59,19 @@ GROWTH = 1.25
 COARSE_MIN_ROWS = 8192
 
 _faiss_module: Any = None
+_faiss_found: bool | None = None
+# One quantized copy built at a time: builds are CPU-heavy and the searches need the cores.
+_build_lock = threading.Lock()
+
+
+def faiss_found() -> bool:
+    """Whether faiss is installed, without importing it (~0.3 s: never in a search's path)."""
+    global _faiss_found
+    if _faiss_found is None:
+        import importlib.util
+
+        _faiss_found = importlib.util.find_spec("faiss") is not None
+    return _faiss_found
 
 
 def faiss_module() -> Any:
@@ -80,7 +93,7 @@ def row_bytes(dimension: int) -> int:
 
 
 def coarse_bytes(n: int, dimension: int) -> int:
-    return n * dimension if n >= COARSE_MIN_ROWS and faiss_module() is not None else 0
+    return n * dimension if n >= COARSE_MIN_ROWS and faiss_found() else 0
 
 
 class Coarse:
@@ -158,7 +171,7 @@ class MirrorEntry:
     """Immutable once built: a search holding it is never disturbed by eviction, appends or
     reloads."""
 
-    __slots__ = ("version", "n", "_rows", "x", "sq", "norm", "rowids", "coarse")
+    __slots__ = ("version", "n", "_rows", "x", "sq", "norm", "rowids", "coarse", "_coarse_tried")
 
     def __init__(self, version: int, rows: _Rows, n: int) -> None:
         self.version = version
@@ -166,6 +179,7 @@ class MirrorEntry:
         self._rows = rows
         # Set once, later, by a background thread (`attach_coarse`): None until then.
         self.coarse: Coarse | None = None
+        self._coarse_tried = False
         self.x = rows.x[:n]
         self.sq = rows.sq[:n]
         self.norm = rows.norm[:n]
@@ -193,12 +207,14 @@ class MirrorEntry:
 
     @property
     def wants_coarse(self) -> bool:
-        return self.coarse is None and coarse_bytes(self.n, self.dimension) > 0
+        return not self._coarse_tried and coarse_bytes(self.n, self.dimension) > 0
 
     def attach_coarse(self) -> bool:
         """Build the quantized copy of exactly these rows (slow: call off the event loop)."""
-        if self.coarse is None:
-            self.coarse = Coarse.build(self.x)
+        with _build_lock:
+            if not self._coarse_tried:
+                self.coarse = Coarse.build(self.x)
+                self._coarse_tried = True
         return self.coarse is not None
 
     def changed(self, version: int, rowids: np.ndarray, x: np.ndarray, removed: Iterable[int]) -> MirrorEntry | None:
@@ -298,7 +314,7 @@ class VectorMirror:
 
     @staticmethod
     def estimate_bytes(count: int, dimension: int) -> int:
-        return count * row_bytes(dimension) + ENTRY_OVERHEAD
+        return count * row_bytes(dimension) + coarse_bytes(count, dimension) + ENTRY_OVERHEAD
 
     def fits(self, count: int, dimension: int) -> bool:
         return self.estimate_bytes(count, dimension) <= self.max_bytes

@@ -32,7 +32,7 @@ import numpy as np
 
 from adiuva_server import errors, quota
 from adiuva_server.db import Database
-from adiuva_server.vectors.mirror import Key, MirrorEntry, VectorMirror, merge_top_k
+from adiuva_server.vectors.mirror import Key, MirrorEntry, VectorMirror, faiss_module, merge_top_k
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +387,7 @@ class SQLiteVectorStore:
         mirror = self.mirror
         if mirror is None:
             return 0
+        await asyncio.to_thread(faiss_module)  # its import takes ~0.3 s: not in a search
         loaded, budget = 0, mirror.max_bytes
         rows = await self.db.fetchall(
             "SELECT user_id, id, count, dimension FROM vector_collections WHERE count >= ? ORDER BY count DESC, id",
