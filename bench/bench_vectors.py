@@ -235,18 +235,31 @@ async def main(a: argparse.Namespace) -> None:
     t = time.perf_counter()
     first = await store.search(coll, queries[0].tobytes(), a.k)
     first_s = time.perf_counter() - t
-    during, during_ok = [], [[m.id for m in first] == exact_ids(x, queries[0], a.k)]
+    during, answers = [], [(queries[0], [m.id for m in first])]
     while not warming.done() and len(during) < 200:
         q = queries[len(during) % len(queries)]
         t = time.perf_counter()
         matches = await store.search(coll, q.tobytes(), a.k)
         during.append(time.perf_counter() - t)
-        during_ok.append([m.id for m in matches] == exact_ids(x, q, a.k))
+        answers.append((q, [m.id for m in matches]))
     await warming
     warm_s = time.perf_counter() - t0
-    print(f"restart            : first search {first_s * 1e3:.0f} ms (target < 300: {verdict(first_s < 0.3)}); "
-          f"{len(during)} searches during the {warm_s:.2f} s warm-up, slowest {max(during, default=0) * 1e3:.0f} ms; "
-          f"all exact: {all(during_ok)}")
+    during_ok = [got == exact_ids(x, q, a.k) for q, got in answers]  # checked afterwards: it is slow
+    print(f"restart            : first search at once {first_s * 1e3:.0f} ms (target < 300: {verdict(first_s < 0.3)}; "
+          f"it reads the rows itself); {len(during)} searches during the {warm_s:.2f} s warm-up, slowest "
+          f"{max(during, default=0) * 1e3:.0f} ms; all exact: {all(during_ok)}")
+    # The same restart, the first search coming once the warm-up is done (a second later, say).
+    await db.close()
+    db = await Database.open(path, synchronous="normal")
+    accounts, store = SQLiteAccountStore(db), new_store(db)
+    t0 = time.perf_counter()
+    await store.start_warm_up()
+    warm_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    first = await store.search(coll, queries[1].tobytes(), a.k)
+    first_s = time.perf_counter() - t
+    print(f"restart            : warm-up {warm_s:.2f} s, then the first search {first_s * 1e3:.1f} ms "
+          f"(target < 300: {verdict(first_s < 0.3)}); exact: {[m.id for m in first] == exact_ids(x, queries[1], a.k)}")
 
     # 2. the target alone
     assert await store.warm(coll)
@@ -276,8 +289,9 @@ async def main(a: argparse.Namespace) -> None:
         crowd_ratio = (pct(crowded, 50) / pct(blas2, 50)) / ratio  # both against numpy at their moment
         print(f"store, {total} total: {fmt(crowded)}   exact: {exact}/{len(queries)}")
         print(f"numpy-blas         : {fmt(blas2)}  (again, same moment)")
-        print(f"ratio {total}-total / {a.target}-total p50 : {pct(crowded, 50) / pct(alone, 50):.2f} raw, "
-              f"{crowd_ratio:.2f} against numpy at each moment  (target <= 1.1: {verdict(crowd_ratio <= 1.1)})")
+        raw = pct(crowded, 50) / pct(alone, 50)
+        print(f"ratio {total}-total / {a.target}-total p50 : {raw:.2f}  (target <= 1.1: {verdict(raw <= 1.1)}); "
+              f"{crowd_ratio:.2f} with each divided by numpy-blas at its moment")
     await db.close()
     n = a.target + a.others
     size = file_bytes(path)
