@@ -25,6 +25,7 @@ TIERS = ("free", "pro", "power", "team")
 DEFAULT_CORS_ORIGINS = ("app://.", "http://localhost:3000", "http://localhost:5173")
 JWT_SECRET_FILE = "jwt_secret"
 MIN_SECRET_BYTES = 32
+MIN_METRICS_TOKEN_BYTES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +39,15 @@ class Settings:
     jwt_algorithm: str = "HS256"
     access_token_minutes: int = 30
     refresh_token_days: int = 30
+    # A refresh token presented again this soon after its rotation (a network retry, two windows
+    # of the app) gets the same successor back instead of revoking its family as a theft.
+    refresh_grace_seconds: int = 10
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     signups_open: bool = True
-    default_tier: str = "free"
+    # No license, homelab mode: the box's disk is the limit, so new accounts get `team` (DESIGN
+    # "Tiers"); a licensed (paid cloud) server gives them `free`. ADIUVA_DEFAULT_TIER decides when set.
+    licensed: bool = False
+    default_tier: str = "team"
     password_min_length: int = 8
     # argon2id cost (OWASP's recommended minimum by default: 19 MiB, t=2, p=1, ~18 ms here).
     argon2_memory_kib: int = 19 * 1024
@@ -104,6 +111,20 @@ class Settings:
     backup_retention: int = 5
     # Deleted records stay in the change feed as tombstones this long (seconds; 0: forever).
     tombstone_retention: float = 90 * 86400.0
+    # Hostile clients (http/protocol.py, http/bodies.py): seconds a connection has to deliver a
+    # complete request head after it opens or after its previous answer (idle keep-alive
+    # connections close after it too); seconds a request body may go without a byte; open
+    # connections in all and from one client address (trusted proxies are not capped).
+    header_timeout: float = 15.0
+    body_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_address: int = 256
+    # Bearer token that /metrics requires; empty: /metrics answers 404.
+    metrics_token: str = dataclasses.field(default="", repr=False)
+    # LAN discovery (mDNS/DNS-SD) by `adiuva serve` (ADIUVA_MDNS: on unless set off), announced on
+    # these local addresses (empty: the LAN addresses the banner prints).
+    mdns: bool = False
+    mdns_interfaces: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -123,6 +144,7 @@ class Settings:
         (they come from CLI flags). Raises ConfigError naming the variable at fault."""
         env = dict(os.environ if environ is None else environ)
         r = _Reader(env)
+        licensed = licensed_mode(env)
         values: dict[str, Any] = {
             "data_dir": Path(
                 env.get("ADIUVA_DATA_DIR") or platformdirs.user_data_dir("adiuva", appauthor=False)
@@ -137,9 +159,11 @@ class Settings:
             "jwt_algorithm": r.choice("JWT_ALGORITHM", "HS256", ("HS256",)),
             "access_token_minutes": r.int("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", 30, 1, 24 * 60),
             "refresh_token_days": r.int("JWT_REFRESH_TOKEN_EXPIRE_DAYS", 30, 1, 365),
+            "refresh_grace_seconds": r.int("ADIUVA_REFRESH_GRACE_SECONDS", cls.refresh_grace_seconds, 0, 60),
             "cors_origins": r.list("CORS_ORIGINS", DEFAULT_CORS_ORIGINS),
             "signups_open": r.choice("ADIUVA_SIGNUPS", "open", ("open", "closed")) == "open",
-            "default_tier": r.choice("ADIUVA_DEFAULT_TIER", "free", TIERS),
+            "licensed": licensed,
+            "default_tier": r.choice("ADIUVA_DEFAULT_TIER", default_tier(licensed), TIERS),
             "password_min_length": r.int("ADIUVA_PASSWORD_MIN_LENGTH", 8, 6, 128),
             "argon2_memory_kib": r.int("ADIUVA_ARGON2_MEMORY_KIB", 19 * 1024, 8 * 1024, 4 * 1024 * 1024),
             "argon2_time_cost": r.int("ADIUVA_ARGON2_TIME_COST", 2, 1, 20),
@@ -168,6 +192,11 @@ class Settings:
             "max_backup_bytes": r.int("ADIUVA_MAX_BACKUP_BYTES", cls.max_backup_bytes, 1, 2**44),
             "max_records_per_user": r.int("ADIUVA_MAX_RECORDS_PER_USER", cls.max_records_per_user, 1, 10**9),
             "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
+            "header_timeout": r.float("ADIUVA_HEADER_TIMEOUT", cls.header_timeout, 0.1, 3600.0),
+            "body_timeout": r.float("ADIUVA_BODY_TIMEOUT", cls.body_timeout, 0.1, 3600.0),
+            "max_connections": r.int("ADIUVA_MAX_CONNECTIONS", cls.max_connections, 16, 1_000_000),
+            "max_connections_per_address": r.int(
+                "ADIUVA_MAX_CONNECTIONS_PER_ADDRESS", cls.max_connections_per_address, 1, 1_000_000),
         }
         values["backup_interval"] = r.duration("ADIUVA_BACKUP_INTERVAL", 0.0)
         values["tombstone_retention"] = r.duration("ADIUVA_TOMBSTONE_RETENTION", cls.tombstone_retention)
@@ -175,6 +204,9 @@ class Settings:
         values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
         values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))
         values["tls"] = r.choice("ADIUVA_TLS", "off", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
+        values["metrics_token"] = r.secret("ADIUVA_METRICS_TOKEN", MIN_METRICS_TOKEN_BYTES)
+        values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
+        values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
             values["data_dir"] = Path(overrides["data_dir"]).expanduser()
@@ -228,6 +260,17 @@ class Settings:
         if len(secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
         return dataclasses.replace(self, jwt_secret=secret)
+
+
+def licensed_mode(env: Mapping[str, str]) -> bool:
+    """Whether this server runs under a valid license: the one place that decides it. There is
+    no licensed mode yet, so every server is in homelab mode (the licensing work replaces this)."""
+    return False
+
+
+def default_tier(licensed: bool) -> str:
+    """The tier of new accounts when ADIUVA_DEFAULT_TIER is not set."""
+    return "free" if licensed else "team"
 
 
 def ensure_data_dir(settings: Settings) -> Settings:
@@ -352,3 +395,20 @@ class _Reader:
             except ValueError:
                 raise ConfigError(f"{name}: {item!r} is not an IP address or network") from None
         return tuple(nets)
+
+    def secret(self, name: str, min_bytes: int) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        if len(raw.encode()) < min_bytes:
+            raise ConfigError(f"{name} must be at least {min_bytes} bytes (e.g. `openssl rand -hex 32`)")
+        return raw
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        out = []
+        for item in self.list(name, ()):
+            try:
+                out.append(str(ipaddress.ip_address(item)))
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} is not an IP address of this host") from None
+        return tuple(out)

@@ -201,3 +201,25 @@ class ActiveBatchLimit(QuotaExceeded):
         headers = kw.pop("headers", {}) or {}
         headers.setdefault("Retry-After", str(self.retry_after))
         super().__init__(detail, headers=headers, **kw)
+
+
+class AdminRequired(Forbidden):
+    code = "admin_required"
+    title = "This needs an admin account"
+
+
+class LastAdmin(Conflict):
+    code = "last_admin"
+    title = "The server must keep an active admin"
+
+
+class UnsupportedContentEncoding(AdiuvaError):
+    status = 415
+    code = "unsupported_content_encoding"
+    title = "Unsupported Content-Encoding"
+
+
+class RequestTimeout(AdiuvaError):
+    status = 408
+    code = "request_timeout"
+    title = "Request timeout"

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from adiuva_server.admin.service import AdminService
     from adiuva_server.auth.passwords import PasswordHasher
     from adiuva_server.auth.service import AuthService
     from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
     from adiuva_server.db import Database
+    from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
@@ -26,8 +28,10 @@ ROUTES = web.AppKey("routes", "list[RouteSpec]")
 VECTORS = web.AppKey("vectors", "VectorService")
 STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
+ADMIN = web.AppKey("admin", "AdminService")
 
 INFLIGHT = web.AppKey("inflight", object)
+METRICS = web.AppKey("metrics", "Metrics")
 
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)

@@ -49,6 +49,7 @@ def chat_settings(data_dir, fake, **kw):
     kw.setdefault("llm_model", "ollama/fake")
     kw.setdefault("llm_router_model", "ollama/fake-router")
     kw.setdefault("llm_timeout", 3.0)
+    kw.setdefault("default_tier", "free")  # these tests are about the free tier's gates
     return make_settings(data_dir, ollama_host=fake.url, **kw)
 
 

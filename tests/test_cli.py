@@ -3,16 +3,19 @@ server runs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 
 import aiohttp
 import pytest
 
 from adiuva_server.db.database import connect
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 
 def users(data_dir) -> list[dict]:
@@ -22,7 +25,7 @@ def users(data_dir) -> list[dict]:
 
 
 def test_user_lifecycle(data_dir):
-    out = run_cli(data_dir, "user", "add", "Ada@Example.org", "--password", "correct horse", "--tier", "pro")
+    out = run_cli(data_dir, "user", "add", "Ada@Example.org", "--password", "correct horse", "--tier", "pro", "--create")
     assert out.returncode == 0, out.stderr
     assert "created ada@example.org (tier pro" in out.stdout
     out = run_cli(data_dir, "user", "add", "bob@example.org")
@@ -31,7 +34,7 @@ def test_user_lifecycle(data_dir):
     assert len(generated) >= 16
     listed = {u["email"]: u for u in users(data_dir)}
     assert listed["ada@example.org"]["tier"] == "pro" and listed["ada@example.org"]["admin"] is True
-    assert listed["bob@example.org"]["tier"] == "free" and listed["bob@example.org"]["admin"] is False
+    assert listed["bob@example.org"]["tier"] == "team" and listed["bob@example.org"]["admin"] is False
 
     assert run_cli(data_dir, "user", "set-tier", "bob@example.org", "team").returncode == 0
     assert run_cli(data_dir, "user", "disable", "bob@example.org").returncode == 0
@@ -46,11 +49,55 @@ def test_user_lifecycle(data_dir):
     assert "ada@example.org" in table.stdout and "pro" in table.stdout
 
 
+def stored_password_is(data_dir, password: str) -> bool:
+    import argon2
+
+    (stored,) = connect(data_dir / "adiuva.db").execute("SELECT password_hash FROM users").fetchone()
+    try:
+        return argon2.PasswordHasher().verify(stored, password)
+    except argon2.exceptions.VerifyMismatchError:
+        return False
+
+
+def run_cli_in_a_terminal(data_dir, *args: str, input: str) -> subprocess.CompletedProcess:
+    """The CLI with a controlling terminal (a pseudo-terminal no one types into), as when run from
+    a shell, and its standard input piped. getpass reads the terminal when there is one."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    try:
+        return subprocess.run([sys.executable, "-m", "adiuva_server", *args], input=input, capture_output=True,
+                              text=True, env=cli_env(data_dir), timeout=30, preexec_fn=take_terminal)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
 def test_passwd_prompts_when_no_password_is_given(data_dir):
-    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
     out = run_cli(data_dir, "user", "passwd", "ada@example.org", input="brand new pw\nbrand new pw\n")
     assert out.returncode == 0, out.stderr
     assert "brand new pw" not in out.stdout
+    assert stored_password_is(data_dir, "brand new pw")
+
+
+def test_passwd_reads_piped_input_even_with_a_terminal(data_dir):
+    """Run from a shell (a terminal attached), piped input is still what it reads; it used to
+    wait on the terminal instead."""
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
+    out = run_cli_in_a_terminal(data_dir, "user", "passwd", "ada@example.org", input="piped new pw\npiped new pw\n")
+    assert out.returncode == 0, out.stderr
+    assert stored_password_is(data_dir, "piped new pw")
+    empty = run_cli_in_a_terminal(data_dir, "user", "passwd", "ada@example.org", input="")
+    assert empty.returncode == 2 and "no password" in empty.stderr
+    assert stored_password_is(data_dir, "piped new pw")
 
 
 @pytest.mark.parametrize(
@@ -68,7 +115,7 @@ def test_passwd_prompts_when_no_password_is_given(data_dir):
     ],
 )
 def test_clear_errors_and_nothing_half_written(data_dir, args, code, message):
-    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
     before = users(data_dir)
     out = run_cli(data_dir, *args)
     assert out.returncode == code, (out.stdout, out.stderr)
@@ -98,7 +145,7 @@ async def test_admin_changes_reach_a_running_server(data_dir, server_process):
         resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
         tokens = await resp.json()
         auth = {"Authorization": f"Bearer {tokens['access_token']}"}
-        assert (await (await http.get("/api/v1/auth/me", headers=auth)).json())["tier"] == "free"
+        assert (await (await http.get("/api/v1/auth/me", headers=auth)).json())["tier"] == "team"
 
         assert run_cli(data_dir, "user", "set-tier", "ada@example.org", "power").returncode == 0
         resp = await http.get("/api/v1/auth/me", headers=auth)
@@ -187,11 +234,46 @@ def test_commands_refuse_a_data_dir_without_a_database(tmp_path):
         out = run_cli(missing, *args)
         assert out.returncode == 2 and "no Adiuva database" in out.stderr, (args, out.stderr)
         assert not missing.exists(), args
-    # `user add` may start one: an admin can create the first account before the first start.
-    assert run_cli(missing, "user", "add", "ada@example.org", "--password", "correct horse").returncode == 0
+    # `user add` too, unless told to start a new server there (the first admin before the first start).
+    out = run_cli(missing, "user", "add", "ada@example.org", "--password", "correct horse")
+    assert out.returncode == 2 and "no Adiuva database" in out.stderr and "--create" in out.stderr, out.stderr
+    assert not missing.exists()
+    out = run_cli(missing, "user", "add", "ada@example.org", "--password", "correct horse", "--admin", "--create")
+    assert out.returncode == 0 and "admin" in out.stdout, out.stderr
     assert run_cli(missing, "user", "list").returncode == 0
+    # On an existing server, --create changes nothing: it adds the account as usual.
+    assert run_cli(missing, "user", "add", "bob@example.org", "--password", "correct horse", "--create").returncode == 0
+    assert [u["email"] for u in users(missing)] == ["ada@example.org", "bob@example.org"]
 
 
 def test_serve_refuses_a_port_out_of_range(data_dir):
     out = run_cli(data_dir, "serve", "--port", "99999")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "65535" in out.stderr
+
+
+async def test_user_delete_while_the_server_runs_and_the_banner_names_the_default_tier(data_dir, server_process):
+    """The CLI deletes through the same code as the admin API. A running server's pins are
+    invisible to it, so objects written in the last hour stay for that server's sweep; every
+    row goes at once, and neither the database nor its WAL holds the email afterwards."""
+    server = server_process()
+    banner = [server.proc.stdout.readline() for _ in range(2)]  # printed with the URLs, after them
+    assert "  New accounts get the team tier (homelab mode; ADIUVA_DEFAULT_TIER changes it" in banner[1], banner
+    email = "eve.cli-7e3b@example.org"
+    async with aiohttp.ClientSession(server.url) as http:
+        resp = await http.post("/api/v1/auth/register", json={"email": "ada@example.org", "password": "correct horse"})
+        assert resp.status == 201
+        resp = await http.post("/api/v1/auth/register", json={"email": email, "password": "correct horse"})
+        auth = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+        data = b"eve's young record"
+        digest = hashlib.sha256(data).hexdigest()
+        resp = await http.post("/api/v1/storage/records?table=notes", data=data, headers={**auth, "X-Checksum": digest})
+        assert resp.status == 201, await resp.text()  # a team account by default: no 402
+
+        out = run_cli(data_dir, "user", "delete", email, "--yes")
+        assert out.returncode == 0, out.stderr
+        assert "0 stored object(s) removed" in out.stdout and "1 object(s) kept" in out.stdout
+        assert (data_dir / "blobs" / "objects" / digest[:2] / digest).exists()
+        assert (await http.get("/api/v1/auth/me", headers=auth)).status == 401
+        stored = b"".join(p.read_bytes() for p in data_dir.glob("adiuva.db*"))
+        assert email.encode() not in stored
+    assert server.stop() == 0

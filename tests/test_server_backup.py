@@ -118,8 +118,8 @@ async def test_backup_under_write_load_restores_everything(tmp_path):
 
 async def test_damaged_archive_is_refused_and_changes_nothing(tmp_path):
     source, target = tmp_path / "source", tmp_path / "target"
-    run_cli(source, "user", "add", "ada@example.org", "--password", "correct horse")
-    run_cli(target, "user", "add", "keep@example.org", "--password", "correct horse")
+    run_cli(source, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
+    run_cli(target, "user", "add", "keep@example.org", "--password", "correct horse", "--create")
     archive = tmp_path / "snap.tar"
     assert run_cli(source, "backup", "create", "--out", str(archive)).returncode == 0
     raw = bytearray(archive.read_bytes())
@@ -196,7 +196,7 @@ async def test_scheduler_writes_and_prunes(tmp_path, data_dir):
 
 
 def test_doctor_finds_and_fixes(tmp_path, data_dir):
-    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
     ok = run_cli(data_dir, "doctor")
     assert ok.returncode == 0 and "all is well" in ok.stdout
     os.chmod(data_dir / "jwt_secret", 0o644)
@@ -247,7 +247,7 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path):
 
 
 def test_leftovers_of_an_interrupted_backup_are_removed(data_dir):
-    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse")
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
     staging = data_dir / ".backup-crashed"
     staging.mkdir()
     (staging / "adiuva.db").write_bytes(b"half a snapshot")

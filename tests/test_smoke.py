@@ -8,4 +8,4 @@ async def test_me(client, account):
     resp = await client.get("/api/v1/auth/me", headers=account.headers)
     assert resp.status == 200, await resp.text()
     body = await resp.json()
-    assert body["email"] == "ada@example.org" and body["tier"] == "free"
+    assert body["email"] == "ada@example.org" and body["tier"] == "team"

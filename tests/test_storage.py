@@ -247,6 +247,7 @@ async def test_requires_authentication(client):
 
 
 async def test_free_tier_has_no_cloud_storage_until_the_admin_changes_it(client, account):
+    await set_tier(client, account.email, "free")
     await problem(await post_record(client, account, b"data"), 402, "quota_exceeded")
     await set_tier(client, account.email, "pro")  # takes effect on the next request
     await created(client, account, b"data")
@@ -436,6 +437,7 @@ async def test_bad_backups_store_nothing(client, pro, account):
     big = os.urandom(MAX_BACKUP + 1)
     await problem(await client.put(BACKUP, data=big, headers=backup_headers(pro, big)), 413, "payload_too_large")
     # The free tier has no backup storage.
+    await set_tier(client, account.email, "free")
     await problem(await client.put(BACKUP, data=data, headers=backup_headers(account, data)), 402, "quota_exceeded")
     assert objects(client) == [] and temporaries(client) == []
     assert (await (await client.get(f"{BACKUP}/history", headers=pro.headers)).json())["items"] == []

@@ -27,7 +27,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> None:
     raise typer.Exit(code)
 
 
-def load_settings(*, existing: bool = False, create: bool = True, **overrides) -> Settings:
+def load_settings(*, existing: bool = False, create: bool = True, missing_hint: str | None = None, **overrides) -> Settings:
     """The settings, with the data dir created if needed (`create=False`: left as it is, for
     commands that only look). `existing=True` (commands that work on a server's data) refuses
     a data dir without a database instead: a mistyped --data-dir must not quietly become a new,
@@ -36,7 +36,8 @@ def load_settings(*, existing: bool = False, create: bool = True, **overrides) -
         settings = Settings.from_env(**overrides)
         if existing and not settings.db_path.exists():
             fail(f"no Adiuva database in {settings.data_dir}; pass the data dir of your server "
-                 "(--data-dir or ADIUVA_DATA_DIR), or start the server there once with adiuva serve", EXIT_USAGE)
+                 "(--data-dir or ADIUVA_DATA_DIR), or " + (missing_hint or "start the server there once with adiuva serve"),
+                 EXIT_USAGE)
         return ensure_data_dir(settings) if create else settings
     except errors.ConfigError as exc:
         fail(exc.detail, EXIT_USAGE)

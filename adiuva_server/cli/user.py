@@ -4,11 +4,12 @@ SQLite transaction; the server reads tier and account state on every request).""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Optional
 
 import typer
 
-from adiuva_server.cli.common import DataDirOption, load_settings, run_with_db
+from adiuva_server.cli.common import EXIT_USAGE, DataDirOption, fail, load_settings, run_with_db
 
 app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 
@@ -21,8 +22,8 @@ def _admin(settings, db):
     return UserAdmin(settings, SQLiteAccountStore(db), PasswordHasher(settings))
 
 
-def _do(data_dir, op, *, existing: bool = True):
-    settings = load_settings(data_dir=data_dir, existing=existing)
+def _do(data_dir, op, *, existing: bool = True, missing_hint: str | None = None):
+    settings = load_settings(data_dir=data_dir, existing=existing, missing_hint=missing_hint)
 
     async def go(db):
         return await op(_admin(settings, db))
@@ -36,11 +37,14 @@ def add(
     password: Annotated[Optional[str], typer.Option(help="The password; generated and printed once when omitted.")] = None,
     tier: Annotated[Optional[str], typer.Option(help="free, pro, power or team (default: ADIUVA_DEFAULT_TIER).")] = None,
     admin: Annotated[bool, typer.Option("--admin", help="Make the user an admin.")] = False,
+    create: Annotated[bool, typer.Option("--create", "--init", help="Start a new server's data dir here if it has no database (the first admin, before the first start).")] = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Create an account."""
-    # The one command that may start a data dir: an admin can create the first account first.
-    user, generated = _do(data_dir, lambda a: a.add(email, password, tier, admin), existing=False)
+    # Only with --create may it start a data dir (a first admin before the first `serve`): a
+    # mistyped --data-dir must not quietly become a second, empty server.
+    user, generated = _do(data_dir, lambda a: a.add(email, password, tier, admin), existing=not create,
+                          missing_hint="pass --create to start a new server's data dir there")
     typer.echo(f"created {user.email} (tier {user.tier}{', admin' if user.is_admin else ''}) id {user.id}")
     if generated:
         typer.echo(f"password: {generated}")
@@ -74,11 +78,30 @@ def passwd(
     password: Annotated[Optional[str], typer.Option(help="The new password; asked for when omitted.")] = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Set a user's password. Signs the user out everywhere."""
+    """Set a user's password (asked for, or read from piped input, when not given). Signs the
+    user out everywhere and lifts its login back-offs."""
     if password is None:
-        password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+        password = _read_password()
     user = _do(data_dir, lambda a: a.set_password(email, password))
     typer.echo(f"password changed for {user.email}; its sessions were ended")
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+    # Piped input (a script, `echo pw | adiuva user passwd ...`): the hidden prompt would read the
+    # controlling terminal instead (getpass opens /dev/tty), so read the first line of stdin.
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        fail("no password on standard input", EXIT_USAGE)
+    return line
+
+
+@app.command("unlock")
+def unlock(email: str, data_dir: DataDirOption = None) -> None:
+    """Lift a user's login back-off (failed-password throttles), also on a running server."""
+    _do(data_dir, lambda a: a.unlock(email))
+    typer.echo(f"{email.strip().lower()} unlocked: failed sign-ins no longer hold it back")
 
 
 @app.command("set-tier")
@@ -111,5 +134,11 @@ def delete(
     """Delete an account and everything it owns."""
     if not yes:
         typer.confirm(f"Delete {email} and all of its data?", abort=True)
-    _do(data_dir, lambda a: a.delete(email))
-    typer.echo(f"{email.strip().lower()} deleted")
+    from adiuva_server.admin.service import delete_user_from_cli
+
+    settings = load_settings(data_dir=data_dir, existing=True)
+    deletion = run_with_db(settings, lambda db: delete_user_from_cli(settings, db, email))
+    typer.echo(f"{deletion.email} deleted ({deletion.objects_deleted} stored object(s) removed)")
+    if deletion.objects_kept:
+        typer.echo(f"{deletion.objects_kept} object(s) kept: shared with other users, or written in the last hour "
+                   "while the server runs (its next sweep removes those)")

@@ -60,6 +60,9 @@ def connect(path: str | Path, *, synchronous: str = "full", readonly: bool = Fal
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA foreign_keys = ON")
+    # Deleted rows are overwritten with zeros, not left in free pages: a deleted user's email,
+    # ids and payloads must not survive in the file or in a server backup made after.
+    conn.execute("PRAGMA secure_delete = ON")
     conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
     if readonly:
@@ -332,6 +335,16 @@ class Database:
     async def executemany_write(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         async with self.write() as conn:
             await conn.executemany(sql, rows)
+
+    async def checkpoint_truncate(self) -> bool:
+        """Copy the WAL into the database file and truncate the WAL to zero bytes, so page
+        images of deleted rows do not linger in it. Waits (busy_timeout) for readers of older
+        snapshots; False when some were still reading and the WAL could not be emptied."""
+        assert self._writer is not None, "database is closed"
+        async with self._write_lock:
+            async with self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                busy, _log_frames, _copied = await cur.fetchone()
+        return busy == 0
 
     # -- schema -----------------------------------------------------------------------------
 

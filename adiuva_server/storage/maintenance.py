@@ -111,3 +111,19 @@ async def check(db: Database, blobs: FileBlobStore, *, verify_hashes: bool = Tru
     report.temporary = await loop.run_in_executor(None, blobs.temporary_count)
     report.usage_drift = await quota.drift(db)
     return report
+
+
+async def release_now(
+    db: Database, blobs: FileBlobStore, digests: list[str], *, keeper: BlobKeeper | None = None,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+) -> int:
+    """Delete at once those of `digests` that no row references any more (a deleted user's
+    objects), the way `sweep` decides it. Inside the server pass its keeper: its pins hold off
+    any upload of the same bytes in flight, so every unreferenced object goes now. From another
+    process those pins are unseen: objects written in the last `grace_seconds` are left for the
+    server's next sweep (pass 0 only when no server runs on the data dir). Returns how many
+    objects were deleted."""
+    if keeper is not None:
+        return await keeper.release(digests)
+    keeper = BlobKeeper(blobs, SQLiteStorageStore(db))
+    return await keeper.release(digests, older_than=time.time() - grace_seconds if grace_seconds else None)

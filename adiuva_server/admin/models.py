@@ -1,0 +1,124 @@
+"""Request and response models of the admin API (they also generate the OpenAPI document)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adiuva_server.admin.store import UserWithUsage
+from adiuva_server.auth.models import Tier
+
+MAX_PAGE_SIZE = 200
+
+
+class UserQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    q: str | None = Field(default=None, max_length=254, description="part of the email, case-insensitive")
+    page: int = Field(default=1, ge=1, le=10**7)
+    limit: int = Field(default=50, ge=1, le=MAX_PAGE_SIZE)
+
+
+class UsageOut(BaseModel):
+    records: int
+    storage_bytes: int = Field(description="records and vector payloads (the cloud-storage quota)")
+    backup_bytes: int
+    vectors: int
+
+
+class AdminUser(BaseModel):
+    id: str
+    email: str
+    tier: Tier
+    admin: bool
+    disabled: bool
+    created_at: str = Field(description="ISO 8601, UTC")
+    usage: UsageOut
+
+    @classmethod
+    def of(cls, u: UserWithUsage) -> AdminUser:
+        usage = u.usage
+        return cls(id=u.user.id, email=u.user.email, tier=u.user.tier, admin=u.user.is_admin,
+                   disabled=u.user.disabled, created_at=u.user.created_at,
+                   usage=UsageOut(records=usage.records, storage_bytes=usage.storage_bytes,
+                                  backup_bytes=usage.backup_bytes, vectors=usage.vectors))
+
+
+class UserPage(BaseModel):
+    items: list[AdminUser]
+    page: int
+    limit: int
+    total: int
+
+
+class NewUser(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    email: str = Field(min_length=3, max_length=254)
+    password: str | None = Field(default=None, min_length=1, max_length=1024,
+                                 description="omitted: one is generated and returned once")
+    tier: Tier | None = Field(default=None, description="omitted: the server's default tier")
+    admin: bool = False
+
+
+class CreatedUser(AdminUser):
+    password: str | None = Field(description="the generated password (shown only here), or null when one was given")
+
+
+class UserChanges(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tier: Tier | None = None
+    disabled: bool | None = Field(default=None, description="true ends the user's sessions at once")
+    admin: bool | None = None
+    password: str | None = Field(default=None, min_length=1, max_length=1024,
+                                 description="a new password ends the user's sessions at once")
+
+
+class DeletedUser(BaseModel):
+    id: str
+    objects_deleted: int = Field(description="stored objects no one else referenced, deleted at once")
+
+
+class Backends(BaseModel):
+    database: str
+    blobs: str
+    rate_limits: str
+
+
+class Llm(BaseModel):
+    provider: str
+    model: str
+    router_model: str
+    models: list[str]
+
+
+class License(BaseModel):
+    licensed: bool
+    state: str
+
+
+class StatusCounts(BaseModel):
+    users: int
+    records: int
+    vectors: int
+
+
+class Status(BaseModel):
+    version: str
+    uptime_seconds: float
+    backends: Backends
+    counts: StatusCounts
+    storage_bytes: int = Field(description="records and vector payloads, all users")
+    backup_bytes: int = Field(description="desktop backups, all users")
+    database_bytes: int = Field(description="the SQLite file and its WAL")
+    default_tier: Tier
+    llm: Llm
+    license: License
+
+
+class ServerBackup(BaseModel):
+    name: str
+    size_bytes: int
+    created_at: str | None = Field(description="null when the archive's manifest is unreadable")
+    counts: dict[str, int]
+
+
+class ServerBackups(BaseModel):
+    items: list[ServerBackup]
