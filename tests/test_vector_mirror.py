@@ -141,8 +141,8 @@ async def test_deleted_user_is_never_served_from_the_mirror(client, account, dat
     assert {m["id"][0] for m in (await search(client, other, data[0]))["matches"]} == {"b"}
 
 
-async def test_collections_over_the_budget_stay_in_sqlite_vec(client, account):
-    # 1 MiB budget: 700 x 384 float32 is ~1.1 MB, so it is never mirrored, and search still works.
+async def test_collections_over_the_budget_are_scanned_from_the_database(client, account):
+    # 1 MiB budget: 700 x 384 float32 is ~1.1 MB, so it is never copied; searches read it block by block.
     rng = np.random.default_rng(16)
     data = rng.standard_normal((700, 384)).astype(np.float32)
     for start in range(0, 700, 200):
