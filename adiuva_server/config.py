@@ -101,12 +101,11 @@ class Settings:
     vector_max_top_k: int = 100
     vector_max_payload_bytes: int = 64 * 1024
     vector_max_request_bytes: int = 16 * 1024 * 1024
-    # In-memory copies of large vector collections for exact numpy search (vectors/mirror.py):
+    # In-memory copies of searched vector collections for exact numpy search (vectors/mirror.py):
     # at most this many bytes in all (0 turns it off; a 100k x 384 collection takes ~155 MB),
-    # for collections of at least this many vectors (smaller ones are fast in sqlite-vec).
-    # Not read from the environment yet: README.md's settings table must list a variable first.
+    # for collections of at least this many vectors (smaller ones are read from SQLite each time).
     vector_cache_bytes: int = 512 * 1024**2
-    vector_cache_min_vectors: int = 20_000
+    vector_cache_min_vectors: int = 1
     # Encrypted storage (records and backups): body size limits, records per user, and how many
     # backups each user keeps (older ones are deleted when a new one arrives).
     max_record_bytes: int = 64 * 1024**2

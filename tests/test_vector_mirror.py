@@ -3,10 +3,12 @@ stale, never another user's, bounded memory. Real server on a socket, real SQLit
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
-from adiuva_server.keys import VECTORS
+from adiuva_server.keys import DB, VECTORS
 from adiuva_server.vectors.mirror import MirrorEntry, VectorMirror
 from tests.conftest import make_settings, register, run_cli
 from tests.test_vectors import VECTORS as DELETE_URL
@@ -139,8 +141,8 @@ async def test_deleted_user_is_never_served_from_the_mirror(client, account, dat
     assert {m["id"][0] for m in (await search(client, other, data[0]))["matches"]} == {"b"}
 
 
-async def test_collections_over_the_budget_stay_in_sqlite_vec(client, account):
-    # 1 MiB budget: 700 x 384 float32 is ~1.1 MB, so it is never mirrored, and search still works.
+async def test_collections_over_the_budget_are_scanned_from_the_database(client, account):
+    # 1 MiB budget: 700 x 384 float32 is ~1.1 MB, so it is never copied; searches read it block by block.
     rng = np.random.default_rng(16)
     data = rng.standard_normal((700, 384)).astype(np.float32)
     for start in range(0, 700, 200):
@@ -185,3 +187,215 @@ def test_lru_by_bytes_and_versions():
     assert mirror.put(("u3", 3), entry(5)) and not mirror.put(("u3", 3), entry(4))  # never go back
     assert not mirror.put(("big", 9), entry(1, n=1000))  # larger than the whole budget
     assert not VectorMirror(0, 1).enabled
+
+
+# -- issue 15: quantized candidates, copies moved forward by writes, warm-up, the old layout --
+
+def _exact_rowids(x: np.ndarray, q: np.ndarray, k: int, rowids: np.ndarray) -> list[int]:
+    d = np.linalg.norm(x.astype(np.float64) - q.astype(np.float64), axis=1)
+    return rowids[np.lexsort((rowids, d))[:k]].tolist()
+
+
+@pytest.mark.parametrize("case", ["offset", "duplicates", "clustered"])
+def test_quantized_candidates_stay_exact(case):
+    """The 8-bit copy only names candidates; a bound decides whether they suffice. Data where
+    the quantization step dwarfs the gaps (offset), exact ties (duplicates, ordered by rowid) and
+    tight clusters must all come out equal to a float64 brute force."""
+    rng = np.random.default_rng(31)
+    n, d = 12_000, 48
+    if case == "offset":
+        x = (1000.0 + rng.standard_normal((n, d)) * 1e-2).astype(np.float32)
+        queries = (1000.0 + rng.standard_normal((8, d)) * 1e-2).astype(np.float32)
+    elif case == "duplicates":
+        x = np.repeat(rng.standard_normal((n // 150, d)).astype(np.float32), 150, axis=0)
+        queries = x[::1500][:8]
+    else:
+        centres = rng.standard_normal((30, d)).astype(np.float32) * 10
+        x = (centres[rng.integers(0, 30, n)] + rng.standard_normal((n, d)) * 0.05).astype(np.float32)
+        queries = (centres[:8] + rng.standard_normal((8, d)) * 0.05).astype(np.float32)
+    rowids = np.arange(n, dtype=np.int64) * 3 + 1
+    entry = MirrorEntry.build(1, rowids, x)
+    assert entry.attach_coarse() and entry.coarse is not None
+    for q in queries:
+        for k in (1, 10, 100):
+            got, d2 = entry.top_k(q, k)
+            assert got.tolist() == _exact_rowids(x, q, k, rowids)
+            np.testing.assert_allclose(np.sqrt(d2), np.linalg.norm(x[(got - 1) // 3].astype(np.float64) - q, axis=1), rtol=1e-12)
+
+
+async def test_writes_move_the_copy_forward_exactly(client, account):
+    """Inserts, replacements and deletes made by this server update its in-memory copy (no
+    reload), and the answers stay equal to a brute force over what the database holds."""
+    rng = np.random.default_rng(32)
+    data = {f"v{i}": r for i, r in enumerate(rng.standard_normal((120, 8)).astype(np.float32))}
+    await upsert(client, account, [item(k, v) for k, v in data.items()], metric="l2")
+    assert await warm(client, account)
+    store = store_of(client)
+    (key,) = mirrored(client)
+
+    def check_against(q, got):
+        ids = list(data)
+        x = np.stack([data[i] for i in ids])
+        dist = np.linalg.norm(x.astype(np.float64) - q.astype(np.float64), axis=1)
+        assert [m["id"] for m in got] == [ids[i] for i in np.argsort(dist, kind="stable")[:10]]
+
+    loads = []
+    original = store._load_sync
+    store._load_sync = lambda *a: loads.append(a) or original(*a)  # count reloads
+    fresh = {f"n{i}": r for i, r in enumerate(rng.standard_normal((30, 8)).astype(np.float32))}
+    changed = {f"v{i}": r for i, r in enumerate(rng.standard_normal((10, 8)).astype(np.float32))}
+    await upsert(client, account, [item(k, v) for k, v in {**fresh, **changed}.items()])
+    data.update(fresh)
+    data.update(changed)
+    resp = await client.delete(DELETE_URL, json={"ids": [f"v{i}" for i in range(5, 25)]}, headers=account.headers)
+    assert (await resp.json())["deleted"] == 20
+    for i in range(5, 25):
+        del data[f"v{i}"]
+    for q in rng.standard_normal((6, 8)).astype(np.float32):
+        check_against(q, (await search(client, account, q))["matches"])
+    entry = store.mirror.peek(key)
+    assert entry.n == len(data) and loads == []  # moved forward, never re-read
+    coll = await store.get_collection(await user_id(client, account), "default")
+    assert coll.count == len(data)
+
+
+async def test_search_during_warm_up_answers_at_once(aiohttp_client, settings, data_dir):
+    """After a restart the copies load in the background; a search meanwhile reads the rows
+    itself and answers exactly, without waiting for the warm-up (held here on purpose)."""
+    import asyncio
+    import threading
+
+    from adiuva_server.app import create_app
+
+    first = await aiohttp_client(create_app(settings))
+    acct = await register(first)
+    rng = np.random.default_rng(33)
+    data = rng.standard_normal((300, 8)).astype(np.float32)
+    await upsert(first, acct, [item(f"v{i}", r) for i, r in enumerate(data[:150])], metric="l2")
+    await upsert(first, acct, [item(f"v{i}", r) for i, r in enumerate(data[150:], 150)], metric="l2")
+    await first.close()  # the server stops
+
+    release, started = threading.Event(), threading.Event()
+    from adiuva_server.vectors import store as store_module
+
+    original = store_module.SQLiteVectorStore._load_sync
+
+    def held_load(self, conn, key, evict):
+        if not evict:  # the warm-up's loads (warm() evicts): held until the test lets go
+            started.set()
+            assert release.wait(30)
+        return original(self, conn, key, evict)
+
+    store_module.SQLiteVectorStore._load_sync = held_load
+    try:
+        again = await aiohttp_client(create_app(settings))  # the restart: warm-up starts
+        assert await asyncio.to_thread(started.wait, 10)
+        store = store_of(again)
+        assert store.mirror.keys() == []
+        for q in data[:3]:
+            body = await asyncio.wait_for(search(again, acct, q), 10)  # not behind the warm-up
+            ids, _ = brute_force(data, q, 10, "l2")
+            assert [m["id"] for m in body["matches"]] == [f"v{i}" for i in ids]
+        assert len(store.mirror.keys()) == 1  # the search kept what it read
+        assert not store._warming.done()
+    finally:
+        release.set()
+        store_module.SQLiteVectorStore._load_sync = original
+    assert await asyncio.wait_for(store._warming, 10) == 1
+
+
+async def test_warm_up_fills_free_room_largest_first_and_never_evicts(aiohttp_client, data_dir):
+    from adiuva_server.app import create_app
+    from adiuva_server.vectors.mirror import VectorMirror
+
+    # Room for the two largest of three collections of 8 dimensions (row_bytes 48, +1 KiB each).
+    budget = VectorMirror.estimate_bytes(200, 8) + VectorMirror.estimate_bytes(150, 8) + 100
+    settings = make_settings(data_dir, default_tier="pro", vector_max_batch=200, vector_cache_bytes=budget,
+                             rate_limits={"free": 10_000, "pro": 10_000, "power": 10_000, "team": 10_000})
+    first = await aiohttp_client(create_app(settings))
+    acct = await register(first)
+    rng = np.random.default_rng(34)
+    for name, n in (("small", 100), ("large", 200), ("medium", 150)):
+        await upsert(first, acct, [item(f"v{i}", r) for i, r in enumerate(rng.standard_normal((n, 8)))], collection=name)
+    await first.close()
+    again = await aiohttp_client(create_app(settings))
+    store = store_of(again)
+    assert await store._warming == 2
+    uid = await user_id(again, acct)
+    names = {(await store.get_collection(uid, n)).id: n for n in ("small", "large", "medium")}
+    assert {names[c] for _, c in store.mirror.keys()} == {"large", "medium"}
+    assert store.mirror.nbytes <= budget
+
+
+async def test_cache_bound_is_kept_while_every_collection_is_searched(client, account):
+    """1 MiB budget (the fixture): five collections of ~234 KB each cannot all stay; the least
+    recently used go, and every answer stays exact."""
+    rng = np.random.default_rng(35)
+    sets = {f"c{j}": rng.standard_normal((150, 384)).astype(np.float32) for j in range(5)}
+    for name, data in sets.items():
+        await upsert(client, account, [item(f"v{i}", r) for i, r in enumerate(data)], collection=name, metric="l2")
+    store = store_of(client)
+    for _ in range(2):
+        for name, data in sets.items():
+            q = rng.standard_normal(384).astype(np.float32)
+            ids, _ = brute_force(data, q, 5, "l2")
+            body = await search(client, account, q, top_k=5, collection=name)
+            assert [m["id"] for m in body["matches"]] == [f"v{i}" for i in ids]
+            assert store.mirror.nbytes <= store.mirror.max_bytes
+    assert 1 <= len(mirrored(client)) < 5
+
+
+async def test_old_sqlite_vec_layout_is_moved_into_the_new_one(aiohttp_client, settings, data_dir):
+    """A database written before migration 0011 (embeddings in vec0 tables, as the old store
+    wrote them) is converted when the server starts: same answers, same quota, tables gone."""
+    from adiuva_server import quota
+    from adiuva_server.app import create_app
+    from adiuva_server.auth.store import SQLiteAccountStore
+    from adiuva_server.db import Database
+    from adiuva_server.vectors.store import stored_bytes
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = await Database.open(data_dir / "adiuva.db")
+    users = [await SQLiteAccountStore(db).create_user(f"{n}@example.org", "x", "pro", False) for n in ("ada", "bob")]
+    rng = np.random.default_rng(36)
+    sets = {("ada", "notes", "cosine"): rng.standard_normal((70, 6)).astype(np.float32),
+            ("bob", "notes", "l2"): rng.standard_normal((40, 6)).astype(np.float32),
+            ("ada", "wide", "l2"): rng.standard_normal((5, 3)).astype(np.float32)}
+    async with db.write() as conn:
+        for dim in (3, 6):  # what the old store's _ensure_table created
+            await conn.execute(f"CREATE VIRTUAL TABLE vec_f32_{dim} USING vec0(collection_id integer partition key, "
+                               f"embedding float[{dim}], chunk_size=32)")
+            await conn.execute(f"CREATE TRIGGER vec_f32_{dim}_cleanup AFTER DELETE ON vector_items WHEN old.dimension = {dim} "
+                               f"BEGIN DELETE FROM vec_f32_{dim} WHERE rowid = old.vec_rowid; END")
+        for (who, name, metric), x in sets.items():
+            uid = users[0].id if who == "ada" else users[1].id
+            async with conn.execute("INSERT INTO vector_collections (user_id, name, dimension, metric, count) "
+                                    "VALUES (?, ?, ?, ?, ?) RETURNING id", (uid, name, x.shape[1], metric, len(x))) as cur:
+                (cid,) = await cur.fetchone()
+            embed = "vec_normalize(vec_f32(?))" if metric == "cosine" else "vec_f32(?)"
+            for i, r in enumerate(x):
+                p = f"{who}:{name}:{i}".encode()
+                async with conn.execute("INSERT INTO vector_items (collection_id, item_id, dimension, payload, checksum) "
+                                        "VALUES (?, ?, ?, ?, ?) RETURNING vec_rowid",
+                                        (cid, f"v{i}", x.shape[1], p, hashlib.sha256(p).hexdigest())) as cur:
+                    (rowid,) = await cur.fetchone()
+                await conn.execute(f"INSERT INTO vec_f32_{x.shape[1]} (rowid, collection_id, embedding) VALUES (?, ?, {embed})",
+                                   (rowid, cid, r.tobytes()))
+                await quota.apply(conn, uid, "pro", "cloud", stored_bytes(len(p), x.shape[1]))
+    await db.close()
+
+    client = await aiohttp_client(create_app(settings))
+    db = client.app[DB]
+    assert await quota.drift(db) == []
+    assert await db.fetchall("SELECT name FROM sqlite_master WHERE name LIKE 'vec_f32_%'") == []
+    assert (await db.fetchone("SELECT count(*) FROM vector_items WHERE embedding IS NULL"))[0] == 0
+    store = store_of(client)
+    for (who, name, metric), x in sets.items():
+        uid = users[0].id if who == "ada" else users[1].id
+        coll = await store.get_collection(uid, name)
+        for q in rng.standard_normal((3, x.shape[1])).astype(np.float32):
+            ids, dists = brute_force(x, q, 10, metric)
+            got = await store.search(coll, q.tobytes(), 10)
+            assert [m.id for m in got] == [f"v{i}" for i in ids]
+            np.testing.assert_allclose([m.distance for m in got], dists, rtol=1e-5, atol=1e-6)
+            assert {m.payload.split(b":")[0] for m in got} == {who.encode()}

@@ -242,7 +242,6 @@ async def test_cli_user_delete_deletes_their_vectors(client, account, data_dir):
     assert result.returncode == 0, result.stderr
     conn = connect(data_dir / "adiuva.db", readonly=True)
     try:
-        assert conn.execute("SELECT count(*) FROM vec_f32_4").fetchone()[0] == 1
         assert [tuple(r) for r in conn.execute("SELECT item_id FROM vector_items")] == [("b",)]
         assert conn.execute("SELECT count(*) FROM vector_collections").fetchone()[0] == 1
     finally:
@@ -294,3 +293,226 @@ async def test_queries_outside_float32_limits_are_400_not_500(client, account):
     resp = await client.post(SEARCH, json={"values": [1, 0, 0, 0], "top_k": True}, headers=account.headers)
     assert resp.status == 422
     assert [m["id"] for m in (await search(client, account, [1e-14, 0, 0, 0]))["matches"]] == ["a"]
+
+
+# -- values_b64: base64 of little-endian float32 beside JSON numbers (issue 15) ---------------
+
+def b64(values) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+def item_b64(vid: str, values, payload: bytes | None = None) -> dict:
+    out = item(vid, [0.0], payload)
+    del out["values"]
+    return {**out, "values_b64": b64(values)}
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+async def test_values_b64_round_trip_equals_json_numbers(client, account, metric):
+    rng = np.random.default_rng(21)
+    data = rng.standard_normal((100, 16)).astype(np.float32)
+    # Both encodings in one batch, and in separate collections: the same vectors either way.
+    await upsert(client, account, [item_b64(f"v{i}", r) if i % 2 else item(f"v{i}", r) for i, r in enumerate(data[:50])],
+                 metric=metric, collection="mixed")
+    await upsert(client, account, [item_b64(f"v{i}", r) for i, r in enumerate(data[50:], 50)], metric=metric,
+                 collection="mixed")
+    for start in (0, 50):
+        await upsert(client, account, [item(f"v{i}", r) for i, r in enumerate(data[start:start + 50], start)],
+                     metric=metric, collection="json")
+    for q in rng.standard_normal((4, 16)).astype(np.float32):
+        ids, dists = brute_force(data, q, 10, metric)
+        resp = await client.post(SEARCH, json={"values_b64": b64(q), "top_k": 10, "collection": "mixed"},
+                                 headers=account.headers)
+        by_b64 = (await resp.json())["matches"]
+        by_json = (await search(client, account, q, collection="json"))["matches"]
+        assert [m["id"] for m in by_b64] == [m["id"] for m in by_json] == [f"v{i}" for i in ids]
+        assert [m["distance"] for m in by_b64] == [m["distance"] for m in by_json]
+        np.testing.assert_allclose([m["distance"] for m in by_b64], dists, rtol=1e-5, atol=1e-6)
+    # The stored vector is exactly the float32 sent: itself at distance 0.
+    resp = await client.post(SEARCH, json={"values_b64": b64(data[7]), "top_k": 1, "collection": "mixed"},
+                             headers=account.headers)
+    assert [(m["id"], m["distance"]) for m in (await resp.json())["matches"]] == [("v7", 0.0)]
+
+
+def _b64_of(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    "vector, status, code",
+    [
+        ({"values_b64": "not base64!"}, 400, "invalid_vector"),
+        ({"values_b64": _b64_of(b"\x00" * 6)}, 400, "invalid_vector"),  # not 4 bytes a value
+        ({"values_b64": ""}, 400, "invalid_vector"),  # no values
+        ({"values_b64": _b64_of(np.array([1, np.nan], "<f4").tobytes())}, 400, "invalid_vector"),
+        ({"values_b64": _b64_of(np.array([np.inf, 1], "<f4").tobytes())}, 400, "invalid_vector"),
+        ({"values_b64": _b64_of(np.array([1e16, 1], "<f4").tobytes())}, 400, "invalid_vector"),  # > 1e15
+        ({"values_b64": _b64_of(np.array([1e-30, 0], "<f4").tobytes())}, 400, "invalid_vector"),  # cosine zero
+        ({"values_b64": _b64_of(np.ones(4097, "<f4").tobytes())}, 400, "invalid_vector"),
+        ({"values_b64": _b64_of(np.ones(3, "<f4").tobytes())}, 400, "dimension_mismatch"),
+        ({"values_b64": _b64_of(np.ones(2, "<f4").tobytes()), "values": [1.0, 2.0]}, 422, "validation_error"),
+        ({}, 422, "validation_error"),  # neither
+        ({"values_b64": 12}, 422, "validation_error"),
+    ],
+)
+async def test_bad_values_b64_are_problems_and_nothing_is_written(client, account, data_dir, vector, status, code):
+    p = b"p"
+    good = item_b64("a", [1.0, 2.0], p)
+    bad = {"id": "bad", "payload": base64.b64encode(p).decode(), "checksum": hashlib.sha256(p).hexdigest(), **vector}
+    resp = await client.post(UPSERT, json={"vectors": [good, bad]}, headers=account.headers)
+    body = await resp.json()
+    assert (resp.status, body["code"]) == (status, code), body
+    assert resp.content_type == "application/problem+json"
+    if status == 400:
+        assert body["errors"][0]["loc"][:3] == ["body", "vectors", 1]
+    assert (await search(client, account, [1, 2]))["matches"] == []  # vector "a" was not written either
+    assert cloud_usage(data_dir, account.email) == 0
+    # The same value as a query is refused the same way (status and code).
+    await upsert(client, account, [good])
+    query = {k: v for k, v in vector.items()}
+    resp = await client.post(SEARCH, json={**query, "top_k": 3}, headers=account.headers)
+    assert (resp.status, (await resp.json())["code"]) == (status, code)
+
+
+async def test_values_b64_is_in_the_openapi_document(client):
+    doc = await (await client.get("/api/v1/openapi.json")).json()
+    text = json.dumps(doc)
+    assert "values_b64" in text and "little-endian float32" in text
+    schemas = doc["components"]["schemas"]
+    for name in ("VectorIn", "SearchRequest"):
+        assert {"values", "values_b64"} <= set(schemas[name]["properties"]), name
+
+
+# -- exactness at every size, isolation, size on disk (issue 15) ------------------------------
+
+def _exact(data: np.ndarray, q: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+    """float64 brute force over the float32 vectors as stored (l2)."""
+    d = np.linalg.norm(data.astype(np.float64) - q.astype(np.float64), axis=1)
+    order = np.argsort(d, kind="stable")[:k]
+    return [f"v{i}" for i in order], d[order]
+
+
+async def _fill(client, acct, data: np.ndarray, collection: str = "default", metric: str = "l2",
+                payload: bytes | None = None) -> None:
+    for start in range(0, len(data), MAX_BATCH):
+        rows = data[start:start + MAX_BATCH]
+        await upsert(client, acct, [item_b64(f"v{start + i}", r, payload) for i, r in enumerate(rows)],
+                     collection=collection, metric=metric)
+
+
+async def _store_fill(client, acct, data: np.ndarray, collection: str = "default", metric: str = "l2") -> None:
+    """Large collections straight through the store (the HTTP path is covered above)."""
+    from adiuva_server.keys import VECTORS as SERVICE
+    from adiuva_server.vectors.store import NewVector
+
+    me = await (await client.get("/api/v1/auth/me", headers=acct.headers)).json()
+    store = client.app[SERVICE].store
+    for start in range(0, len(data), 1000):
+        batch = []
+        for i, r in enumerate(data[start:start + 1000], start):
+            p = f"sealed:v{i}".encode()
+            batch.append(NewVector(f"v{i}", r.astype(np.float32).tobytes(), p, hashlib.sha256(p).hexdigest()))
+        await store.upsert(me["id"], "pro", collection, metric, data.shape[1], batch)
+
+
+@pytest.mark.parametrize("n", [3, 500, 12_000])
+async def test_search_is_exact_at_every_size(client, account, n):
+    from adiuva_server.keys import VECTORS as SERVICE
+
+    rng = np.random.default_rng(n)
+    data = rng.standard_normal((n, 24)).astype(np.float32)
+    await (_fill if n <= 500 else _store_fill)(client, account, data)
+    store = client.app[SERVICE].store
+    queries = rng.standard_normal((12, 24)).astype(np.float32)
+    for i, q in enumerate(queries):
+        if i == 1 and store._coarse is not None:
+            await store._coarse  # from here on the quantized copy names the candidates
+        body = await search(client, account, q, top_k=10)
+        ids, dists = _exact(data, q, 10)
+        assert [m["id"] for m in body["matches"]] == ids[: min(10, n)]
+        np.testing.assert_allclose([m["distance"] for m in body["matches"]], dists, rtol=1e-12)
+    (entry,) = [store.mirror.peek(k) for k in store.mirror.keys()]
+    assert (entry.coarse is not None) == (n >= 8192)
+
+
+async def test_users_are_isolated_on_every_search_path(client, account, settings):
+    """Same collection name, same ids, same vectors: a large collection (quantized copy), a
+    small one (in-memory copy) and one read from the database (cache off) never mix."""
+    from adiuva_server.keys import VECTORS as SERVICE
+
+    bob = await register(client, "bob@example.org")
+    await client.app[AUTH].store.update_user(bob.email, tier="pro")
+    rng = np.random.default_rng(23)
+    data = rng.standard_normal((9000, 8)).astype(np.float32)
+    await _store_fill(client, account, data)
+    await _fill(client, bob, data[:40], payload=b"bob's")
+    store = client.app[SERVICE].store
+    for q in data[:3]:
+        for _ in range(2):
+            ada = (await search(client, account, q))["matches"]
+            bobs = (await search(client, bob, q))["matches"]
+            assert all(m["payload"] == base64.b64encode(f"sealed:{m['id']}".encode()).decode() for m in ada)
+            assert {m["payload"] for m in bobs} == {base64.b64encode(b"bob's").decode()}
+            assert [m["id"] for m in bobs] == _exact(data[:40], q, 10)[0]
+            assert [m["id"] for m in ada] == _exact(data, q, 10)[0]
+            if store._coarse is not None:
+                await store._coarse
+    mirror, store.mirror = store.mirror, None  # cache off: both read from the database
+    try:
+        assert {m["payload"] for m in (await search(client, bob, data[0]))["matches"]} == {base64.b64encode(b"bob's").decode()}
+        assert [m["id"] for m in (await search(client, account, data[0]))["matches"]] == _exact(data, data[0], 10)[0]
+    finally:
+        store.mirror = mirror
+
+
+async def test_many_small_users_cost_less_than_twice_the_raw_vectors(tmp_path):
+    """200 users x 3 vectors of 384: the file grows by less than 2 x 1,536 B a vector (sqlite-vec
+    chunks cost ~16.9 KB a vector here)."""
+    from adiuva_server.auth.store import SQLiteAccountStore
+    from adiuva_server.db import Database
+    from adiuva_server.vectors.store import NewVector, SQLiteVectorStore
+
+    path = tmp_path / "small.db"
+    db = await Database.open(path, synchronous="normal")
+    users = [(await SQLiteAccountStore(db).create_user(f"u{i}@example.org", "x", "team", False)).id for i in range(200)]
+    await db.close()
+    before = path.stat().st_size
+    db = await Database.open(path, synchronous="normal")
+    store, rng = SQLiteVectorStore(db), np.random.default_rng(24)
+    p = b"p" * 32
+    for uid in users:
+        rows = rng.standard_normal((3, 384)).astype(np.float32)
+        await store.upsert(uid, "team", "default", "cosine", 384,
+                           [NewVector(f"v{i}", r.tobytes(), p, hashlib.sha256(p).hexdigest()) for i, r in enumerate(rows)])
+    await db.close()  # checkpoints the WAL into the file
+    per_vector = (path.stat().st_size - before) / 600
+    assert per_vector < 2 * 1536, per_vector
+
+
+async def test_interleaved_writers_read_back_exactly(client, account):
+    """Three users writing in turns: each collection's rows are spread out (read by index, not
+    by rowid range); each reads back exactly its own, from memory and from the database."""
+    from adiuva_server.keys import VECTORS as SERVICE
+
+    others = [await register(client, f"u{i}@example.org") for i in range(2)]
+    for o in others:
+        await client.app[AUTH].store.update_user(o.email, tier="pro")
+    accts = [account, *others]
+    rng = np.random.default_rng(25)
+    data = [rng.standard_normal((80, 6)).astype(np.float32) for _ in accts]
+    for start in range(0, 80, 10):
+        for acct, x in zip(accts, data, strict=True):
+            await upsert(client, acct, [item(f"v{i}", r, f"{acct.email}:{i}".encode())
+                                        for i, r in enumerate(x[start:start + 10], start)], metric="l2")
+    store = client.app[SERVICE].store
+    for use_cache in (True, False):
+        mirror = store.mirror
+        store.mirror = mirror if use_cache else None
+        try:
+            for acct, x in zip(accts, data, strict=True):
+                q = rng.standard_normal(6).astype(np.float32)
+                matches = (await search(client, acct, q))["matches"]
+                assert [m["id"] for m in matches] == _exact(x, q, 10)[0]
+                assert {base64.b64decode(m["payload"]).split(b":")[0] for m in matches} == {acct.email.encode()}
+        finally:
+            store.mirror = mirror

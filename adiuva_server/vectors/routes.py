@@ -21,7 +21,7 @@ from adiuva_server.vectors.models import (
 )
 from adiuva_server.vectors.mirror import VectorMirror
 from adiuva_server.vectors.service import VectorService
-from adiuva_server.vectors.store import SQLiteVectorStore
+from adiuva_server.vectors.store import SQLiteVectorStore, upgrade_legacy_layout
 
 api = Api("vectors")
 
@@ -29,9 +29,11 @@ api = Api("vectors")
 @api.cleanup_ctx
 async def _vectors(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    await upgrade_legacy_layout(app[DB])  # migration 0011's data step, before anything is served
     mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
-    store = SQLiteVectorStore(app[DB], mirror if mirror.enabled else None)
+    store = SQLiteVectorStore(app[DB], mirror)
     app[VECTORS] = VectorService(settings, store)
+    store.start_warm_up()  # in the background: searches never wait for it
     yield
     await store.close()
 
@@ -54,7 +56,8 @@ async def upsert(request: web.Request, body: UpsertRequest) -> UpsertResponse:
     body=SearchRequest, response=SearchResponse, errors=(400, 401, 422, 429),
 )
 async def search(request: web.Request, body: SearchRequest) -> SearchResponse:
-    matches = await request.app[VECTORS].search(principal(request).id, body.collection, body.values, body.top_k)
+    matches = await request.app[VECTORS].search(principal(request).id, body.collection, body.values, body.top_k,
+                                                body.values_b64)
     return SearchResponse(matches=[
         MatchOut(id=m.id, distance=m.distance, payload=base64.b64encode(m.payload).decode(), checksum=m.checksum)
         for m in matches

@@ -9,9 +9,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-import math
 from array import array
 from collections.abc import Sequence
+
+import numpy as np
 
 from adiuva_server import errors
 from adiuva_server.config import Settings
@@ -28,20 +29,29 @@ MAX_ABS_VALUE = 1e15
 MIN_COSINE_PEAK = 1e-15
 
 
-def to_float32(values: Sequence[float], loc: list[str | int], metric: str | None) -> bytes:
-    """float32 bytes of `values`; 400 when empty, too long, not finite in float32, or a zero
-    vector under cosine (it has no direction)."""
-    n = len(values)
+def to_float32(values: Sequence[float] | None, loc: list[str | int], metric: str | None,
+               values_b64: str | None = None) -> bytes:
+    """float32 bytes (native order) of `values`, or of `values_b64` (base64 of little-endian
+    float32); 400 when not base64, empty, too long, not finite in float32, outside +-1e15, or a
+    zero vector under cosine (it has no direction)."""
+    if values_b64 is not None:
+        try:
+            raw = base64.b64decode(values_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise _invalid("values_b64 is not valid base64", loc) from None
+        if len(raw) % 4:
+            raise _invalid(f"values_b64 must decode to 4 bytes a value, got {len(raw)} bytes", loc)
+        vec = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
+    else:
+        assert values is not None  # the models require exactly one of them
+        # values beyond float32's range become inf here and fail below
+        vec = np.frombuffer(array("f", values).tobytes(), dtype=np.float32)
+    n = len(vec)
     if not 1 <= n <= MAX_DIMENSION:
         raise _invalid(f"a vector needs 1 to {MAX_DIMENSION} values, got {n}", loc)
-    vec = array("f", values)  # values beyond float32's range become inf here and fail below
-    try:
-        total = math.fsum(vec)  # NaN or inf anywhere makes the sum NaN/inf (or raises)
-    except (ValueError, OverflowError):
-        total = math.nan
-    if not math.isfinite(total):
+    if not np.isfinite(vec).all():
         raise _invalid("values must be finite float32 numbers (no NaN, no Infinity, |x| < 3.4e38)", loc)
-    peak = max(max(vec), -min(vec))
+    peak = float(np.abs(vec).max())
     if peak > MAX_ABS_VALUE:  # distances are summed in float32: squares of more overflow
         raise _invalid(f"values must lie within +-{MAX_ABS_VALUE:g}", loc)
     if metric == "cosine" and peak < MIN_COSINE_PEAK:  # its float32 norm would underflow to 0
@@ -64,7 +74,7 @@ class VectorService:
         if len(vectors) > s.vector_max_batch:
             raise _invalid(f"at most {s.vector_max_batch} vectors per upsert, got {len(vectors)}", ["vectors"])
         existing = await self.store.get_collection(user_id, collection)
-        dimension = existing.dimension if existing else len(vectors[0].values)
+        dimension = existing.dimension if existing else None
         effective_metric = existing.metric if existing else (metric or "cosine")
         args = (vectors, dimension, effective_metric, collection, existing is not None)
         # Decoding, float conversion and hashing cost ~10 us a vector: off the event loop
@@ -73,9 +83,10 @@ class VectorService:
             batch = await asyncio.to_thread(self._prepare, *args)
         else:
             batch = self._prepare(*args)
+        dimension = len(batch[0].embedding) // 4
         return await self.store.upsert(user_id, tier, collection, metric, dimension, batch)
 
-    def _prepare(self, vectors: Sequence[VectorIn], dimension: int, effective_metric: str, collection: str,
+    def _prepare(self, vectors: Sequence[VectorIn], dimension: int | None, effective_metric: str, collection: str,
                  existing: bool) -> list[NewVector]:
         """Validate a whole batch before anything is written (all or nothing)."""
         s = self.settings
@@ -86,12 +97,16 @@ class VectorService:
             if v.id in seen:
                 raise _invalid(f"id {v.id!r} appears twice in the batch", [*loc, "id"])
             seen.add(v.id)
-            embedding = to_float32(v.values, [*loc, "values"], effective_metric)
-            if len(v.values) != dimension:
+            field = "values" if v.values_b64 is None else "values_b64"
+            embedding = to_float32(v.values, [*loc, field], effective_metric, v.values_b64)
+            n = len(embedding) // 4
+            if dimension is None:
+                dimension = n
+            if n != dimension:
                 where = f"collection {collection!r} holds" if existing else "this batch starts with"
                 raise errors.DimensionMismatch(
-                    f"vectors[{i}] has {len(v.values)} values; {where} vectors of dimension {dimension}",
-                    extra={"errors": [{"loc": ["body", *loc, "values"], "msg": "dimension mismatch"}], "dimension": dimension},
+                    f"vectors[{i}] has {n} values; {where} vectors of dimension {dimension}",
+                    extra={"errors": [{"loc": ["body", *loc, field], "msg": "dimension mismatch"}], "dimension": dimension},
                 )
             try:
                 payload = base64.b64decode(v.payload, validate=True)
@@ -111,17 +126,19 @@ class VectorService:
             batch.append(NewVector(v.id, embedding, payload, checksum))
         return batch
 
-    async def search(self, user_id: str, collection: str, values: Sequence[float], top_k: int) -> list[Match]:
+    async def search(self, user_id: str, collection: str, values: Sequence[float] | None, top_k: int,
+                     values_b64: str | None = None) -> list[Match]:
         bound = self.settings.vector_max_top_k
         if not 1 <= top_k <= bound:
             raise _invalid(f"top_k must be between 1 and {bound}, got {top_k}", ["top_k"])
         coll = await self.store.get_collection(user_id, collection)
-        query = to_float32(values, ["values"], coll.metric if coll else None)
+        query = to_float32(values, ["values" if values_b64 is None else "values_b64"], coll.metric if coll else None,
+                           values_b64)
         if coll is None:
             return []  # nothing stored (yet) under this name
-        if len(values) != coll.dimension:
+        if len(query) // 4 != coll.dimension:
             raise errors.DimensionMismatch(
-                f"the query has {len(values)} values; collection {collection!r} holds vectors of dimension {coll.dimension}",
+                f"the query has {len(query) // 4} values; collection {collection!r} holds vectors of dimension {coll.dimension}",
                 extra={"dimension": coll.dimension},
             )
         return await self.store.search(coll, query, top_k)

@@ -1,27 +1,21 @@
-"""Vector storage: `VectorStore` is the interface the service uses; `SQLiteVectorStore` keeps
-embeddings in sqlite-vec inside the server's SQLite file. No SQL about vectors lives elsewhere.
+"""Vector storage: `VectorStore` is the async interface the service uses (a pgvector store for
+the PostgreSQL backend implements the same four methods); `SQLiteVectorStore` keeps embeddings
+in the server's SQLite file. No SQL about vectors lives elsewhere.
 
-Layout (see db/migrations/0003_vectors.sql):
-- one `vec0` table per dimension, `vec_f32_<dimension>`, created on demand, partitioned by
-  collection id. A search names its partition, so it reads only that collection's chunks:
-  isolation by construction, and its cost does not grow with other users' data.
-- `vector_items` holds the client's id, the encrypted payload and its checksum, keyed by the
-  embedding's rowid; `vector_collections` maps (user, name) to a partition, its dimension and
-  its metric.
+Layout (db/migrations/0003, 0005, 0011): one table, `vector_items`, holds each vector's client
+id, encrypted payload, checksum and embedding (float32 blob, native byte order; unit vectors for
+cosine) keyed by `vec_rowid`; `vector_collections` maps (user, name) to a collection id, its
+dimension, metric, count and version. A small collection costs its rows and nothing more:
+sqlite-vec's vec0 tables, used before, allocated a whole chunk per collection (16.9 KB a vector
+for 1,000 users x 3 vectors of 384), and its 0.1.9 wheel has no SIMD.
 
-sqlite-vec 0.1.9 traps handled here (DESIGN.md):
-- a partition allocates a whole chunk of `CHUNK_SIZE` slots (default 1024): with per-collection
-  partitions that is what most users pay, so the chunk is small (see CHUNK_SIZE);
-- the chunk lookup by partition scans the whole `_chunks` shadow table (no index), so every
-  insert and search would cost more as other users' data grows: we index it;
-- `INSERT OR REPLACE` is broken: a replaced vector is deleted, then inserted again;
-- `k` is capped at 4096 (the service bounds top_k below it);
-- cosine runs as L2 over unit vectors, sqlite-vec's fastest path: the distance returned is
-  1 - cos = L2^2 / 2, exact up to float32 rounding.
-
-Large collections (`VectorMirror.min_vectors` and up) are searched from an in-memory float32
-copy with numpy when one is current (vectors/mirror.py says why and how it stays exact and
-isolated); otherwise, and while a copy is being read, sqlite-vec serves the search.
+Search: every searched collection gets an in-memory float32 copy within the cache budget
+(vectors/mirror.py: exact numpy search, versioned, keyed by user and collection). Without a
+current copy the search reads the collection's rows in its own read transaction, answers from
+them, and keeps them as the copy when they fit; a collection larger than the whole budget is
+scanned block by block. Writes of this process move a copy forward instead of dropping it.
+After a restart the largest collections are loaded in the background (`warm_up`); a search
+never waits for that: it reads the rows itself when the copy is not there yet.
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ import asyncio
 import json
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,19 +32,17 @@ import numpy as np
 
 from adiuva_server import errors, quota
 from adiuva_server.db import Database
-from adiuva_server.vectors.mirror import Key, MirrorEntry, VectorMirror
+from adiuva_server.vectors.mirror import Key, MirrorEntry, VectorMirror, merge_top_k
 
 log = logging.getLogger(__name__)
 
 MAX_DIMENSION = 4096
-# Slots per chunk. Each partition (collection) allocates at least one chunk of
-# CHUNK_SIZE * dimension * 4 bytes: 32 keeps a 3-vector collection of dim 384 at ~50 KB on
-# disk (1024, sqlite-vec's default, costs 1.5 MB). Measured at 100k x 384 (mmap on): chunks of
-# 8 / 16 / 32 / 64 / 1024 slots search in 52 / 47 / 41 / 39 / 37 ms; 4096 slots upsert 20x slower.
-CHUNK_SIZE = 32
-# Seconds between two loads of one collection into the in-memory mirror.
-RELOAD_INTERVAL = 10.0
 METRICS = ("l2", "cosine")
+# Rows read per step of a scan; also the block of a scan over a collection larger than the
+# cache budget (its memory is bounded by this many rows).
+SCAN_BLOCK = 16384
+# Vectors x dimensions above which normalising a batch leaves the event loop.
+OFFLOAD_VALUES = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,42 +94,88 @@ class VectorStore(Protocol):
         MetricMismatch, QuotaExceeded."""
 
     async def search(self, collection: Collection, query: bytes, k: int) -> list[Match]:
-        """The k nearest vectors of `collection` to `query` (float32 bytes), nearest first."""
+        """The k nearest vectors of `collection` to `query` (float32 bytes), nearest first;
+        exact (equal to a float64 brute force over the stored float32 vectors)."""
 
     async def delete(self, user_id: str, tier: str, name: str, ids: Sequence[str]) -> int:
         """Delete these ids (unknown ones are ignored); returns how many were deleted."""
 
 
-def _table(dimension: int) -> str:
-    if not 1 <= dimension <= MAX_DIMENSION:  # the name is built into SQL: never trust it
-        raise ValueError(f"dimension {dimension} out of range")
-    return f"vec_f32_{dimension}"
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, computed in float64 and rounded once to float32: how cosine
+    vectors (stored and queried alike) are kept."""
+    x64 = x.astype(np.float64)
+    return (x64 / np.linalg.norm(x64, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _knn_sql(table: str, cosine: bool) -> str:
-    return (
-        "SELECT i.item_id, v.distance, i.payload, i.checksum FROM ("
-        f"  SELECT rowid, distance FROM {table}"
-        f"  WHERE embedding MATCH {'vec_normalize(vec_f32(?))' if cosine else 'vec_f32(?)'}"
-        "   AND k = ? AND collection_id = ?"
-        ") v JOIN vector_items i ON i.vec_rowid = v.rowid AND i.collection_id = ? "
-        "ORDER BY v.distance"
-    )
+def _matches(conn: Any, coll: Collection, rowids: np.ndarray, d2: np.ndarray) -> list[Match]:
+    cosine = coll.metric == "cosine"
+    found = {
+        r[0]: r[1:]
+        for r in conn.execute(
+            # Primary-key lookups; `+` keeps the planner off the collection indexes, which would
+            # scan the whole collection.
+            "SELECT vec_rowid, item_id, payload, checksum FROM vector_items "
+            "WHERE vec_rowid IN (SELECT value FROM json_each(?)) AND +collection_id = ?",
+            (json.dumps(rowids.tolist()), coll.id),
+        )
+    }
+    if len(found) != len(rowids):  # cannot happen: rows and version come from one snapshot
+        raise RuntimeError(f"vector copy of collection {coll.id} disagrees with the database")
+    out = []
+    for rowid, dist2 in zip(rowids.tolist(), d2.tolist(), strict=True):
+        item_id, payload, checksum = found[rowid]
+        # cosine: |a - b|^2 / 2 = 1 - cos between unit vectors
+        out.append(Match(item_id, dist2 / 2.0 if cosine else math.sqrt(dist2), payload, checksum))
+    return out
 
 
-def _knn_rows_to_matches(rows: Sequence[Any], cosine: bool) -> list[Match]:
-    # A NULL distance (a vector float32 cannot measure; writes refuse them now) is no match.
-    if cosine:  # L2 between unit vectors -> cosine distance
-        return [Match(r[0], r[1] * r[1] / 2.0, r[2], r[3]) for r in rows if r[1] is not None]
-    return [Match(*r) for r in rows if r[1] is not None]
+def _read_blocks(conn: Any, coll_id: int, dimension: int, count: int):
+    """The collection's (rowids, float32 matrix) in ascending rowid order, SCAN_BLOCK rows at a time."""
+    lo, hi = conn.execute(
+        "SELECT min(vec_rowid), max(vec_rowid) FROM vector_items WHERE collection_id = ?", (coll_id,)
+    ).fetchone()
+    if lo is not None and hi - lo < 2 * count:
+        # Mostly this collection's rows (written together): reading the table in rowid order is
+        # ~2x faster than one index lookup per row.
+        cur = conn.execute(
+            "SELECT vec_rowid, embedding FROM vector_items WHERE vec_rowid BETWEEN ? AND ? AND +collection_id = ? "
+            "AND embedding IS NOT NULL ORDER BY vec_rowid",
+            (lo, hi, coll_id),
+        )
+    else:
+        cur = conn.execute(
+            "SELECT vec_rowid, embedding FROM vector_items WHERE collection_id = ? AND embedding IS NOT NULL "
+            "ORDER BY vec_rowid",
+            (coll_id,),
+        )
+    # One buffer for every block (the caller copies a block before asking for the next): a
+    # fresh 25 MB join per block costs more in page faults than the copy itself.
+    size = 4 * dimension
+    buf = bytearray(SCAN_BLOCK * size)
+    view = memoryview(buf)
+    while rows := cur.fetchmany(SCAN_BLOCK):
+        rowids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        at = 0
+        for r in rows:
+            view[at:at + size] = r[1]
+            at += size
+        yield rowids, np.frombuffer(buf, dtype=np.float32, count=len(rows) * dimension).reshape(len(rows), dimension)
+
+
+def _read_entry(conn: Any, coll_id: int, dimension: int, count: int, version: int) -> MirrorEntry:
+    return MirrorEntry.from_blocks(version, count, dimension, _read_blocks(conn, coll_id, dimension, count))
 
 
 class SQLiteVectorStore:
     def __init__(self, db: Database, mirror: VectorMirror | None = None) -> None:
         self.db = db
-        self.mirror = mirror
-        self._loading: dict[Key, asyncio.Task[None]] = {}
-        self._last_load: dict[Key, float] = {}
+        self.mirror = mirror if mirror is not None and mirror.enabled else None
+        self._warming: asyncio.Task[int] | None = None
+        self._coarse: asyncio.Future[bool] | None = None  # one quantized copy built at a time
+        # Collections whose rows a search is reading now: the warm-up leaves them to it (two
+        # threads reading the same rows would slow that search for nothing).
+        self._reading: set[Key] = set()
 
     async def get_collection(self, user_id: str, name: str) -> Collection | None:
         # An indexed single-row read: cheaper on the event loop than a thread hand-off.
@@ -148,50 +185,77 @@ class SQLiteVectorStore:
         )
         return None if row is None else Collection(*row)
 
+    # -- writes -----------------------------------------------------------------------------
+
     async def upsert(
         self, user_id: str, tier: str, name: str, metric: str | None, dimension: int, vectors: Sequence[NewVector]
     ) -> UpsertResult:
-        table = _table(dimension)
-        ids = json.dumps([v.id for v in vectors])
+        x = np.frombuffer(b"".join(v.embedding for v in vectors), dtype=np.float32).reshape(len(vectors), dimension)
         async with self.db.write() as conn:
-            coll = await self._collection_for_write(conn, user_id, name, metric, dimension)
+            coll, before = await self._collection_for_write(conn, user_id, name, metric, dimension)
+            if coll.metric == "cosine":
+                x = await asyncio.to_thread(unit_rows, x) if x.size > OFFLOAD_VALUES else unit_rows(x)
             async with conn.execute(
-                "SELECT vec_rowid, length(payload) FROM vector_items "
+                "SELECT item_id, vec_rowid, length(payload) FROM vector_items "
                 "WHERE collection_id = ? AND item_id IN (SELECT value FROM json_each(?))",
-                (coll.id, ids),
+                (coll.id, json.dumps([v.id for v in vectors])),
             ) as cur:
-                existing = await cur.fetchall()
+                existing = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
             delta = sum(stored_bytes(len(v.payload), dimension) for v in vectors)
-            delta -= sum(stored_bytes(size, dimension) for _, size in existing)
+            delta -= sum(stored_bytes(size, dimension) for _, size in existing.values())
             await quota.apply(conn, user_id, tier, "cloud", delta)
-            # INSERT OR REPLACE is broken in sqlite-vec 0.1.9: drop the old embedding first.
-            await conn.executemany(f"DELETE FROM {table} WHERE rowid = ?", [(r,) for r, _ in existing])
-            await conn.executemany(
-                "INSERT INTO vector_items (collection_id, item_id, dimension, payload, checksum) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, item_id) "
-                "DO UPDATE SET payload = excluded.payload, checksum = excluded.checksum",
-                [(coll.id, v.id, dimension, v.payload, v.checksum) for v in vectors],
-            )
-            embed = "vec_normalize(vec_f32(?))" if coll.metric == "cosine" else "vec_f32(?)"
-            await conn.executemany(
-                f"INSERT INTO {table} (rowid, collection_id, embedding) VALUES ("
-                "(SELECT vec_rowid FROM vector_items WHERE collection_id = ? AND item_id = ?), ?, "
-                f"{embed})",
-                [(coll.id, v.id, coll.id, v.embedding) for v in vectors],
-            )
-            inserted = len(vectors) - len(existing)
-            await conn.execute("UPDATE vector_collections SET count = count + ? WHERE id = ?", (inserted, coll.id))
-        coll = Collection(coll.id, coll.name, coll.dimension, coll.metric, coll.count + inserted, user_id)
-        return UpsertResult(coll, inserted, len(existing))
+            # New rows get rowids above every rowid in the table, so a collection's rowids grow
+            # with its inserts (the in-memory copy appends instead of re-sorting).
+            async with conn.execute("SELECT coalesce(max(vec_rowid), 0) FROM vector_items") as cur:
+                (top,) = await cur.fetchone()
+            rowids = np.empty(len(vectors), dtype=np.int64)
+            updates, inserts = [], []
+            for i, v in enumerate(vectors):
+                emb = x[i].tobytes()
+                if v.id in existing:
+                    rowids[i] = existing[v.id][0]
+                    updates.append((v.payload, v.checksum, emb, int(rowids[i])))
+                else:
+                    top += 1
+                    rowids[i] = top
+                    inserts.append((top, coll.id, v.id, dimension, v.payload, v.checksum, emb))
+            if updates:
+                await conn.executemany(
+                    "UPDATE vector_items SET payload = ?, checksum = ?, embedding = ? WHERE vec_rowid = ?", updates
+                )
+            if inserts:
+                await conn.executemany(
+                    "INSERT INTO vector_items (vec_rowid, collection_id, item_id, dimension, payload, checksum, embedding) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    inserts,
+                )
+            async with conn.execute(
+                "UPDATE vector_collections SET count = count + ? WHERE id = ? RETURNING version", (len(inserts), coll.id)
+            ) as cur:
+                (after,) = await cur.fetchone()
+        # Committed: move this process's copy forward (versions make a lost race harmless).
+        if self.mirror is not None and before is not None:
+            order = np.argsort(rowids, kind="stable")
+            args = ((user_id, coll.id), before, after, rowids[order], x[order])
+            if x.size > OFFLOAD_VALUES:
+                await asyncio.to_thread(self.mirror.advance, *args)
+            else:
+                self.mirror.advance(*args)
+        coll = Collection(coll.id, coll.name, coll.dimension, coll.metric, coll.count + len(inserts), user_id)
+        return UpsertResult(coll, len(inserts), len(updates))
 
-    async def _collection_for_write(self, conn: Any, user_id: str, name: str, metric: str | None, dimension: int) -> Collection:
+    async def _collection_for_write(
+        self, conn: Any, user_id: str, name: str, metric: str | None, dimension: int
+    ) -> tuple[Collection, int | None]:
+        """The collection (created if needed) and its version before this write (None: new)."""
         async with conn.execute(
-            "SELECT id, name, dimension, metric, count, user_id FROM vector_collections WHERE user_id = ? AND name = ?",
+            "SELECT id, name, dimension, metric, count, user_id, version FROM vector_collections "
+            "WHERE user_id = ? AND name = ?",
             (user_id, name),
         ) as cur:
             row = await cur.fetchone()
         if row is not None:
-            coll = Collection(*row)
+            coll = Collection(*row[:6])
             if coll.dimension != dimension:
                 raise errors.DimensionMismatch(
                     f"collection {name!r} holds vectors of dimension {coll.dimension}; got {dimension}",
@@ -202,51 +266,68 @@ class SQLiteVectorStore:
                     f"collection {name!r} uses the {coll.metric} metric; got {metric}",
                     extra={"collection": name, "metric": coll.metric},
                 )
-            return coll
-        await self._ensure_table(conn, dimension)
+            return coll, row[6]
         metric = metric or "cosine"
         async with conn.execute(
             "INSERT INTO vector_collections (user_id, name, dimension, metric) VALUES (?, ?, ?, ?) RETURNING id",
             (user_id, name, dimension, metric),
         ) as cur:
             (coll_id,) = await cur.fetchone()
-        return Collection(coll_id, name, dimension, metric, 0, user_id)
+        return Collection(coll_id, name, dimension, metric, 0, user_id), None
 
-    async def _ensure_table(self, conn: Any, dimension: int) -> None:
-        table = _table(dimension)
-        async with conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)) as cur:
-            if await cur.fetchone() is not None:
-                return
-        await conn.execute(
-            f"CREATE VIRTUAL TABLE {table} USING vec0("
-            f"collection_id integer partition key, embedding float[{dimension}], chunk_size={CHUNK_SIZE})"
-        )
-        # sqlite-vec finds a partition's chunks with `WHERE partition00 = ?` and has no index.
-        await conn.execute(f"CREATE INDEX {table}_chunks_partition ON {table}_chunks (partition00)")
-        await conn.execute(
-            f"CREATE TRIGGER {table}_cleanup AFTER DELETE ON vector_items WHEN old.dimension = {dimension} "
-            f"BEGIN DELETE FROM {table} WHERE rowid = old.vec_rowid; END"
-        )
+    async def delete(self, user_id: str, tier: str, name: str, ids: Sequence[str]) -> int:
+        async with self.db.write() as conn:
+            async with conn.execute(
+                "SELECT id, dimension, version FROM vector_collections WHERE user_id = ? AND name = ?", (user_id, name)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return 0
+            coll_id, dimension, before = row
+            async with conn.execute(
+                "DELETE FROM vector_items WHERE collection_id = ? AND item_id IN (SELECT value FROM json_each(?)) "
+                "RETURNING vec_rowid, length(payload)",
+                (coll_id, json.dumps(list(ids))),
+            ) as cur:
+                gone = await cur.fetchall()
+            if not gone:
+                return 0
+            await quota.apply(conn, user_id, tier, "cloud", -sum(stored_bytes(r[1], dimension) for r in gone))
+            async with conn.execute(
+                "UPDATE vector_collections SET count = count - ? WHERE id = ? RETURNING version, count",
+                (len(gone), coll_id),
+            ) as cur:
+                after, left = await cur.fetchone()
+            # An empty collection is dropped: its name is free again for any dimension.
+            if left == 0:
+                await conn.execute("DELETE FROM vector_collections WHERE id = ?", (coll_id,))
+        if self.mirror is not None:
+            key = (user_id, coll_id)
+            if left == 0:
+                self.mirror.discard(key)
+            else:
+                empty = np.empty((0, dimension), dtype=np.float32)
+                self.mirror.advance(key, before, after, np.empty(0, np.int64), empty, [r[0] for r in gone])
+        return len(gone)
+
+    # -- search -----------------------------------------------------------------------------
 
     async def search(self, collection: Collection, query: bytes, k: int) -> list[Match]:
-        mirror = self.mirror
-        if mirror is not None and mirror.wants(collection.count):
-            matches, stale_version = await self.db.run_read(self._search_mirrored, collection, query, k)
-            if stale_version is not None:
-                self._schedule_load(collection, stale_version)
-            return matches
-        table = _table(collection.dimension)
-        cosine = collection.metric == "cosine"
         # On a pooled reader connection (its own thread): a large search never blocks the loop.
-        rows = await self.db.fetchall(_knn_sql(table, cosine), (query, k, collection.id, collection.id))
-        return _knn_rows_to_matches(rows, cosine)
+        matches, entry = await self.db.run_read(self._search_sync, collection, query, k)
+        if entry is not None and entry.wants_coarse:
+            self._attach_coarse(entry)
+        return matches
 
-    def _search_mirrored(self, conn: Any, coll: Collection, query: bytes, k: int) -> tuple[list[Match], int | None]:
-        """On a reader thread, in one read transaction: the collection's version (for this user),
-        then either numpy over a current in-memory copy or sqlite-vec, and the payloads.
-        Returns the matches and, when no current copy was there, the version to load."""
-        assert self.mirror is not None
-        cosine = coll.metric == "cosine"
+    def _attach_coarse(self, entry: MirrorEntry) -> None:
+        """Build the quantized copy of a large entry in the background (searches meanwhile take
+        the BLAS path; an entry replaced in the meantime just loses it)."""
+        if self._coarse is None or self._coarse.done():
+            self._coarse = asyncio.ensure_future(asyncio.to_thread(entry.attach_coarse))
+
+    def _search_sync(self, conn: Any, coll: Collection, query: bytes, k: int) -> tuple[list[Match], MirrorEntry | None]:
+        """In one read transaction: the collection's version (for this user), then numpy over
+        the current in-memory copy, or over the rows read now, and the payloads."""
         conn.execute("BEGIN")
         row = conn.execute(
             "SELECT version, count FROM vector_collections WHERE id = ? AND user_id = ?", (coll.id, coll.user_id)
@@ -254,119 +335,126 @@ class SQLiteVectorStore:
         if row is None:  # deleted since the caller looked it up
             return [], None
         version, count = row
-        key = (coll.user_id, coll.id)
-        entry = self.mirror.get(key, version)
-        if entry is None:
-            rows = conn.execute(_knn_sql(_table(coll.dimension), cosine), (query, k, coll.id, coll.id)).fetchall()
-            wanted = self.mirror.wants(count) and self.mirror.fits(key, version, count, coll.dimension)
-            return _knn_rows_to_matches(rows, cosine), version if wanted else None
-        if cosine:  # normalised exactly as the stored embeddings were (vec_normalize)
-            query = conn.execute("SELECT vec_normalize(vec_f32(?))", (query,)).fetchone()[0]
         q = np.frombuffer(query, dtype=np.float32)
-        rowids, d2 = entry.top_k(q, k)
-        found = {
-            r[0]: r[1:]
-            for r in conn.execute(
-                # Primary-key lookups; `+` keeps the planner off the (collection_id, item_id)
-                # index, which would scan the whole collection.
-                "SELECT vec_rowid, item_id, payload, checksum FROM vector_items "
-                "WHERE vec_rowid IN (SELECT value FROM json_each(?)) AND +collection_id = ?",
-                (json.dumps(rowids.tolist()), coll.id),
-            )
-        }
-        if len(found) != len(rowids):  # cannot happen while versions are bumped by the triggers
-            raise RuntimeError(f"vector mirror of collection {coll.id} disagrees with the database")
-        out = []
-        for rowid, dist2 in zip(rowids.tolist(), d2.tolist(), strict=True):
-            item_id, payload, checksum = found[rowid]
-            out.append(Match(item_id, dist2 / 2.0 if cosine else math.sqrt(dist2), payload, checksum))
-        return out, None
-
-    def _schedule_load(self, coll: Collection, version: int) -> None:
+        if coll.metric == "cosine":
+            q = unit_rows(q)
         key = (coll.user_id, coll.id)
-        if key in self._loading:
-            return  # one load per collection at a time; the next search retries if it went stale
-        # A collection written between searches goes stale at once: reloading it for every
-        # search would keep a reader thread busy for nothing. sqlite-vec answers meanwhile.
-        now = time.monotonic()
-        if now - self._last_load.get(key, -RELOAD_INTERVAL) < RELOAD_INTERVAL:
-            return
-        if len(self._last_load) > 10_000:
-            self._last_load = {k: t for k, t in self._last_load.items() if now - t < RELOAD_INTERVAL}
-        self._last_load[key] = now
-        task = asyncio.create_task(self._load(coll))
-        self._loading[key] = task
-        task.add_done_callback(lambda _t: self._loading.pop(key, None))
+        mirror = self.mirror
+        entry = mirror.get(key, version) if mirror is not None else None
+        if entry is None and mirror is not None and mirror.wants(count) and mirror.fits(count, coll.dimension):
+            self._reading.add(key)
+            try:
+                entry = _read_entry(conn, coll.id, coll.dimension, count, version)
+            finally:
+                self._reading.discard(key)
+            mirror.put(key, entry)
+        if entry is not None:
+            rowids, d2 = entry.top_k(q, k)
+        else:  # no copy wanted or possible: exact over the rows, one block in memory at a time
+            best: list[tuple[np.ndarray, np.ndarray]] = []
+            for ids, block in _read_blocks(conn, coll.id, coll.dimension, count):
+                best = [merge_top_k([*best, MirrorEntry.build(version, ids, block).top_k(q, k)], k)]
+            rowids, d2 = best[0] if best else (np.empty(0, np.int64), np.empty(0))
+        return _matches(conn, coll, rowids, d2), entry
 
-    async def _load(self, coll: Collection) -> None:
-        try:
-            await self.db.run_read(self._load_sync, coll)
-        except Exception:
-            log.exception("could not load the vector mirror of collection %s", coll.id)
+    # -- in-memory copies -------------------------------------------------------------------
 
-    def _load_sync(self, conn: Any, coll: Collection) -> bool:
-        """Read a collection's embeddings and version from one snapshot into the mirror."""
+    def _load_sync(self, conn: Any, key: Key, evict: bool) -> bool:
+        """Read a collection's rows and version from one snapshot into the mirror."""
         assert self.mirror is not None
-        key = (coll.user_id, coll.id)
+        user_id, coll_id = key
         conn.execute("BEGIN")
         row = conn.execute(
-            "SELECT version, count, dimension FROM vector_collections WHERE id = ? AND user_id = ?",
-            (coll.id, coll.user_id),
+            "SELECT version, count, dimension FROM vector_collections WHERE id = ? AND user_id = ?", (coll_id, user_id)
         ).fetchone()
         if row is None:
             self.mirror.discard(key)
             return False
         version, count, dimension = row
-        if not (self.mirror.wants(count) and self.mirror.fits(key, version, count, dimension)):
-            return False
-        if self.mirror.get(key, version) is not None:
+        if self.mirror.peek(key) is not None and self.mirror.peek(key).version == version:
             return True
-        rows = conn.execute(
-            f"SELECT i.vec_rowid, v.embedding FROM vector_items i JOIN {_table(dimension)} v ON v.rowid = i.vec_rowid "
-            "WHERE i.collection_id = ?",
-            (coll.id,),
-        ).fetchall()
-        rowids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        x = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dimension)
-        del rows
-        return self.mirror.put(key, MirrorEntry.build(version, rowids, x))
+        if not self.mirror.wants(count) or not self.mirror.fits(count, dimension):
+            return False
+        if not evict and (key in self._reading or self.mirror.estimate_bytes(count, dimension) > self.mirror.room()):
+            return False
+        return self.mirror.put(key, _read_entry(conn, coll_id, dimension, count, version), evict=evict)
 
     async def warm(self, collection: Collection) -> bool:
-        """Load the in-memory copy of `collection` now (benchmarks, tests, start-up warming).
-        True when a current copy is in memory afterwards."""
-        if self.mirror is None or not self.mirror.wants(collection.count):
+        """Load the in-memory copy of `collection` now, with its quantized copy when it gets
+        one (benchmarks, tests). True when a current copy is in memory afterwards."""
+        return await self._load((collection.user_id, collection.id), True)
+
+    async def _load(self, key: Key, evict: bool) -> bool:
+        if self.mirror is None or not await self.db.run_read(self._load_sync, key, evict):
             return False
-        pending = self._loading.get((collection.user_id, collection.id))
-        if pending is not None:
-            await asyncio.shield(pending)
-        return await self.db.run_read(self._load_sync, collection)
+        entry = self.mirror.peek(key)
+        if entry is not None and entry.wants_coarse:
+            await asyncio.to_thread(entry.attach_coarse)
+        return True
+
+    def start_warm_up(self) -> asyncio.Task[int]:
+        """Load the largest collections into the free part of the budget, one at a time, in
+        the background (after a restart the cache is empty; small collections load on their
+        first search in well under a millisecond, large ones are what a restart would cost)."""
+        self._warming = asyncio.create_task(self._warm_up())
+        return self._warming
+
+    async def _warm_up(self) -> int:
+        mirror = self.mirror
+        if mirror is None:
+            return 0
+        loaded, budget = 0, mirror.max_bytes
+        rows = await self.db.fetchall(
+            "SELECT user_id, id, count, dimension FROM vector_collections WHERE count >= ? ORDER BY count DESC, id",
+            (mirror.min_vectors,),
+        )
+        for user_id, coll_id, count, dimension in rows:
+            size = mirror.estimate_bytes(count, dimension)
+            if size > budget:
+                continue  # another, smaller one may still fit
+            budget -= size
+            try:
+                if await self._load((user_id, coll_id), False):
+                    loaded += 1
+            except Exception:
+                log.exception("could not load vector collection %s into memory", coll_id)
+        log.info("vector warm-up: %d collections in memory (%d MB)", loaded, mirror.nbytes // 2**20)
+        return loaded
 
     async def close(self) -> None:
-        """Wait for loads under way (they hold a database connection)."""
-        pending = list(self._loading.values())
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Stop the warm-up (it holds a database connection while it reads)."""
+        for task in (self._warming, self._coarse):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._warming = self._coarse = None
 
-    async def delete(self, user_id: str, tier: str, name: str, ids: Sequence[str]) -> int:
-        async with self.db.write() as conn:
-            async with conn.execute(
-                "SELECT id, dimension FROM vector_collections WHERE user_id = ? AND name = ?", (user_id, name)
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                return 0
-            coll_id, dimension = row
-            # The trigger of the dimension's vec0 table deletes the embeddings.
-            async with conn.execute(
-                "DELETE FROM vector_items WHERE collection_id = ? AND item_id IN (SELECT value FROM json_each(?)) "
-                "RETURNING length(payload)",
-                (coll_id, json.dumps(list(ids))),
-            ) as cur:
-                sizes = [r[0] for r in await cur.fetchall()]
-            if not sizes:
-                return 0
-            await quota.apply(conn, user_id, tier, "cloud", -sum(stored_bytes(s, dimension) for s in sizes))
-            await conn.execute("UPDATE vector_collections SET count = count - ? WHERE id = ?", (len(sizes), coll_id))
-            # An empty collection is dropped: its name is free again for any dimension.
-            await conn.execute("DELETE FROM vector_collections WHERE id = ? AND count = 0", (coll_id,))
-            return len(sizes)
+
+async def upgrade_legacy_layout(db: Database) -> int:
+    """Data step of migration 0011: embeddings kept in sqlite-vec vec0 tables (one per
+    dimension, `vec_f32_<d>`, before 0011) move into vector_items.embedding, and those tables
+    and their cleanup triggers are dropped. One transaction per table; idempotent; runs before
+    the server serves (SQL alone cannot name tables found at run time). Returns the vectors moved."""
+    moved = 0
+    rows = await db.fetchall(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'vec_f32_[0-9]*' "
+        "AND sql LIKE 'CREATE VIRTUAL TABLE%'"
+    )
+    for (table,) in rows:
+        dimension = int(table.removeprefix("vec_f32_"))
+        if f"vec_f32_{dimension}" != table or not 1 <= dimension <= MAX_DIMENSION:
+            continue  # not one of ours: its name is built into SQL below
+        async with db.write() as conn:
+            cur = await conn.execute(
+                f"UPDATE vector_items SET embedding = (SELECT v.embedding FROM {table} v WHERE v.rowid = vector_items.vec_rowid) "
+                "WHERE dimension = ? AND embedding IS NULL",
+                (dimension,),
+            )
+            moved += cur.rowcount
+            await conn.execute(f"DROP TRIGGER IF EXISTS {table}_cleanup")
+            await conn.execute(f"DROP TABLE {table}")
+        log.info("vectors: moved the embeddings of %s into vector_items", table)
+    missing = await db.fetchone("SELECT count(*) FROM vector_items WHERE embedding IS NULL")
+    if missing and missing[0]:
+        log.error("vectors: %d vectors have no embedding (skipped by searches)", missing[0])
+    return moved
