@@ -346,7 +346,7 @@ async def test_cache_bound_is_kept_while_every_collection_is_searched(client, ac
 
 
 async def test_old_sqlite_vec_layout_is_moved_into_the_new_one(aiohttp_client, settings, data_dir):
-    """A database written before migration 0011 (embeddings in vec0 tables, as the old store
+    """A database written before migration 0009 (embeddings in vec0 tables, as the old store
     wrote them) is converted when the server starts: same answers, same quota, tables gone."""
     from adiuva_server import quota
     from adiuva_server.app import create_app

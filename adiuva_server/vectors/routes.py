@@ -29,7 +29,7 @@ api = Api("vectors")
 @api.cleanup_ctx
 async def _vectors(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    await upgrade_legacy_layout(app[DB])  # migration 0011's data step, before anything is served
+    await upgrade_legacy_layout(app[DB])  # migration 0009's data step, before anything is served
     mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
     store = SQLiteVectorStore(app[DB], mirror)
     app[VECTORS] = VectorService(settings, store)

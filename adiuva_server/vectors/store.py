@@ -2,7 +2,7 @@
 the PostgreSQL backend implements the same four methods); `SQLiteVectorStore` keeps embeddings
 in the server's SQLite file. No SQL about vectors lives elsewhere.
 
-Layout (db/migrations/0003, 0005, 0011): one table, `vector_items`, holds each vector's client
+Layout (db/migrations/0003, 0005, 0009): one table, `vector_items`, holds each vector's client
 id, encrypted payload, checksum and embedding (float32 blob, native byte order; unit vectors for
 cosine) keyed by `vec_rowid`; `vector_collections` maps (user, name) to a collection id, its
 dimension, metric, count and version. A small collection costs its rows and nothing more:
@@ -431,8 +431,8 @@ class SQLiteVectorStore:
 
 
 async def upgrade_legacy_layout(db: Database) -> int:
-    """Data step of migration 0011: embeddings kept in sqlite-vec vec0 tables (one per
-    dimension, `vec_f32_<d>`, before 0011) move into vector_items.embedding, and those tables
+    """Data step of migration 0009: embeddings kept in sqlite-vec vec0 tables (one per
+    dimension, `vec_f32_<d>`, before 0009) move into vector_items.embedding, and those tables
     and their cleanup triggers are dropped. One transaction per table; idempotent; runs before
     the server serves (SQL alone cannot name tables found at run time). Returns the vectors moved."""
     moved = 0
