@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from adiuva_server import __version__, tls
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
+from adiuva_server.console.routes import first_run_url
 from adiuva_server.keys import INFLIGHT, SETTINGS
 from adiuva_server.server_backup import hold_server_lock, remove_leftovers
 
@@ -147,6 +148,9 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
         if settings.signups_open:
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         lines.append(new_accounts_line(settings))
+        # The admin console's first run: a one-time link, printed here only (never logged).
+        if setup_url := first_run_url(app, urls(settings.host, port, "https" if ssl_context else "http")[0]):
+            lines.append(f"  No account yet: create the admin account at {setup_url}")
         print("\n".join(lines), flush=True)
         await stop.wait()
         log.info("shutting down: no new connections; letting requests in flight finish")
