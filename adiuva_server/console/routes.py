@@ -213,6 +213,7 @@ def _html(request: web.Request, visit: Visit, title: str, main: Safe, *, status:
         notice = ("ok", done)
     js = Safe(f'<script src="{esc(_asset_url(request, "console.js"))}" defer></script>') if script else Safe("")
     body = t.render("layout", title=title, css_url=_asset_url(request, "console.css"), script=js, nav=nav,
+                    icon_url=_asset_url(request, "favicon.svg"),
                     notice=t.render("notice", kind=notice[0], text=notice[1]) if notice else Safe(""), main=main)
     return web.Response(text=body, status=status, content_type="text/html", charset="utf-8", headers=headers)
 
@@ -536,7 +537,7 @@ async def backups_page(request: web.Request, visit: Visit, *, notice: tuple[str,
         percent = f"{100 * job.done_bytes // max(job.total_bytes, 1)}%"
         job_html = t.render("backup_job", running="true", state=f"Backup running: {percent}",
                             total=max(job.total_bytes, 1), done=job.done_bytes, percent=percent)
-    elif job is not None and notice is None and request.query.get("done") != "backup":
+    elif job is not None and notice is None:  # the outcome of the last one started here
         notice = ("error", f"The last backup failed: {job.error}") if job.error else ("ok", f"Backup {job.name} written.")
     main = t.render("backups", folder=backup_dir(request.app[SETTINGS]), job=job_html, csrf=visit.csrf,
                     rows=rows or Safe('<tr><td colspan="5" class="muted">No server backups yet.</td></tr>'))
