@@ -421,6 +421,25 @@ async def test_status_page_shows_the_servers_state_and_a_qr_code(client):
     assert "homelab mode" in html and "none yet" in html
 
 
+async def test_status_page_under_tls_shows_the_certificate_fingerprint(aiohttp_client, data_dir):
+    from adiuva_server import tls
+
+    data_dir.mkdir(mode=0o700, parents=True)
+    cert, _ = tls.self_signed(data_dir, [])  # as `adiuva serve --tls` makes it
+    client = await aiohttp_client(create_app(make_settings(data_dir, tls=True)))
+    url = first_run_url(client.app, "")
+    page = await client.get(url)
+    csrf = csrf_of(await page.text())
+    resp = await client.post("/admin/setup", data={"csrf": csrf, "token": url.split("token=", 1)[1],
+                                                   "email": "root@example.org", "password": PASSWORD},
+                             headers={"Cookie": f"adiuva_console_csrf={csrf}"}, allow_redirects=False)
+    session = resp.cookies["adiuva_console"].value  # Secure: the test client would not send it over HTTP
+    html = await (await client.get("/admin", headers={"Cookie": f"adiuva_console={session}"})).text()
+    pin = tls.fingerprint(cert.read_bytes())
+    assert pin in html
+    assert f"#sha256={pin}" in re.search(r'alt="QR code of ([^"]+)"', html).group(1)
+
+
 def test_the_console_assets_ship_with_the_package():
     """pyproject's package-data and the PyInstaller hook must carry templates and static files."""
     import tomllib
