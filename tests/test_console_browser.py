@@ -4,6 +4,7 @@ with the API checked after each change. ADIUVA_UPDATE_SCREENSHOTS=1 rewrites doc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -101,7 +102,7 @@ def test_the_console_in_chromium(server, shots):
 
             # Two accounts through the API, as the desktop app makes them.
             bob = api.post("/api/v1/auth/register", data={"email": "bob@example.org", "password": PASSWORD}).json()
-            api.post("/api/v1/auth/register", data={"email": "carol@example.org", "password": PASSWORD})
+            carol = api.post("/api/v1/auth/register", data={"email": "carol@example.org", "password": PASSWORD}).json()
             bob_auth = {"Authorization": f"Bearer {bob['access_token']}"}
             assert api.get("/api/v1/auth/me", headers=bob_auth).json()["tier"] == "team"
 
@@ -133,8 +134,11 @@ def test_the_console_in_chromium(server, shots):
             bob_id = re.search(r"/admin/users/([0-9a-f-]{36})", page.url).group(1)
 
             # Unlock: bob guesses wrong until the account's back-off holds even his right password.
-            for _ in range(10):
-                assert api.post("/api/v1/auth/login", data={"email": "bob@example.org", "password": "nope nope"}).status == 401
+            for _ in range(30):
+                guess = api.post("/api/v1/auth/login", data={"email": "bob@example.org", "password": "nope nope"})
+                assert guess.status in (401, 429)
+                if guess.status == 429:
+                    break
             assert api.post("/api/v1/auth/login", data={"email": "bob@example.org", "password": PASSWORD}).status == 429
             page.click("button:has-text('Unlock sign-in')")
             expect(page.locator(".notice")).to_have_text("Sign-in back-off lifted.")
@@ -147,7 +151,15 @@ def test_the_console_in_chromium(server, shots):
             assert refused.status == 403 and "Form refused" in refused.text()
             assert api.get("/api/v1/auth/me", headers=bob_auth).json()["tier"] == "free"
 
-            # Backups: make one (the page follows its progress), see it listed, verify it.
+            # Backups: make one (the page follows its progress), see it listed, verify it. Carol's
+            # 12 MB record makes the backup outlast the redirect, so the progress script usually runs.
+            blob = os.urandom(12 * 1024 * 1024)
+            stored = api.post("/api/v1/storage/records?table=notes", data=blob, headers={
+                "Authorization": f"Bearer {carol['access_token']}", "Content-Type": "application/octet-stream",
+                "X-Checksum": hashlib.sha256(blob).hexdigest()})
+            assert stored.status == 201, stored.text()
+            polled: list[str] = []
+            page.on("request", lambda r: polled.append(r.url) if r.url.endswith("/admin/backups/progress") else None)
             page.click("nav a:has-text('Backups')")
             expect(page.locator("td.muted")).to_have_text("No server backups yet.")
             page.click("button:has-text('Create a backup now')")
@@ -155,6 +167,7 @@ def test_the_console_in_chromium(server, shots):
             expect(row).to_have_count(1, timeout=60_000)
             expect(page.locator(".notice")).to_contain_text("written.")
             name = row.inner_text()
+            print(f"backup progress polled {len(polled)} time(s)")
             assert api.get("/api/v1/admin/backups").status == 401  # the API wants its token, not the cookie
             page.click("button:has-text('Verify')")
             expect(page.locator(".notice")).to_contain_text(f"{name} verified")

@@ -17,6 +17,7 @@ import hmac
 import json
 import secrets
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -435,7 +436,7 @@ async def users_page(request: web.Request, visit: Visit) -> web.Response:
                          backups=_bytes(u.usage.backup_bytes), vectors=u.usage.vectors, created=_when(u.user.created_at))
                 for u in found)
     pages = []
-    q = f"&q={esc(query.q)}" if query.q else ""  # esc() also escapes what a URL needs here (& " < >)
+    q = f"&q={esc(urllib.parse.quote(query.q))}" if query.q else ""
     if query.page > 1:
         pages.append(Safe(f'<a href="/admin/users?page={query.page - 1}{q}">Previous</a>'))
     if query.page * query.limit < total:
