@@ -21,10 +21,13 @@ from adiuva_server.config import Settings, ensure_data_dir
 from adiuva_server.console import setup_console
 from adiuva_server.db import Database
 from adiuva_server.http.auth import setup_auth
+from adiuva_server.http.bodies import setup_bodies
 from adiuva_server.http.cors import setup_cors
 from adiuva_server.http.headers import setup_security_headers
 from adiuva_server.http.inflight import setup_inflight
+from adiuva_server.http.metrics import api as metrics_api, setup_metrics
 from adiuva_server.http.problem import setup_problems
+from adiuva_server.http.protocol import handler_args
 from adiuva_server.http.ratelimit import setup_rate_limits
 from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
 from adiuva_server.ratelimit import MemoryRateLimitStore
@@ -41,20 +44,26 @@ HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
 FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
-            admin_routes.api)
+            admin_routes.api, metrics_api)
 
 
 def create_app(settings: Settings) -> web.Application:
     settings = ensure_data_dir(settings)
-    app = web.Application(client_max_size=JSON_BODY_LIMIT)
+    # handler_args: aiohttp's per-connection settings (timeouts, no lingering, the access log),
+    # on the app so that tests and `adiuva serve` run connections alike.
+    app = web.Application(client_max_size=JSON_BODY_LIMIT, handler_args=handler_args(settings))
     app[SETTINGS] = settings
     app[ROUTES] = []
     # Middleware order, outermost first: in-flight tracking (for graceful shutdown), CORS (so
-    # errors carry CORS headers too), security headers, problem+json for every error,
-    # authentication, per-user rate limits.
+    # errors carry CORS headers too), security headers, request bodies (encodings refused before
+    # a byte is read, a body timeout, no reading on after an early answer), problem+json for
+    # every error, authentication, per-user rate limits.
+    # Metrics go first of all (outermost): they time everything and see every final status.
+    setup_metrics(app)
     setup_inflight(app)
     setup_cors(app)
     setup_security_headers(app)
+    setup_bodies(app)
     setup_problems(app)
     setup_auth(app)
     setup_rate_limits(app)
@@ -95,7 +104,7 @@ async def _housekeeping(app: web.Application) -> None:
     """Forget idle rate-limit windows every minute; drop expired refresh tokens."""
     while True:
         try:
-            app[RATE_LIMITS].sweep()
+            await app[RATE_LIMITS].sweep()
             purged = await app[AUTH].store.purge_expired_sessions(int(time.time()))
             if purged:
                 log.debug("purged %d expired refresh tokens", purged)

@@ -25,6 +25,7 @@ TIERS = ("free", "pro", "power", "team")
 DEFAULT_CORS_ORIGINS = ("app://.", "http://localhost:3000", "http://localhost:5173")
 JWT_SECRET_FILE = "jwt_secret"
 MIN_SECRET_BYTES = 32
+MIN_METRICS_TOKEN_BYTES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Settings:
     jwt_algorithm: str = "HS256"
     access_token_minutes: int = 30
     refresh_token_days: int = 30
+    # A refresh token presented again this soon after its rotation (a network retry, two windows
+    # of the app) gets the same successor back instead of revoking its family as a theft.
+    refresh_grace_seconds: int = 10
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     signups_open: bool = True
     # No license, homelab mode: the box's disk is the limit, so new accounts get `team` (DESIGN
@@ -108,6 +112,20 @@ class Settings:
     backup_retention: int = 5
     # Deleted records stay in the change feed as tombstones this long (seconds; 0: forever).
     tombstone_retention: float = 90 * 86400.0
+    # Hostile clients (http/protocol.py, http/bodies.py): seconds a connection has to deliver a
+    # complete request head after it opens or after its previous answer (idle keep-alive
+    # connections close after it too); seconds a request body may go without a byte; open
+    # connections in all and from one client address (trusted proxies are not capped).
+    header_timeout: float = 15.0
+    body_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_address: int = 256
+    # Bearer token that /metrics requires; empty: /metrics answers 404.
+    metrics_token: str = dataclasses.field(default="", repr=False)
+    # LAN discovery (mDNS/DNS-SD) by `adiuva serve` (ADIUVA_MDNS: on unless set off), announced on
+    # these local addresses (empty: the LAN addresses the banner prints).
+    mdns: bool = False
+    mdns_interfaces: tuple[str, ...] = ()
     # Where each setting came from ("default", "environment", "flag"), for the admin console.
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -144,6 +162,7 @@ class Settings:
             "jwt_algorithm": r.choice("JWT_ALGORITHM", "HS256", ("HS256",)),
             "access_token_minutes": r.int("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", 30, 1, 24 * 60),
             "refresh_token_days": r.int("JWT_REFRESH_TOKEN_EXPIRE_DAYS", 30, 1, 365),
+            "refresh_grace_seconds": r.int("ADIUVA_REFRESH_GRACE_SECONDS", cls.refresh_grace_seconds, 0, 60),
             "cors_origins": r.list("CORS_ORIGINS", DEFAULT_CORS_ORIGINS),
             "signups_open": r.choice("ADIUVA_SIGNUPS", "open", ("open", "closed")) == "open",
             "licensed": licensed,
@@ -176,6 +195,11 @@ class Settings:
             "max_backup_bytes": r.int("ADIUVA_MAX_BACKUP_BYTES", cls.max_backup_bytes, 1, 2**44),
             "max_records_per_user": r.int("ADIUVA_MAX_RECORDS_PER_USER", cls.max_records_per_user, 1, 10**9),
             "backup_retention": r.int("ADIUVA_BACKUP_RETENTION", cls.backup_retention, 1, 1000),
+            "header_timeout": r.float("ADIUVA_HEADER_TIMEOUT", cls.header_timeout, 0.1, 3600.0),
+            "body_timeout": r.float("ADIUVA_BODY_TIMEOUT", cls.body_timeout, 0.1, 3600.0),
+            "max_connections": r.int("ADIUVA_MAX_CONNECTIONS", cls.max_connections, 16, 1_000_000),
+            "max_connections_per_address": r.int(
+                "ADIUVA_MAX_CONNECTIONS_PER_ADDRESS", cls.max_connections_per_address, 1, 1_000_000),
         }
         values["backup_interval"] = r.duration("ADIUVA_BACKUP_INTERVAL", 0.0)
         values["tombstone_retention"] = r.duration("ADIUVA_TOMBSTONE_RETENTION", cls.tombstone_retention)
@@ -183,6 +207,9 @@ class Settings:
         values["tls_cert"] = _path(env.get("ADIUVA_TLS_CERT"))
         values["tls_key"] = _path(env.get("ADIUVA_TLS_KEY"))
         values["tls"] = r.choice("ADIUVA_TLS", "off", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
+        values["metrics_token"] = r.secret("ADIUVA_METRICS_TOKEN", MIN_METRICS_TOKEN_BYTES)
+        values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
+        values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
@@ -373,6 +400,23 @@ class _Reader:
                 raise ConfigError(f"{name}: {item!r} is not an IP address or network") from None
         return tuple(nets)
 
+    def secret(self, name: str, min_bytes: int) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        if len(raw.encode()) < min_bytes:
+            raise ConfigError(f"{name} must be at least {min_bytes} bytes (e.g. `openssl rand -hex 32`)")
+        return raw
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        out = []
+        for item in self.list(name, ()):
+            try:
+                out.append(str(ipaddress.ip_address(item)))
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} is not an IP address of this host") from None
+        return tuple(out)
+
 
 # The variables each setting is read from (first wins), for the provenance the console shows.
 # A field not named here is not read from the environment: its source is "default" or "flag".
@@ -397,6 +441,9 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "backup_retention": ("ADIUVA_BACKUP_RETENTION",), "backup_interval": ("ADIUVA_BACKUP_INTERVAL",),
     "tombstone_retention": ("ADIUVA_TOMBSTONE_RETENTION",), "backup_keep": ("ADIUVA_BACKUP_KEEP",),
     "tls_cert": ("ADIUVA_TLS_CERT",), "tls_key": ("ADIUVA_TLS_KEY",), "tls": ("ADIUVA_TLS", "ADIUVA_TLS_CERT"),
+    "header_timeout": ("ADIUVA_HEADER_TIMEOUT",), "body_timeout": ("ADIUVA_BODY_TIMEOUT",),
+    "max_connections": ("ADIUVA_MAX_CONNECTIONS",), "max_connections_per_address": ("ADIUVA_MAX_CONNECTIONS_PER_ADDRESS",),
+    "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
 }
 
 

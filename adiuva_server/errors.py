@@ -211,3 +211,15 @@ class AdminRequired(Forbidden):
 class LastAdmin(Conflict):
     code = "last_admin"
     title = "The server must keep an active admin"
+
+
+class UnsupportedContentEncoding(AdiuvaError):
+    status = 415
+    code = "unsupported_content_encoding"
+    title = "Unsupported Content-Encoding"
+
+
+class RequestTimeout(AdiuvaError):
+    status = 408
+    code = "request_timeout"
+    title = "Request timeout"

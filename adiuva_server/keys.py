@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
     from adiuva_server.db import Database
+    from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
@@ -32,6 +33,7 @@ ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
 
 INFLIGHT = web.AppKey("inflight", object)
+METRICS = web.AppKey("metrics", "Metrics")
 
 # Per-request storage.
 PRINCIPAL = web.RequestKey("principal", object)

@@ -23,10 +23,21 @@ def check(tier: str, kind: str, used: int, delta: int) -> None:
     """Raise QuotaExceeded when adding `delta` bytes to `used` would pass the tier's limit."""
     cap = tiers.limit(tier, KIND_LIMIT[kind])
     if cap is not None and delta > 0 and used + delta > cap:
-        raise errors.QuotaExceeded(
-            f"{kind} storage quota of the {tier} tier is {cap} bytes; {used} used, {delta} more requested",
-            extra={"quota_bytes": cap, "used_bytes": used},
-        )
+        raise exceeded(tier, kind, used, f"{delta} more requested")
+
+
+def room(tier: str, kind: str, used: int) -> int | None:
+    """How many bytes `kind` may still grow by under the tier's quota (None: unlimited)."""
+    cap = tiers.limit(tier, KIND_LIMIT[kind])
+    return None if cap is None else max(0, cap - used)
+
+
+def exceeded(tier: str, kind: str, used: int, what: str) -> errors.QuotaExceeded:
+    cap = tiers.limit(tier, KIND_LIMIT[kind])
+    return errors.QuotaExceeded(
+        f"{kind} storage quota of the {tier} tier is {cap} bytes; {used} used, {what}",
+        extra={"quota_bytes": cap, "used_bytes": used},
+    )
 
 
 async def apply(conn: Any, user_id: str, tier: str, kind: str, delta: int) -> int:

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
+from adiuva_server.http.protocol import Runner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,11 +28,11 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
 
 class ServedLikeProduction(TestServer):
     """aiohttp's TestServer cancels a handler whose client disconnects; `adiuva serve` does not
-    (aiohttp's default), and tests must see what production does."""
+    (aiohttp's default), and tests must see what production does (its runner too)."""
 
     async def _make_runner(self, **kwargs):
         kwargs["handler_cancellation"] = False
-        return await super()._make_runner(**kwargs)
+        return Runner(self.app, **kwargs)  # adiuva serve's runner: its connection class and caps
 
 
 @pytest.fixture
@@ -87,7 +88,8 @@ async def account(client) -> Account:
 
 def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ADIUVA_", "JWT_"))}
-    env.update({"ADIUVA_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO)}, **extra)
+    # No LAN announcements from test servers unless a test asks (ADIUVA_MDNS="on").
+    env.update({"ADIUVA_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO), "ADIUVA_MDNS": "off"}, **extra)
     return env
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import time
 
@@ -12,7 +13,9 @@ import jwt
 import pytest
 
 from adiuva_server.app import create_app
-from tests.conftest import make_settings, register
+from adiuva_server.auth.passwords import PasswordHasher
+from adiuva_server.keys import AUTH
+from tests.conftest import make_settings, register, run_cli
 
 
 def secret_of(data_dir) -> str:
@@ -104,7 +107,10 @@ async def test_login_failures_look_the_same(client, account, email, password):
     assert body["detail"] == "Invalid email or password"
 
 
-async def test_refresh_rotates_and_reuse_revokes_the_family(client, account):
+async def test_refresh_rotates_and_reuse_revokes_the_family(aiohttp_client, data_dir):
+    # No retry grace: any second use of a token is reuse.
+    client = await aiohttp_client(create_app(make_settings(data_dir, refresh_grace_seconds=0)))
+    account = await register(client)
     r1 = await client.post("/api/v1/auth/refresh", json={"refresh_token": account.refresh_token})
     assert r1.status == 200
     second = await r1.json()
@@ -138,17 +144,6 @@ async def test_unknown_and_garbage_refresh_tokens(client):
         resp = await client.post("/api/v1/auth/refresh", json={"refresh_token": token})
         assert resp.status == 401
         assert (await resp.json())["code"] == "invalid_token"
-
-
-async def test_concurrent_refreshes_with_one_token_let_at_most_one_through(client, account):
-    import asyncio
-
-    results = await asyncio.gather(*[
-        client.post("/api/v1/auth/refresh", json={"refresh_token": account.refresh_token}) for _ in range(5)
-    ])
-    statuses = sorted(r.status for r in results)
-    # Exactly one rotation wins; the others present a used token, which revokes the family.
-    assert statuses == [200, 401, 401, 401, 401]
 
 
 def _forge(payload: dict, header: dict) -> str:
@@ -231,3 +226,233 @@ async def test_hash_queue_is_bounded_with_a_503(data_dir):
     refused = [r for r in results if isinstance(r, errors.ServiceUnavailable)]
     assert len(refused) == 2 and refused[0].headers["Retry-After"] == "1"
     assert sum(isinstance(r, str) and r.startswith("$argon2id$") for r in results) == 2
+
+
+# -- refresh retries, family revocation -------------------------------------------------------
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def refresh(client, token: str):
+    return await client.post("/api/v1/auth/refresh", json={"refresh_token": token})
+
+
+async def test_racing_refreshes_from_one_token_all_get_the_same_successor(client, account):
+    """Two windows of the app (or a network retry) refreshing at once must not log the user out."""
+    results = await asyncio.gather(*[refresh(client, account.refresh_token) for _ in range(5)])
+    assert [r.status for r in results] == [200] * 5
+    bodies = [await r.json() for r in results]
+    assert len({b["refresh_token"] for b in bodies}) == 1
+    assert bodies[0]["refresh_token"] != account.refresh_token
+    for b in bodies:  # each got a working access token of its own
+        assert (await client.get("/api/v1/auth/me", headers=bearer(b["access_token"]))).status == 200
+    # The shared successor is a valid, unused token: the session goes on.
+    nxt = await refresh(client, bodies[0]["refresh_token"])
+    assert nxt.status == 200
+    assert (await client.get("/api/v1/auth/me", headers=bearer((await nxt.json())["access_token"]))).status == 200
+
+
+async def test_reuse_after_the_grace_revokes_the_family_and_its_access_tokens_at_once(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, refresh_grace_seconds=1)))
+    account = await register(client)
+    other = await client.post("/api/v1/auth/login", json={"email": account.email, "password": account.password})
+    other_access = (await other.json())["access_token"]
+    rotated = await (await refresh(client, account.refresh_token)).json()
+    assert (await client.get("/api/v1/auth/me", headers=bearer(rotated["access_token"]))).status == 200
+    await asyncio.sleep(1.5)  # past the grace
+    reused = await refresh(client, account.refresh_token)
+    assert reused.status == 401 and (await reused.json())["code"] == "token_reused"
+    # The newest rotation's access token (and the family's first one) stop working at once,
+    # not when they expire.
+    for token in (rotated["access_token"], account.access_token):
+        resp = await client.get("/api/v1/auth/me", headers=bearer(token))
+        assert resp.status == 401 and (await resp.json())["code"] == "invalid_token"
+    assert (await refresh(client, rotated["refresh_token"])).status == 401
+    # Another family of the same user (another device) is untouched.
+    assert (await client.get("/api/v1/auth/me", headers=bearer(other_access))).status == 200
+
+
+async def test_a_retry_after_the_successor_was_used_is_reuse(client, account):
+    first = await (await refresh(client, account.refresh_token)).json()
+    second = await (await refresh(client, first["refresh_token"])).json()
+    # Within the grace, but the successor has been used since: a replay, not a retry.
+    late = await refresh(client, account.refresh_token)
+    assert late.status == 401 and (await late.json())["code"] == "token_reused"
+    assert (await client.get("/api/v1/auth/me", headers=bearer(second["access_token"]))).status == 401
+    assert (await refresh(client, second["refresh_token"])).status == 401
+
+
+async def test_refresh_grace_stores_no_token_in_plaintext(client, account, data_dir):
+    first = await (await refresh(client, account.refresh_token)).json()
+    again = await (await refresh(client, account.refresh_token)).json()
+    assert again["refresh_token"] == first["refresh_token"]
+    raw = b"".join(p.read_bytes() for p in data_dir.glob("adiuva.db*"))
+    for token in (account.refresh_token, first["refresh_token"]):
+        assert token.encode() not in raw
+
+
+# -- login throttles -------------------------------------------------------------------------
+
+class CountingHasher(PasswordHasher):
+    """The real hasher, counting the password checks it is asked for."""
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.verifies = 0
+
+    async def verify(self, stored_hash, password):
+        self.verifies += 1
+        return await super().verify(stored_hash, password)
+
+
+@pytest.fixture
+def counting(client):
+    """Swap the live app's hasher for a counting one (after start-up, where the app builds it)."""
+    auth = client.server.app[AUTH]
+    hasher = CountingHasher(auth.settings)
+    original, auth.hasher = auth.hasher, hasher
+    yield hasher
+    auth.hasher = original
+    hasher.close()
+
+
+def login_json(email: str, password: str) -> dict:
+    return {"email": email, "password": password}
+
+
+async def test_concurrent_wrong_passwords_get_at_most_the_limit_of_checks(client, account, counting, settings):
+    results = await asyncio.gather(*[
+        client.post("/api/v1/auth/login", json=login_json(account.email, f"wrong guess {i}")) for i in range(300)
+    ])
+    statuses = [r.status for r in results]
+    assert set(statuses) <= {401, 429}
+    assert counting.verifies <= settings.login_failures_per_account
+    assert statuses.count(401) == counting.verifies == settings.login_failures_per_account
+
+
+async def test_concurrent_correct_logins_from_one_address_all_get_through(client, account, counting):
+    # More than either limit at once: in-flight checks hold places, they must not refuse the rest.
+    results = await asyncio.gather(*[
+        client.post("/api/v1/auth/login", json=login_json(account.email, account.password)) for _ in range(30)
+    ])
+    assert [r.status for r in results] == [200] * 30
+    assert counting.verifies == 30
+
+
+@pytest.fixture
+async def proxied(aiohttp_client, data_dir):
+    """A server behind a trusted proxy on loopback: X-Forwarded-For names the client address."""
+    settings = make_settings(data_dir, trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    client = await aiohttp_client(create_app(settings))
+    client.counting = CountingHasher(settings)
+    auth = client.server.app[AUTH]
+    original, auth.hasher = auth.hasher, client.counting
+    yield client
+    auth.hasher = original
+    client.counting.close()
+
+
+def from_(address: str) -> dict:
+    return {"X-Forwarded-For": address}
+
+
+async def test_a_distributed_guesser_gets_at_most_the_account_limit_of_checks(proxied, settings):
+    account = await register(proxied)
+    results = await asyncio.gather(*[
+        proxied.post("/api/v1/auth/login", json=login_json(account.email, f"guess {i}"), headers=from_(f"10.1.{i // 250}.{i % 250}"))
+        for i in range(300)
+    ])
+    assert set(r.status for r in results) <= {401, 429}
+    assert proxied.counting.verifies == settings.login_failures_per_account
+
+
+async def test_a_stranger_cannot_lock_the_user_out(proxied):
+    home, stranger = "198.51.100.7", "203.0.113.66"
+    resp = await proxied.post("/api/v1/auth/register", json=login_json("ada@example.org", "correct horse battery"),
+                              headers=from_(home))
+    assert resp.status == 201
+    statuses = [(await proxied.post("/api/v1/auth/login", json=login_json("ada@example.org", f"guess {i}"),
+                                    headers=from_(stranger))).status for i in range(12)]
+    assert statuses == [401] * 10 + [429] * 2
+    # The right password from the address the user signs in from still works...
+    ok = await proxied.post("/api/v1/auth/login", json=login_json("ada@example.org", "correct horse battery"),
+                            headers=from_(home))
+    assert ok.status == 200
+    # ...while the strangers' pool stays closed to every address that never signed in (the
+    # documented price of bounding a distributed guesser): no password is checked for them.
+    before = proxied.counting.verifies
+    for address in ("203.0.113.67", "192.0.2.1"):
+        resp = await proxied.post("/api/v1/auth/login", json=login_json("ada@example.org", "guess"), headers=from_(address))
+        assert resp.status == 429 and "account" in (await resp.json())["detail"]
+    assert proxied.counting.verifies == before
+
+
+async def test_the_users_own_failures_only_hold_back_her_address(proxied):
+    laptop, phone = "198.51.100.7", "198.51.100.8"
+    for address in (laptop, phone):
+        resp = await proxied.post("/api/v1/auth/login" if address == phone else "/api/v1/auth/register",
+                                  json=login_json("ada@example.org", "correct horse battery"), headers=from_(address))
+        assert resp.status in (200, 201)
+    for i in range(10):
+        await proxied.post("/api/v1/auth/login", json=login_json("ada@example.org", f"typo {i}"), headers=from_(laptop))
+    locked = await proxied.post("/api/v1/auth/login", json=login_json("ada@example.org", "correct horse battery"),
+                                headers=from_(laptop))
+    assert locked.status == 429
+    ok = await proxied.post("/api/v1/auth/login", json=login_json("ada@example.org", "correct horse battery"),
+                            headers=from_(phone))
+    assert ok.status == 200
+
+
+async def lock_out(client, account) -> None:
+    for i in range(10):
+        assert (await client.post("/api/v1/auth/login", json=login_json(account.email, f"wrong {i}"))).status == 401
+    resp = await client.post("/api/v1/auth/login", json=login_json(account.email, account.password))
+    assert resp.status == 429
+
+
+async def test_unlock_from_the_cli_lifts_a_backoff_on_the_running_server(client, account, data_dir):
+    await lock_out(client, account)
+    out = await asyncio.to_thread(run_cli, data_dir, "user", "unlock", "ADA@example.org")
+    assert out.returncode == 0, out.stderr
+    assert "unlocked" in out.stdout
+    resp = await client.post("/api/v1/auth/login", json=login_json(account.email, account.password))
+    assert resp.status == 200
+    missing = await asyncio.to_thread(run_cli, data_dir, "user", "unlock", "nobody@example.org")
+    assert missing.returncode == 1 and "no user" in missing.stderr
+
+
+async def test_a_new_password_lifts_a_backoff(client, account, data_dir):
+    await lock_out(client, account)
+    out = await asyncio.to_thread(run_cli, data_dir, "user", "passwd", account.email, "--password", "a brand new one")
+    assert out.returncode == 0, out.stderr
+    resp = await client.post("/api/v1/auth/login", json=login_json(account.email, "a brand new one"))
+    assert resp.status == 200
+
+
+async def test_auth_service_unlock_lifts_a_backoff_in_process(client, account):
+    """What the admin API calls: AuthService.unlock(email)."""
+    await lock_out(client, account)
+    await client.server.app[AUTH].unlock(" Ada@Example.org ")
+    resp = await client.post("/api/v1/auth/login", json=login_json(account.email, account.password))
+    assert resp.status == 200
+    from adiuva_server import errors
+
+    with pytest.raises(errors.NotFound):
+        await client.server.app[AUTH].unlock("nobody@example.org")
+
+
+async def test_new_hash_costs_upgrade_the_hash_without_ending_sessions(aiohttp_client, data_dir):
+    from adiuva_server.db import connect
+
+    first = await aiohttp_client(create_app(make_settings(data_dir)))
+    account = await register(first)
+    await first.close()
+    # The admin raises the cost: the next login rehashes the password, and is only a login.
+    client = await aiohttp_client(create_app(make_settings(data_dir, argon2_time_cost=3)))
+    resp = await client.post("/api/v1/auth/login", json=login_json(account.email, account.password))
+    assert resp.status == 200
+    (stored,) = connect(data_dir / "adiuva.db").execute("SELECT password_hash FROM users").fetchone()
+    assert ",t=3," in stored
+    assert (await client.get("/api/v1/auth/me", headers=account.headers)).status == 200
+    assert (await refresh(client, account.refresh_token)).status == 200

@@ -8,12 +8,14 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 
 import aiohttp
 import pytest
 
 from adiuva_server.db.database import connect
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 
 def users(data_dir) -> list[dict]:
@@ -47,11 +49,55 @@ def test_user_lifecycle(data_dir):
     assert "ada@example.org" in table.stdout and "pro" in table.stdout
 
 
+def stored_password_is(data_dir, password: str) -> bool:
+    import argon2
+
+    (stored,) = connect(data_dir / "adiuva.db").execute("SELECT password_hash FROM users").fetchone()
+    try:
+        return argon2.PasswordHasher().verify(stored, password)
+    except argon2.exceptions.VerifyMismatchError:
+        return False
+
+
+def run_cli_in_a_terminal(data_dir, *args: str, input: str) -> subprocess.CompletedProcess:
+    """The CLI with a controlling terminal (a pseudo-terminal no one types into), as when run from
+    a shell, and its standard input piped. getpass reads the terminal when there is one."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    try:
+        return subprocess.run([sys.executable, "-m", "adiuva_server", *args], input=input, capture_output=True,
+                              text=True, env=cli_env(data_dir), timeout=30, preexec_fn=take_terminal)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
 def test_passwd_prompts_when_no_password_is_given(data_dir):
     run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
     out = run_cli(data_dir, "user", "passwd", "ada@example.org", input="brand new pw\nbrand new pw\n")
     assert out.returncode == 0, out.stderr
     assert "brand new pw" not in out.stdout
+    assert stored_password_is(data_dir, "brand new pw")
+
+
+def test_passwd_reads_piped_input_even_with_a_terminal(data_dir):
+    """Run from a shell (a terminal attached), piped input is still what it reads; it used to
+    wait on the terminal instead."""
+    run_cli(data_dir, "user", "add", "ada@example.org", "--password", "correct horse", "--create")
+    out = run_cli_in_a_terminal(data_dir, "user", "passwd", "ada@example.org", input="piped new pw\npiped new pw\n")
+    assert out.returncode == 0, out.stderr
+    assert stored_password_is(data_dir, "piped new pw")
+    empty = run_cli_in_a_terminal(data_dir, "user", "passwd", "ada@example.org", input="")
+    assert empty.returncode == 2 and "no password" in empty.stderr
+    assert stored_password_is(data_dir, "piped new pw")
 
 
 @pytest.mark.parametrize(

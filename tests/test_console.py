@@ -379,6 +379,19 @@ def test_settings_sources_distinguish_default_environment_and_flag(tmp_path):
     assert s.sources["host"] == "flag" and s.sources["port"] == "default"
 
 
+def test_every_variable_config_reads_has_its_setting_named_for_the_console():
+    """A new setting's variable must be in config.ENV_NAMES, or the settings page says "default"."""
+    from pathlib import Path
+
+    from adiuva_server.config import ENV_NAMES
+    from tests.test_docs import SETTING
+
+    source = (Path(__file__).resolve().parent.parent / "adiuva_server" / "config.py").read_text()
+    read = set(SETTING.findall(source.split("\nENV_NAMES", 1)[0]))
+    named = {n for names in ENV_NAMES.values() for n in names}
+    assert len(read) > 40 and read - named == set(), "add these to config.ENV_NAMES"
+
+
 async def test_backups_page_creates_lists_verifies_and_downloads(client, data_dir):
     await setup_admin(client)
     page = await client.get("/admin/backups")

@@ -4,8 +4,14 @@ login throttling, and when X-Forwarded-For is believed."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ipaddress
+import json
+import logging
+import time
+import zlib
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -184,3 +190,242 @@ async def test_refresh_guessing_is_throttled_per_address(aiohttp_client, data_di
     resp = await client.post("/api/v1/auth/refresh", json={"refresh_token": account.refresh_token})
     body = await problem(resp, 429, "rate_limited")
     assert "refresh" in body["detail"] and int(resp.headers["Retry-After"]) > 0
+
+
+# -- hostile clients (issue 10) ------------------------------------------------------------------
+
+def gzip_bomb() -> tuple[bytes, bytes]:
+    """The first MiB of zeros gzipped, and the ~1 KB every further MiB adds (full flushes make
+    every later block the same bytes): a 10 GiB bomb is `first + block * 10239`, sent in pieces."""
+    zeros = bytes(1 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    return c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH), c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+
+
+async def raw_connection(client):
+    return await asyncio.open_connection(client.server.host, client.server.port)
+
+
+async def read_response(reader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(head[0].split()[1]), headers, body
+
+
+async def seconds_until_closed(reader, limit: float) -> float:
+    """Read and drop until the server closes the connection; fails past `limit` seconds."""
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(limit):
+            while await reader.read(65536):
+                pass
+    except (ConnectionError, OSError):
+        pass
+    return time.monotonic() - t0
+
+
+def raw_problem(status: int, headers: dict, body: bytes, expected: int, code: str) -> dict:
+    assert status == expected, body
+    assert headers["content-type"] == "application/problem+json"
+    problem = json.loads(body)
+    assert PROBLEM_KEYS <= set(problem) and problem["code"] == code
+    return problem
+
+
+async def health_latencies(session, url: str, seconds: float) -> list[float]:
+    out = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        assert (await session.get(url + "/api/v1/health")).status == 200
+        out.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.01)
+    return sorted(out)
+
+
+async def test_a_gzip_bomb_to_login_is_413_closed_and_health_stays_fast(server_process):
+    """10 MB of gzip that inflates to 10 GiB, unauthenticated: aiohttp used to go on reading and
+    inflating it on the event loop after its 413, stalling every other request for seconds.
+    The server runs as `adiuva serve` (its own process and event loop)."""
+    server = server_process()
+    first, block = gzip_bomb()
+    blocks = 10 * 1024
+    head = ("POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Encoding: gzip\r\nContent-Length: {len(first) + len(block) * (blocks - 1)}\r\n\r\n").encode()
+
+    async def bomb():
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def send():
+            writer.write(head + first)
+            for _ in range(blocks // 64):
+                writer.write(block * 64)
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            status, headers, body = await asyncio.wait_for(read_response(reader), 10)
+            raw_problem(status, headers, body, 413, "payload_too_large")
+            assert headers["connection"] == "close"
+            # Closed while the client is still sending (aiohttp lingered 10 s, inflating).
+            assert await seconds_until_closed(reader, 6) < 6
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            writer.close()
+
+    async with aiohttp.ClientSession() as session:
+        await health_latencies(session, server.url, 0.2)  # warm
+        bombs = asyncio.gather(bomb(), bomb())
+        latencies = await health_latencies(session, server.url, 2.0)
+        await bombs
+    assert latencies[int(len(latencies) * 0.99)] < 0.25, latencies[-5:]
+
+
+async def test_a_small_body_that_inflates_past_the_limit_is_413_and_closed(client):
+    first, block = gzip_bomb()
+    body = first + block * 200  # 200 KB inflating to 201 MiB: under the 1 MiB limit compressed
+    reader, writer = await raw_connection(client)
+    writer.write(("POST /api/v1/auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    status, headers, raw = await asyncio.wait_for(read_response(reader), 10)
+    assert "inflated" in raw_problem(status, headers, raw, 413, "payload_too_large")["detail"]
+    assert headers["connection"] == "close"
+    assert await seconds_until_closed(reader, 6) < 6
+    writer.close()
+    # A body that really is gzip still counts as its inflated JSON.
+    resp = await client.post("/api/v1/auth/register", data=gzip.compress(b'{"email": "ada@example.org", "password": "long enough pw"}'),
+                             headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert resp.status == 201, await resp.text()
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, br", "x-custom"])
+async def test_unsupported_content_encodings_are_415_problems(client, encoding):
+    resp = await client.post("/api/v1/auth/login", data=b"\x8b\x00\x80not really compressed",
+                             headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+    body = await problem(resp, 415, "unsupported_content_encoding")
+    assert "gzip" in body["detail"]
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, header_timeout=0.5)))
+    reader, writer = await raw_connection(client)
+    took = await seconds_until_closed(reader, 5)
+    assert 0.4 < took < 5
+    writer.close()
+    # A keep-alive connection idle after its answer is closed the same way.
+    reader, writer = await raw_connection(client)
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    assert await seconds_until_closed(reader, 5) < 5
+    writer.close()
+
+
+async def test_slow_headers_are_closed_after_the_header_timeout(aiohttp_client, data_dir):
+    """Slowloris: each byte arrives in time for any per-read timeout, the head never completes."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, header_timeout=1.5)))
+    reader, writer = await raw_connection(client)
+    head = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    t0 = time.monotonic()
+    with pytest.raises((ConnectionError, OSError)):
+        for byte in head:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            if await asyncio.wait_for(reader.read(1), 0.5) == b"":
+                raise ConnectionResetError("closed by the server")
+    assert time.monotonic() - t0 < 6
+    writer.close()
+
+
+async def test_a_body_that_stops_arriving_is_408_and_closed(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, body_timeout=0.5)))
+    reader, writer = await raw_connection(client)
+    writer.write(b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"email\": ")
+    status, headers, body = await asyncio.wait_for(read_response(reader), 5)
+    raw_problem(status, headers, body, 408, "request_timeout")
+    assert headers["connection"] == "close"
+    assert await seconds_until_closed(reader, 3) < 3
+    writer.close()
+
+
+async def test_connections_are_capped_per_address(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, max_connections_per_address=3)))
+    held = [await raw_connection(client) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    reader, writer = await raw_connection(client)  # the fourth: closed at once
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await seconds_until_closed(reader, 2) < 2
+    writer.close()
+    held[0][1].close()
+    await asyncio.sleep(0.2)
+    reader, writer = await raw_connection(client)  # one slot free again
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+    for _, w in (*held[1:], (reader, writer)):
+        w.close()
+
+
+async def test_no_response_names_a_version_in_server(client):
+    for resp in (await client.get("/api/v1/health"), await client.get("/api/v1/nothing/here"),
+                 await client.get("/api/v1/openapi.json")):
+        assert resp.headers["Server"] == "adiuva"
+    # Nor the answer of aiohttp's own parser to a request that is not HTTP; it is problem+json too.
+    reader, writer = await raw_connection(client)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    status, headers, body = await asyncio.wait_for(read_response(reader), 5)
+    raw_problem(status, headers, body, 400, "malformed_request")
+    assert headers["server"] == "adiuva"
+    writer.close()
+
+
+async def test_access_log_names_the_user_never_a_token_email_or_query(client, account, caplog):
+    me = (await (await client.get("/api/v1/auth/me", headers=account.headers)).json())["id"]
+    caplog.clear()
+    # aiohttp asks the access logger once per connection whether it logs: a new connection.
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        async with aiohttp.ClientSession() as session:
+            resp = await session.get(client.make_url("/api/v1/auth/me"), headers=account.headers,
+                                     params={"token": account.access_token, "q": "secret-query"})
+            assert resp.status == 200
+            assert (await session.get(client.make_url("/api/v1/health"))).status == 200
+        await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    me_line = next(line for line in lines if "/auth/me" in line)
+    assert f"user={me}" in me_line
+    for secret in (account.access_token, account.email, "secret-query", "token="):
+        assert secret not in caplog.text
+    assert next(line for line in lines if "/health" in line).endswith("user=-")
+
+
+def test_control_characters_in_a_path_cannot_forge_log_lines(server_process):
+    """`%0a` and `%00` in a URL path once wrote a forged second line and a NUL into the log."""
+    import urllib.error
+    import urllib.request
+
+    server = server_process()
+    for path in ("/api/v1/x%0a2026-12-03 12:00:00,000 INFO adiuva: forged%00line", "/api/v1/%0d%0aforged%1b[2J"):
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(server.url + path.replace(" ", "%20"), timeout=10)
+    assert server.stop() == 0
+    output = "".join(server.output)
+    assert "\x00" not in output and "\x1b" not in output and "\r" not in output
+    assert not [line for line in output.splitlines() if line.startswith(("2026-12-03 12:00:00", "forged"))]
+    assert "x\\n2026-12-03 12:00:00,000 INFO adiuva: forged\\x00line" in output
+
+
+def test_the_log_formatter_escapes_messages_and_indents_tracebacks():
+    from adiuva_server.http.accesslog import EscapingFormatter
+
+    record = logging.LogRecord("adiuva", logging.ERROR, __file__, 1, "path %s", ("a\nFORGED\x00",), None)
+    try:
+        raise ValueError("boom\nFORGED line")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    text = EscapingFormatter("%(levelname)s %(message)s").format(record)
+    first, *rest = text.split("\n")
+    assert first == "ERROR path a\\nFORGED\\x00"
+    assert rest and all(line.startswith(" ") for line in rest)

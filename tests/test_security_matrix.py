@@ -56,6 +56,7 @@ def _payload(data: bytes) -> dict:
 REQUESTS: dict[tuple[str, str], Req] = {
     ("GET", "/health"): Req(),
     ("GET", "/openapi.json"): Req(),
+    ("GET", "/metrics"): Req(),  # its own token (tests/test_metrics.py), served at the root
     ("POST", "/auth/register"): Req(json={"email": "new@example.org", "password": "correct horse battery"}),
     ("POST", "/auth/login"): Req(json={"email": "ada@example.org", "password": "correct horse battery"}),
     ("POST", "/auth/refresh"): Req(json={"refresh_token": "{refresh_token}"}),
@@ -68,7 +69,11 @@ REQUESTS: dict[tuple[str, str], Req] = {
                                                  headers={"X-Checksum": sha(RECORD_BYTES[::-1]),
                                                           "Content-Type": "application/octet-stream"}),
     ("DELETE", "/storage/records/{record_id}"): Req(),
-    ("GET", "/storage/changes"): Req(params={"since": "0"}),
+    ("GET", "/storage/changes"): Req(params={"since": "0", "include_data": "true"}),
+    ("POST", "/storage/records/batch"): Req(json={"records": [
+        {"table": "tasks", "data": base64.b64encode(RECORD_BYTES).decode(), "checksum": sha(RECORD_BYTES)},
+        {"table": "tasks", "id": "{record_id}", "data": base64.b64encode(RECORD_BYTES[::-1]).decode(),
+         "checksum": sha(RECORD_BYTES[::-1])}]}),
     ("PUT", "/backup"): Req(data=BACKUP_BYTES, headers={
         "X-Backup-Version": "1", "X-Backup-Timestamp": "2026-01-01T00:00:00Z",
         "X-Backup-Checksum": sha(BACKUP_BYTES), "Content-Type": "application/octet-stream"}),
@@ -101,7 +106,7 @@ REQUESTS: dict[tuple[str, str], Req] = {
 
 # Routes that answer without a bearer token on purpose.
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json"), ("POST", "/auth/register"), ("POST", "/auth/login"),
-          ("POST", "/auth/refresh"), ("GET", "/chat/stream")}
+          ("POST", "/auth/refresh"), ("GET", "/chat/stream"), ("GET", "/metrics")}
 # Ids that are global, not owned (the built-in playbook): another user may read them.
 SHARED_IDS = {("GET", "/plans/playbook/{plan_id}")}
 
@@ -232,7 +237,7 @@ def _bad_tokens(secret: str, user_id: str, valid: str) -> dict[str, str | None]:
         "expired": "Bearer " + jwt.encode(claims, secret, algorithm="HS256"),
         "tampered payload": f"Bearer {header}.{forged_payload}.{signature}",
         "tampered signature": f"Bearer {header}.{payload}.{signature[:-4]}AAAA",
-        "other key": "Bearer " + AccessTokens("another server's secret, long enough", 600).issue(user_id, 0),
+        "other key": "Bearer " + AccessTokens("another server's secret, long enough", 600).issue(user_id, 0, "family"),
         "alg none": "Bearer " + jwt.encode({**claims, "exp": 4_000_000_000}, None, algorithm="none"),
         "refresh token as access": None,  # filled by the caller
     }
@@ -327,6 +332,7 @@ async def test_the_wrong_tier_is_refused_and_stores_nothing(client):
     await client.app[AUTH].store.update_user("free@example.org", tier="free")
     refused = {
         ("POST", "/storage/records"): ({402}, {"quota_exceeded"}),
+        ("POST", "/storage/records/batch"): ({402, 404}, {"quota_exceeded", "not_found"}),
         ("PUT", "/backup"): ({402}, {"quota_exceeded"}),
         ("POST", "/storage/vectors/upsert"): ({402}, {"quota_exceeded"}),
         ("POST", "/plans"): ({403}, {"feature_not_in_tier"}),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -93,18 +92,11 @@ class AdminService:
         if not changes:
             raise errors.ValidationError("nothing to change: give tier, disabled, admin or password")
         user = await self.accounts.update_user_by_id(user_id, **changes)
-        if password is not None and self.auth is not None:  # a new password lifts a back-off too
-            await self._unlock(user.email)
         return await self.user(user_id)
 
     async def unlock(self, user_id: str) -> None:
-        await self._unlock((await self.user(user_id)).user.email)
-
-    async def _unlock(self, email: str) -> None:
-        assert self.auth is not None, "unlocking is the running server's (its throttles live in memory)"
-        # AuthService.unlock may be a plain or an async method (a Redis-backed throttle awaits).
-        if inspect.isawaitable(outcome := self.auth.unlock(email)):
-            await outcome
+        # The throttle generation lives in the database: any process may lift a back-off.
+        await self.accounts.unlock((await self.user(user_id)).user.email)
 
     async def by_email(self, email: str) -> User:
         user = await self.accounts.get_by_email(normalise_email(email))

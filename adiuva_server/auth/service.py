@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from adiuva_server import errors
+from adiuva_server.auth import throttle
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.auth.store import AccountStore, Rotation, User
-from adiuva_server.auth.tokens import AccessTokens, new_refresh_token, refresh_token_hash
+from adiuva_server.auth.tokens import AccessTokens, new_refresh_token, refresh_successor, refresh_token_hash
 from adiuva_server.config import TIERS, Settings
 from adiuva_server.ratelimit import RateLimitStore
 
@@ -86,74 +87,83 @@ class AuthService:
 
     # -- sessions -----------------------------------------------------------------------------
 
-    async def _new_session(self, user: User) -> IssuedTokens:
+    async def _new_session(self, user: User, client: str) -> IssuedTokens:
+        """Called once `client` has proved the password: a new refresh family, and the address
+        is known to the account from now on (see auth/throttle.py)."""
         token, digest = new_refresh_token()
+        family = str(uuid.uuid4())
         now = int(time.time())
-        await self.store.start_session(user.id, digest, str(uuid.uuid4()), now, now + self.refresh_lifetime)
-        return IssuedTokens(self.access.issue(user.id, user.session_version), token, self.access.lifetime)
+        tag = throttle.address_tag(self.settings.jwt_secret, client)
+        await self.store.start_session(user.id, digest, family, now, now + self.refresh_lifetime, tag)
+        return IssuedTokens(self.access.issue(user.id, user.session_version, family), token, self.access.lifetime)
 
     async def register(self, email: str, password: str, client: str) -> IssuedTokens:
         if not self.settings.signups_open:
             raise errors.SignupsClosed("ask the server's admin for an account")
         s = self.settings
-        decision = self.limits.hit(f"register:{client}", s.registrations_per_address, s.registration_window_seconds)
-        if not decision.allowed:
-            raise errors.RateLimited(decision.retry_after, "too many registrations from this address")
         email = normalise_email(email)
         check_password(s, password)
+        # Counted before the hash (one atomic hit), whatever the outcome: the limit bounds the
+        # hashes and the accounts one address can cause.
+        decision = await self.limits.hit(f"register:{client}", s.registrations_per_address, s.registration_window_seconds)
+        if not decision.allowed:
+            raise errors.RateLimited(decision.retry_after, "too many registrations from this address")
         password_hash = await self.hasher.hash(password)
         user = await self.store.create_user(email, password_hash, s.default_tier, admin=None)
-        return await self._new_session(user)
+        return await self._new_session(user, client)
 
     async def login(self, email: str, password: str, client: str) -> IssuedTokens:
+        """Throttled as auth/throttle.py describes: a place in the address's and the account's
+        throttles is reserved before the password check and refunded when it was right."""
         s = self.settings
         try:
             email = normalise_email(email)
         except errors.ValidationError:
             raise errors.InvalidCredentials() from None
-        by_address = f"login-fail:addr:{client}"
-        by_account = f"login-fail:acct:{email}"
-        window = s.login_failure_window_seconds
-        for key, limit, what in (
-            (by_address, s.login_failures_per_address, "this address"),
-            (by_account, s.login_failures_per_account, "this account"),
-        ):
-            decision = self.limits.check(key, limit, window)
-            if not decision.allowed:
-                raise errors.RateLimited(decision.retry_after, f"too many failed logins for {what}; wait and try again")
-        user = await self.store.get_by_email(email)
-        ok = await self.hasher.verify(user.password_hash if user else None, password)
-        if not ok or user is None:
-            self.limits.hit(by_address, s.login_failures_per_address, window)
-            self.limits.hit(by_account, s.login_failures_per_account, window)
-            raise errors.InvalidCredentials()
+        async with throttle.Attempt(self.limits, s.login_failure_window_seconds) as attempt:
+            await attempt.take(throttle.address_key(client), s.login_failures_per_address,
+                               "too many failed logins for this address; wait and try again")
+            tag = throttle.address_tag(s.jwt_secret, client)
+            subject = await self.store.login_subject(email, tag, int(time.time()))
+            key = throttle.account_key(email, subject.throttle_generation, tag if subject.known_address else None)
+            await attempt.take(key, s.login_failures_per_account,
+                               "too many failed logins for this account; wait and try again")
+            user = subject.user
+            ok = await self.hasher.verify(user.password_hash if user else None, password)
+            if not ok or user is None:
+                raise errors.InvalidCredentials()  # the places are kept: they count this failure
+            await attempt.refund()
         if user.disabled:
             raise errors.AccountDisabled("ask the server's admin to enable it")
-        self.limits.reset(by_account)
         if self.hasher.needs_rehash(user.password_hash):
-            # Cost settings changed since this hash was made: upgrade it now that we know the password.
-            await self.store.update_user(user.email, password_hash=await self.hasher.hash(password))
-            user = await self.store.get_by_email(email) or user
-        return await self._new_session(user)
+            # Cost settings changed since this hash was made: upgrade it now that we know the
+            # password. The same password: sessions and known addresses stay.
+            await self.store.rehash_password(user.id, await self.hasher.hash(password))
+        return await self._new_session(user, client)
 
     async def refresh(self, refresh_token: str, client: str) -> IssuedTokens:
         s = self.settings
-        failures = f"refresh-fail:addr:{client}"
-        decision = self.limits.check(failures, s.login_failures_per_address, s.login_failure_window_seconds)
-        if not decision.allowed:
-            raise errors.RateLimited(decision.retry_after, "too many invalid refresh tokens from this address")
-        new_token, new_digest = new_refresh_token()
-        now = int(time.time())
-        outcome, user = await self.store.rotate_session(
-            refresh_token_hash(refresh_token), new_digest, now, now + self.refresh_lifetime
-        )
-        if outcome is not Rotation.ROTATED:
-            self.limits.hit(failures, s.login_failures_per_address, s.login_failure_window_seconds)
+        successor = refresh_successor(s.jwt_secret, refresh_token)
+        async with throttle.Attempt(self.limits, s.login_failure_window_seconds) as attempt:
+            await attempt.take(f"refresh-fail:addr:{client}", s.login_failures_per_address,
+                               "too many invalid refresh tokens from this address")
+            now = int(time.time())
+            outcome, user, family = await self.store.rotate_session(
+                refresh_token_hash(refresh_token), refresh_token_hash(successor), now, now + self.refresh_lifetime,
+                grace_seconds=s.refresh_grace_seconds, revoke_until=now + self.access.lifetime + 1,
+            )
+            if outcome in (Rotation.ROTATED, Rotation.RETRIED):
+                await attempt.refund()
         if outcome is Rotation.REUSED:
             raise errors.TokenReused("this refresh token was already used; sign in again")
-        if outcome is not Rotation.ROTATED or user is None:
+        if outcome not in (Rotation.ROTATED, Rotation.RETRIED) or user is None or family is None:
             raise errors.InvalidToken("the refresh token is invalid or expired")
-        return IssuedTokens(self.access.issue(user.id, user.session_version), new_token, self.access.lifetime)
+        return IssuedTokens(self.access.issue(user.id, user.session_version, family), successor, self.access.lifetime)
+
+    async def unlock(self, email: str) -> None:
+        """Lift every login back-off of the account (all its throttle keys), on every server
+        process: the throttle generation in the database moves on. NotFound for no such user."""
+        await self.store.unlock(normalise_email(email))
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -166,13 +176,10 @@ class AuthService:
     def authenticate_token(self, token: str) -> Principal:
         claims = self.access.verify(token)
         user = self.store.auth_state(claims.user_id)
-        if user is None or user.disabled or user.session_version != claims.session_version:
+        if (user is None or user.disabled or user.session_version != claims.session_version
+                or claims.family in user.revoked_families):
             raise errors.InvalidToken("the access token is no longer valid")
         return Principal(user.id, user.email, user.tier, user.is_admin, user.created_at)
-
-    async def unlock(self, email: str) -> None:
-        """Lift a login back-off on this account (minimal: the auth work replaces it)."""
-        self.limits.reset(f"login-fail:acct:{normalise_email(email)}")
 
 
 class UserAdmin:
@@ -212,6 +219,9 @@ class UserAdmin:
         check_tier(tier)
         user = await self._get(email)
         return await self.store.update_user(user.email, tier=tier)
+
+    async def unlock(self, email: str) -> None:
+        await self.store.unlock((await self._get(email)).email)
 
     async def set_disabled(self, email: str, disabled: bool) -> User:
         user = await self._get(email)

@@ -11,7 +11,7 @@ import enum
 import uuid
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlean
 
@@ -31,6 +31,9 @@ class User:
     session_version: int
     created_at: str
     password_hash: str = ""
+    # Refresh families revoked by a reused token whose access tokens may still be alive
+    # (filled by auth_state only: the per-request check refuses their access tokens).
+    revoked_families: frozenset[str] = frozenset()
 
     @classmethod
     def from_row(cls, row) -> User:
@@ -48,10 +51,25 @@ class User:
 
 class Rotation(enum.Enum):
     ROTATED = "rotated"
+    RETRIED = "retried"  # the token was rotated moments ago: its successor is handed out again
     UNKNOWN = "unknown"
     EXPIRED = "expired"
     REUSED = "reused"  # the family has now been revoked
     USER_INACTIVE = "user_inactive"
+
+
+class Rotated(NamedTuple):
+    outcome: Rotation
+    user: User | None = None
+    family_id: str | None = None
+
+
+class LoginSubject(NamedTuple):
+    """What a login needs to know before checking the password."""
+
+    user: User | None
+    throttle_generation: int  # 0 for an unknown email
+    known_address: bool  # this address has signed in to the account before
 
 
 class AccountStore(Protocol):
@@ -59,15 +77,29 @@ class AccountStore(Protocol):
         """Synchronous, hot path: the user's current tier and account state."""
 
     async def get_by_email(self, email: str) -> User | None: ...
+    async def login_subject(self, email: str, address_tag: bytes, now: int) -> LoginSubject: ...
+    async def unlock(self, email: str) -> None:
+        """Bump the account's throttle generation (its login throttles start afresh)."""
     async def get_by_id(self, user_id: str) -> User | None: ...
     async def list_users(self) -> list[User]: ...
     async def create_user(self, email: str, password_hash: str, tier: str, admin: bool | None) -> User:
         """admin=None: admin only if this is the first user. Raises EmailTaken."""
     async def update_user(self, email: str, **changes) -> User:
-        """tier / disabled / password_hash; disabling or a new password ends all sessions."""
+        """tier / disabled / password_hash; disabling or a new password ends all sessions; a new
+        password or enabling also unlocks the account's login throttles."""
+    async def rehash_password(self, user_id: str, password_hash: str) -> None:
+        """The same password hashed at new cost settings: nothing else changes."""
     async def delete_user(self, email: str) -> None: ...
-    async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int) -> None: ...
-    async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int) -> tuple[Rotation, User | None]: ...
+    async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int,
+                            address_tag: bytes | None = None) -> None:
+        """A new refresh family; `address_tag`: the address just proved the password, it is
+        known to the account until `expires_at`."""
+    async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int, *,
+                             grace_seconds: int, revoke_until: int) -> Rotated:
+        """Use the refresh token `old_hash`, issuing `new_hash` (its deterministic successor)
+        in its family. Used already, less than `grace_seconds` ago, with that successor still
+        unused: RETRIED (the successor is valid, nothing changes). Any other reuse revokes the
+        family, and its access tokens until `revoke_until`."""
     async def purge_expired_sessions(self, now: int) -> int: ...
     async def update_user_by_id(self, user_id: str, **changes) -> User:
         """As update_user, by id; refuses (LastAdmin) to leave the server without an active admin."""
@@ -100,17 +132,40 @@ class SQLiteAccountStore:
             return self._auth_cache[user_id]
         except KeyError:
             pass
-        # No password hash, and a tuple straight into the dataclass.
+        # No password hash, and a tuple straight into the dataclass. Revoked families are rare
+        # and few (kept for one access-token lifetime): one index probe finds none.
         row = self.db.lookup(
-            "SELECT id, email, tier, is_admin, disabled, session_version, created_at FROM users WHERE id = ?", (user_id,)
+            "SELECT id, email, tier, is_admin, disabled, session_version, created_at,"
+            " (SELECT group_concat(family_id, ' ') FROM revoked_families WHERE user_id = users.id)"
+            " FROM users WHERE id = ?", (user_id,)
         )
-        user = None if row is None else User(*row[:3], bool(row[3]), bool(row[4]), *row[5:])
+        if row is None:
+            user = None
+        else:
+            revoked = frozenset(row[7].split()) if row[7] else frozenset()
+            user = User(*row[:3], bool(row[3]), bool(row[4]), row[5], row[6], "", revoked)
         self._auth_cache[user_id] = user
         return user
 
     async def get_by_email(self, email: str) -> User | None:
         row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE email = ?", (email,))
         return None if row is None else User.from_row(row)
+
+    async def login_subject(self, email: str, address_tag: bytes, now: int) -> LoginSubject:
+        row = await self.db.fetchone(
+            f"SELECT {_USER_COLUMNS}, throttle_generation, EXISTS (SELECT 1 FROM login_addresses"
+            " WHERE user_id = users.id AND address_tag = ? AND known_until > ?) AS known FROM users WHERE email = ?",
+            (address_tag, now, email),
+        )
+        if row is None:
+            return LoginSubject(None, 0, False)
+        return LoginSubject(User.from_row(row), row["throttle_generation"], bool(row["known"]))
+
+    async def unlock(self, email: str) -> None:
+        if not await self.db.execute_write(
+            "UPDATE users SET throttle_generation = throttle_generation + 1 WHERE email = ?", (email,)
+        ):
+            raise errors.NotFound(f"no user with email {email}")
 
     async def get_by_id(self, user_id: str) -> User | None:
         row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
@@ -137,6 +192,9 @@ class SQLiteAccountStore:
         return User(user_id, email, tier, bool(admin), False, 0, created, password_hash)
 
     async def update_user(self, email: str, **changes) -> User:
+        return await self._update("email", email, changes, keep_an_admin=False)
+
+    async def _update(self, column: str, key: str, changes: dict, *, keep_an_admin: bool) -> User:
         allowed = {"tier", "disabled", "password_hash", "is_admin"}
         if not changes or set(changes) - allowed:
             raise ValueError(f"unsupported changes: {sorted(set(changes) - allowed)}")
@@ -144,16 +202,27 @@ class SQLiteAccountStore:
         sets = ", ".join(f"{k} = ?" for k in changes)
         if ends_sessions:
             sets += ", session_version = session_version + 1"
+        if "password_hash" in changes or changes.get("disabled") == 0:
+            # A new password or an enabled account starts with clean login throttles.
+            sets += ", throttle_generation = throttle_generation + 1"
         async with self.db.write() as conn:
+            if keep_an_admin and (changes.get("is_admin") == 0 or changes.get("disabled")):
+                await self._keeps_an_admin(conn, key)
             async with conn.execute(
-                f"UPDATE users SET {sets} WHERE email = ? RETURNING {_USER_COLUMNS}", (*changes.values(), email)
+                f"UPDATE users SET {sets} WHERE {column} = ? RETURNING {_USER_COLUMNS}", (*changes.values(), key)
             ) as cur:
                 row = await cur.fetchone()
             if row is None:
-                raise errors.NotFound(f"no user with email {email}")
+                raise errors.NotFound(f"no user with email {key}" if column == "email" else "no such user")
             if ends_sessions:
                 await conn.execute("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?", (row["id"],))
+            if "password_hash" in changes:
+                # Whoever signed in with the old password proves nothing now.
+                await conn.execute("DELETE FROM login_addresses WHERE user_id = ?", (row["id"],))
         return User.from_row(row)
+
+    async def rehash_password(self, user_id: str, password_hash: str) -> None:
+        await self.db.execute_write("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
 
     async def delete_user(self, email: str) -> None:
         # Refresh tokens go with the user (ON DELETE CASCADE); so will every later feature's rows.
@@ -162,18 +231,28 @@ class SQLiteAccountStore:
             if cur.rowcount == 0:
                 raise errors.NotFound(f"no user with email {email}")
 
-    async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int) -> None:
-        await self.db.execute_write(
-            "INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (token_hash, family_id, user_id, now, expires_at),
-        )
+    async def start_session(self, user_id: str, token_hash: bytes, family_id: str, now: int, expires_at: int,
+                            address_tag: bytes | None = None) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                "INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (token_hash, family_id, user_id, now, expires_at),
+            )
+            if address_tag is not None:
+                await conn.execute(
+                    "INSERT INTO login_addresses (user_id, address_tag, known_until) VALUES (?, ?, ?)"
+                    " ON CONFLICT (user_id, address_tag) DO UPDATE SET known_until = excluded.known_until",
+                    (user_id, address_tag, expires_at),
+                )
 
-    async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int) -> tuple[Rotation, User | None]:
+    async def rotate_session(self, old_hash: bytes, new_hash: bytes, now: int, expires_at: int, *,
+                             grace_seconds: int, revoke_until: int) -> Rotated:
         # Unknown tokens (garbage, guesses) are answered from a primary-key read, without
         # queueing for the single writer.
         if self.db.lookup("SELECT 1 FROM refresh_tokens WHERE token_hash = ?", (old_hash,)) is None:
-            return Rotation.UNKNOWN, None
-        # One transaction: two concurrent refreshes with the same token cannot both succeed.
+            return Rotated(Rotation.UNKNOWN)
+        # One transaction: of concurrent refreshes with one token, one rotates and the others
+        # find it used (retries within the grace, or reuse).
         async with self.db.write() as conn:
             async with conn.execute(
                 "SELECT family_id, user_id, expires_at, used_at, revoked FROM refresh_tokens WHERE token_hash = ?",
@@ -181,26 +260,51 @@ class SQLiteAccountStore:
             ) as cur:
                 token = await cur.fetchone()
             if token is None:
-                return Rotation.UNKNOWN, None
+                return Rotated(Rotation.UNKNOWN)
+            family, user_id = token["family_id"], token["user_id"]
             if token["used_at"] is not None or token["revoked"]:
-                await conn.execute("UPDATE refresh_tokens SET revoked = 1 WHERE family_id = ?", (token["family_id"],))
-                return Rotation.REUSED, None
+                if not token["revoked"] and now < token["used_at"] + grace_seconds:
+                    async with conn.execute(
+                        "SELECT used_at, revoked FROM refresh_tokens WHERE token_hash = ? AND family_id = ?",
+                        (new_hash, family),
+                    ) as cur:
+                        successor = await cur.fetchone()
+                    if successor is not None and successor["used_at"] is None and not successor["revoked"]:
+                        user = await self._active_user(conn, user_id)
+                        return Rotated(Rotation.RETRIED, user, family) if user else Rotated(Rotation.USER_INACTIVE)
+                # Reuse: the token was stolen or replayed. End the family, and its access tokens.
+                await conn.execute("UPDATE refresh_tokens SET revoked = 1 WHERE family_id = ?", (family,))
+                await conn.execute(
+                    "INSERT INTO revoked_families (family_id, user_id, until) VALUES (?, ?, ?)"
+                    " ON CONFLICT (family_id) DO UPDATE SET until = max(until, excluded.until)",
+                    (family, user_id, revoke_until),
+                )
+                return Rotated(Rotation.REUSED)
             if token["expires_at"] <= now:
-                return Rotation.EXPIRED, None
-            async with conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (token["user_id"],)) as cur:
-                row = await cur.fetchone()
-            if row is None or row["disabled"]:
-                return Rotation.USER_INACTIVE, None
+                return Rotated(Rotation.EXPIRED)
+            user = await self._active_user(conn, user_id)
+            if user is None:
+                return Rotated(Rotation.USER_INACTIVE)
             await conn.execute("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?", (now, old_hash))
             await conn.execute(
                 "INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (new_hash, token["family_id"], token["user_id"], now, expires_at),
+                (new_hash, family, user_id, now, expires_at),
             )
-            return Rotation.ROTATED, User.from_row(row)
+            return Rotated(Rotation.ROTATED, user, family)
+
+    @staticmethod
+    async def _active_user(conn, user_id: str) -> User | None:
+        async with conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row["disabled"] else User.from_row(row)
 
     async def purge_expired_sessions(self, now: int) -> int:
         # Used tokens are kept until they expire: that is what makes reuse detectable.
-        return await self.db.execute_write("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,))
+        async with self.db.write() as conn:
+            cur = await conn.execute("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,))
+            await conn.execute("DELETE FROM login_addresses WHERE known_until <= ?", (now,))
+            await conn.execute("DELETE FROM revoked_families WHERE until <= ?", (now,))
+            return cur.rowcount
 
     # -- admin (the admin API and `adiuva user delete`) ----------------------------------------
 
@@ -217,26 +321,7 @@ class SQLiteAccountStore:
             raise errors.LastAdmin("this is the server's only active admin; make another account admin first")
 
     async def update_user_by_id(self, user_id: str, **changes) -> User:
-        allowed = {"tier", "disabled", "password_hash", "is_admin"}
-        if not changes or set(changes) - allowed:
-            raise ValueError(f"unsupported changes: {sorted(set(changes) - allowed)}")
-        # As update_user: a new password or disabling ends every session.
-        ends_sessions = "password_hash" in changes or changes.get("disabled")
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        if ends_sessions:
-            sets += ", session_version = session_version + 1"
-        async with self.db.write() as conn:
-            if changes.get("is_admin") == 0 or changes.get("disabled"):
-                await self._keeps_an_admin(conn, user_id)
-            async with conn.execute(
-                f"UPDATE users SET {sets} WHERE id = ? RETURNING {_USER_COLUMNS}", (*changes.values(), user_id)
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                raise errors.NotFound("no such user")
-            if ends_sessions:
-                await conn.execute("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?", (user_id,))
-        return User.from_row(row)
+        return await self._update("id", user_id, changes, keep_an_admin=True)
 
     async def delete_user_by_id(self, user_id: str, inside: Callable[[Any, str], Awaitable[T]] | None = None,
                                 *, keep_an_admin: bool = True) -> T | None:

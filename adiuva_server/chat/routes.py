@@ -87,7 +87,7 @@ async def chat_stream(request: web.Request, query: StreamQuery) -> web.WebSocket
     # Before the upgrade, so these get a plain problem answer: a bad token 401, an account over
     # its request limit or with all its sockets open 429.
     who = request.app[AUTH].authenticate_token(token)
-    _check_rate(request, who)
+    await _check_rate(request, who)
     limit, sockets = request.app[SETTINGS].chat_max_sockets, request.app[WS_OPEN]
     if sockets[who.id] >= limit:
         raise errors.TooManyConnections(WS_RETRY_AFTER, f"at most {limit} chat streams may be open per account; close one first")
@@ -129,7 +129,7 @@ class _Inbox:
     def popleft(self) -> aiohttp.WSMessage | errors.AdiuvaError:
         return self.items.popleft()
 
-    def add(self, msg: aiohttp.WSMessage) -> bool:
+    async def add(self, msg: aiohttp.WSMessage) -> bool:
         """Queue the frame or its refusal; False when the client keeps flooding."""
         refusal: errors.AdiuvaError | None = None
         if sum(not isinstance(i, errors.AdiuvaError) for i in self.items) >= WS_QUEUE_LIMIT:
@@ -137,7 +137,7 @@ class _Inbox:
                                             "this one was dropped")
         else:
             try:
-                _count(self.request, self.request.app[AUTH].authenticate_token(self.token))
+                await _count(self.request, self.request.app[AUTH].authenticate_token(self.token))
             except errors.RateLimited as exc:
                 refusal = exc
             except errors.AdiuvaError:
@@ -163,7 +163,7 @@ async def _converse(request: web.Request, ws: web.WebSocketResponse, token: str)
                 receive = None
                 if msg.type in _CLOSING:
                     break
-                if not inbox.add(msg):
+                if not await inbox.add(msg):
                     await _close_flooded(ws)
                     return
             item = inbox.popleft()
@@ -183,7 +183,7 @@ async def _converse(request: web.Request, ws: web.WebSocketResponse, token: str)
                 await asyncio.wait({answer, receive}, return_when=asyncio.FIRST_COMPLETED)
                 if receive.done():
                     incoming, receive = receive.result(), None
-                    flooded = incoming.type not in _CLOSING and not inbox.add(incoming)  # answered after the current one
+                    flooded = incoming.type not in _CLOSING and not await inbox.add(incoming)  # answered after the current one
                     if incoming.type in _CLOSING or flooded:
                         # The client left (or is cut off): cancelling the answer closes the
                         # upstream response, which stops the provider's generation.
@@ -227,20 +227,20 @@ def _ws_token(request: web.Request, token: str | None) -> str:
     raise errors.Unauthorized("pass the access token as ?token=<jwt> or an Authorization: Bearer header")
 
 
-def _count(request: web.Request, who, *, hit: bool = True) -> None:
+async def _count(request: web.Request, who, *, hit: bool = True) -> None:
     """Each message on the socket counts against the per-minute limit like a request (when it
     arrives, not when its turn comes). `hit=False`: only check that one more would fit."""
     settings, store = request.app[SETTINGS], request.app[RATE_LIMITS]
     decide = store.hit if hit else store.check
-    decision = decide(f"user:{who.id}", settings.rate_limits[who.tier], settings.rate_window_seconds)
+    decision = await decide(f"user:{who.id}", settings.rate_limits[who.tier], settings.rate_window_seconds)
     if not decision.allowed:
         raise errors.RateLimited(decision.retry_after, f"limit of {decision.limit} requests per minute reached",
                                  headers=decision.headers())
 
 
-def _check_rate(request: web.Request, who) -> None:
+async def _check_rate(request: web.Request, who) -> None:
     """Opening a socket is not a request, but an account over its limit may not open one."""
-    _count(request, who, hit=False)
+    await _count(request, who, hit=False)
 
 
 def _parse(msg) -> ChatRequest:

@@ -4,11 +4,12 @@ SQLite transaction; the server reads tier and account state on every request).""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Optional
 
 import typer
 
-from adiuva_server.cli.common import DataDirOption, load_settings, run_with_db
+from adiuva_server.cli.common import EXIT_USAGE, DataDirOption, fail, load_settings, run_with_db
 
 app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 
@@ -77,11 +78,30 @@ def passwd(
     password: Annotated[Optional[str], typer.Option(help="The new password; asked for when omitted.")] = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Set a user's password. Signs the user out everywhere."""
+    """Set a user's password (asked for, or read from piped input, when not given). Signs the
+    user out everywhere and lifts its login back-offs."""
     if password is None:
-        password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+        password = _read_password()
     user = _do(data_dir, lambda a: a.set_password(email, password))
     typer.echo(f"password changed for {user.email}; its sessions were ended")
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+    # Piped input (a script, `echo pw | adiuva user passwd ...`): the hidden prompt would read the
+    # controlling terminal instead (getpass opens /dev/tty), so read the first line of stdin.
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        fail("no password on standard input", EXIT_USAGE)
+    return line
+
+
+@app.command("unlock")
+def unlock(email: str, data_dir: DataDirOption = None) -> None:
+    """Lift a user's login back-off (failed-password throttles), also on a running server."""
+    _do(data_dir, lambda a: a.unlock(email))
+    typer.echo(f"{email.strip().lower()} unlocked: failed sign-ins no longer hold it back")
 
 
 @app.command("set-tier")

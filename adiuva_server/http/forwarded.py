@@ -11,7 +11,7 @@ from aiohttp import web
 from adiuva_server.keys import CLIENT_ADDRESS, SETTINGS
 
 
-def _is_trusted(addr: str, networks) -> bool:
+def is_trusted(addr: str, networks) -> bool:
     try:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])
     except ValueError:
@@ -26,11 +26,11 @@ def client_address(request: web.Request) -> str:
     peer = request.remote or "unknown"
     networks = request.app[SETTINGS].trusted_proxies
     address = peer
-    if networks and _is_trusted(peer, networks):
+    if networks and is_trusted(peer, networks):
         hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
         for hop in reversed([h for h in hops if h]):
             address = hop
-            if not _is_trusted(hop, networks):
+            if not is_trusted(hop, networks):
                 break
     request[CLIENT_ADDRESS] = address
     return address

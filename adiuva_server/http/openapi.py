@@ -21,8 +21,9 @@ _PROBLEM = {
     },
 }
 _STATUS_TEXT = {304: "Not modified (conditional request)", 400: "Malformed request", 401: "Not authenticated", 402: "Quota exceeded", 403: "Forbidden",
-                404: "Not found", 409: "Conflict", 412: "Precondition failed", 413: "Body too large", 416: "Range not satisfiable",
-                422: "Validation error", 429: "Rate limited", 503: "Unavailable"}
+                404: "Not found", 408: "Request body timed out", 409: "Conflict", 412: "Precondition failed", 413: "Body too large",
+                415: "Unsupported Content-Encoding", 416: "Range not satisfiable", 422: "Validation error", 429: "Rate limited",
+                503: "Unavailable"}
 
 
 def build_openapi(specs: list[RouteSpec]) -> dict[str, Any]:
@@ -78,6 +79,8 @@ def build_openapi(specs: list[RouteSpec]) -> dict[str, Any]:
         implied = {401} if spec.auth else set()
         if spec.body is not None:
             implied |= {400, 422}  # a body that is not JSON; one that does not validate
+        if spec.body is not None or spec.raw_body:
+            implied |= {408, 413, 415}  # http.bodies: a stalled body, too large, an unknown encoding
         if spec.query is not None or spec.required_headers:
             implied.add(422)
         for status in sorted(set(spec.errors) | implied):

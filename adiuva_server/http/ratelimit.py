@@ -21,7 +21,7 @@ def setup_rate_limits(app: web.Application) -> None:
         who = request.get(PRINCIPAL)
         if who is None:
             return await handler(request)
-        decision = request.app[RATE_LIMITS].hit("user:" + who.id, limits[who.tier], window)
+        decision = await request.app[RATE_LIMITS].hit("user:" + who.id, limits[who.tier], window)
         headers = decision.headers()
         if not decision.allowed:
             raise errors.RateLimited(

@@ -13,6 +13,7 @@ import pydantic
 from aiohttp import web
 
 from adiuva_server import errors
+from adiuva_server.http.bodies import read_body
 from adiuva_server.keys import ROUTES, SETTINGS
 
 JSON = "application/json"
@@ -41,6 +42,9 @@ class RouteSpec:
     required_headers: tuple[str, ...] = ()  # of request_headers: a 422 without them
     # A JSON body larger than the app-wide limit: settings -> bytes (e.g. vector upserts).
     body_limit: Callable[[Any], int] | None = None
+    # False: `body` (and `body_limit`) only document the request; the handler reads and
+    # validates it itself (its own bounded, streaming-safe read).
+    read_body: bool = True
 
     @property
     def full_path(self) -> str:
@@ -121,7 +125,7 @@ def validation_problem(exc: pydantic.ValidationError, where: str) -> errors.Adiu
 
 
 def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    body_model: type[pydantic.BaseModel] | None = options.get("body")
+    body_model: type[pydantic.BaseModel] | None = options.get("body") if options.get("read_body", True) else None
     query_model: type[pydantic.BaseModel] | None = options.get("query")
     status: int = options.get("status", 200)
     body_limit: Callable[[Any], int] | None = options.get("body_limit")
@@ -138,10 +142,8 @@ def _wrap(fn: Callable[..., Awaitable[Any]], options: dict[str, Any]) -> Callabl
     async def handler(request: web.Request) -> web.StreamResponse:
         kwargs: dict[str, Any] = {}
         if body_model is not None:
-            reader = request
-            if body_limit is not None:  # aiohttp answers 413 past the clone's limit
-                reader = request.clone(client_max_size=body_limit(request.app[SETTINGS]))
-            raw = await reader.read()
+            limit = body_limit(request.app[SETTINGS]) if body_limit is not None else request.client_max_size
+            raw = await read_body(request, limit)
             if not raw:
                 raise errors.MalformedRequest("a JSON request body is required")
             try:

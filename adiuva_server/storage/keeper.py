@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 from adiuva_server.storage.blobs import BlobStore, Staged
@@ -61,6 +61,42 @@ class BlobKeeper:
             raise  # the transaction finishes on its own; a sweep removes what it leaves unused
         except BaseException:
             await self.release([digest])
+            raise
+
+    async def commit_many(self, objects: Sequence[tuple[str, bytes]], write: Callable[[], Awaitable[T]]) -> T:
+        """`commit` for bytes already in memory and hashed (a batch): every object is durable
+        before `write` starts, and pinned until it has finished."""
+        digests = list(dict.fromkeys(d for d, _ in objects))
+        for digest in digests:
+            self._pins[digest] += 1
+
+        def unpin_all(_: object = None) -> None:
+            for digest in digests:
+                self._unpin(digest)
+
+        storing: asyncio.Future[None] | None = None
+        try:
+            for digest in digests:
+                while (deleting := self._deleting.get(digest)) is not None:
+                    await asyncio.shield(deleting)
+            storing = asyncio.ensure_future(self.blobs.put_many(objects))
+            await asyncio.shield(storing)
+        except BaseException:
+            if storing is not None and not storing.done():  # cancelled: let the thread finish first
+                await asyncio.wait([storing])
+            unpin_all()
+            with contextlib.suppress(Exception):  # what it put in place, if no row references it
+                await asyncio.shield(self.release(digests))
+            raise
+        task = asyncio.ensure_future(write())
+        self._writes.add(task)
+        task.add_done_callback(lambda t: (self._writes.discard(t), unpin_all()))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise  # the transaction finishes on its own; a sweep removes what it leaves unused
+        except BaseException:
+            await self.release(digests)
             raise
 
     async def release(self, digests: Iterable[str], *, older_than: float | None = None) -> int:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adiuva_server.storage.service import TABLE_NAME
+from adiuva_server.storage.service import CHECKSUM, INLINE_DATA_BYTES, INLINE_PAGE_BYTES, TABLE_NAME
 from adiuva_server.storage.store import Backup, Record
 
 MAX_PAGE_SIZE = 1000
@@ -14,6 +14,13 @@ MAX_PAGE = 10**7
 # Cursors are SQLite INTEGERs (signed 64-bit): a larger value must be a 422, not an
 # OverflowError on the way into the database.
 MAX_CURSOR = 2**63 - 1
+# Sync in bulk: records and bytes of one batch request. The byte limit is on the body as read
+# (the JSON, after any Content-Encoding is decoded), enforced while it is read; base64 makes the
+# records' own bytes about three quarters of it.
+MAX_BATCH_RECORDS = 1000
+MAX_BATCH_BODY_BYTES = 16 * 1024 * 1024
+MAX_ID_LENGTH = 64
+MAX_IF_MATCH_LENGTH = 1024
 
 
 class RecordCreateQuery(BaseModel):
@@ -32,6 +39,32 @@ class ChangesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     since: int = Field(default=0, ge=0, le=MAX_CURSOR, description="the cursor from the previous answer; 0 for everything")
     limit: int = Field(default=100, ge=1, le=MAX_PAGE_SIZE)
+    include_data: bool = Field(
+        default=False,
+        description=f"inline each live record's bytes (base64, `data`) when it is at most {INLINE_DATA_BYTES} bytes; "
+                    f"a page then ends early rather than inline more than {INLINE_PAGE_BYTES} bytes",
+    )
+
+
+class RecordBatchItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    table: str = Field(pattern=TABLE_NAME, description="the client's table name (ignored when replacing)")
+    data: str = Field(description="base64 (standard alphabet, padded) of the encrypted bytes")
+    checksum: str = Field(pattern=CHECKSUM.pattern, description="SHA-256 of the decoded bytes, hex")
+    id: str | None = Field(default=None, max_length=MAX_ID_LENGTH,
+                           description="replace this record of the caller's (404 if there is none)")
+    if_match: str | None = Field(
+        default=None, max_length=MAX_IF_MATCH_LENGTH,
+        description="with `id`: the record's ETag exactly as GET sent it (quoted); 412 if it has changed since",
+    )
+
+class RecordBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    records: list[RecordBatchItem] = Field(
+        min_length=1, max_length=MAX_BATCH_RECORDS,
+        description=f"at most {MAX_BATCH_RECORDS} records and a body of at most {MAX_BATCH_BODY_BYTES} bytes; "
+                    "all are stored or none",
+    )
 
 
 class RecordMeta(BaseModel):
@@ -47,6 +80,10 @@ class RecordMeta(BaseModel):
         assert r.checksum is not None
         return cls(id=r.id, table=r.table, checksum=r.checksum, size_bytes=r.size_bytes,
                    created_at=r.created_at, updated_at=r.updated_at)
+
+
+class RecordBatchResult(BaseModel):
+    items: list[RecordMeta] = Field(description="one per record sent, in the same order")
 
 
 class RecordPage(BaseModel):
@@ -66,12 +103,18 @@ class Change(BaseModel):
     created_at: str
     updated_at: str
     deleted_at: str | None
+    data: str | None = Field(
+        default=None,
+        description="with include_data=true: base64 of the record's bytes. null for a deletion, without "
+                    f"include_data, and for a record larger than {INLINE_DATA_BYTES} bytes (size_bytes) or "
+                    "changed again meanwhile: an upsert without data is fetched with GET /storage/records/{id}",
+    )
 
     @classmethod
-    def of(cls, r: Record) -> Change:
+    def of(cls, r: Record, data: str | None = None) -> Change:
         return cls(cursor=r.seq, op="upsert" if r.checksum else "delete", id=r.id, table=r.table,
                    checksum=r.checksum, size_bytes=r.size_bytes, created_at=r.created_at,
-                   updated_at=r.updated_at, deleted_at=r.deleted_at)
+                   updated_at=r.updated_at, deleted_at=r.deleted_at, data=data)
 
 
 class ChangesPage(BaseModel):

@@ -56,6 +56,17 @@ class Backup:
                    row["created_at"], row["created_unix"], bool(row["shares_second"]))
 
 
+@dataclass(frozen=True, slots=True)
+class RecordWrite:
+    """One item of a batch: a new record (`record_id` None) or the replacement of one."""
+
+    table: str
+    checksum: str
+    size: int
+    record_id: str | None = None
+    precondition: Callable[[str], bool] | None = None
+
+
 _RECORD = "id, table_name, checksum, size_bytes, seq, created_at, updated_at, deleted_at"
 _BACKUP = "id, version, backup_timestamp, checksum, size_bytes, created_at, created_unix, shares_second"
 
@@ -75,6 +86,37 @@ async def _next_seq(conn: Any, user_id: str) -> int:
         (user_id,),
     )
     return seq
+
+
+def batch_growth(writes: Sequence[RecordWrite], current: dict[str, Record]) -> int:
+    """The bytes `writes` add (a replacement counts its difference), given the live records
+    they replace (`current`, by id): NotFound or PreconditionFailed naming the first bad item."""
+    growth = 0
+    for i, w in enumerate(writes):
+        if w.record_id is None:
+            growth += w.size
+            continue
+        old = current.get(w.record_id)
+        if old is None:  # missing and someone else's answer the same
+            raise errors.NotFound(f"records[{i}]: no such record", extra={"index": i})
+        if w.precondition is not None and not w.precondition(old.checksum):
+            raise errors.PreconditionFailed(f"records[{i}]: the record has changed since that ETag (if_match)",
+                                            extra={"index": i})
+        growth += w.size - old.size_bytes
+    return growth
+
+
+async def _live_records(conn: Any, user_id: str, record_ids: Sequence[str]) -> list[Record]:
+    found: list[Record] = []
+    for i in range(0, len(record_ids), IN_BATCH):
+        batch = list(record_ids[i:i + IN_BATCH])
+        rows = await conn.execute_fetchall(
+            f"SELECT {_RECORD} FROM storage_records WHERE user_id = ? AND checksum IS NOT NULL "
+            f"AND id IN ({','.join('?' * len(batch))})",
+            (user_id, *batch),
+        )
+        found.extend(Record.from_row(r) for r in rows)
+    return found
 
 
 # Every object some row points at, with its size (also read from backup snapshots).
@@ -98,6 +140,11 @@ class StorageStore(Protocol):
     async def purge_tombstones(self, deleted_before: str, batch: int) -> int:
         """Forget up to `batch` tombstones deleted before `deleted_before` (ISO 8601 UTC)."""
     async def insert_record(self, user_id: str, tier: str, table: str, checksum: str, size: int, max_records: int) -> Record: ...
+    async def live_records(self, user_id: str, record_ids: Sequence[str]) -> dict[str, Record]: ...
+    async def write_records(self, user_id: str, tier: str, writes: Sequence[RecordWrite],
+                            max_records: int) -> tuple[list[Record], list[str]]:
+        """All of `writes` in one transaction, or none (errors carry the failing item's index);
+        returns the records in order and the checksums the replaced ones had."""
     async def replace_record(self, user_id: str, tier: str, record_id: str, checksum: str, size: int,
                              precondition: Callable[[str], bool] | None) -> tuple[Record, str]: ...
     async def delete_record(self, user_id: str, tier: str, record_id: str, precondition: Callable[[str], bool] | None) -> str: ...
@@ -131,6 +178,11 @@ class SQLiteStorageStore:
             (record_id, user_id),
         )
         return None if row is None else Record.from_row(row)
+
+    async def live_records(self, user_id: str, record_ids: Sequence[str]) -> dict[str, Record]:
+        """Those of `record_ids` that are the user's live records, by id."""
+        async with self.db.reader() as conn:
+            return {r.id: r for r in await _live_records(conn, user_id, record_ids)}
 
     async def list_records(self, user_id: str, table: str | None, offset: int, limit: int) -> tuple[list[Record], int]:
         where = "user_id = ? AND checksum IS NOT NULL" + (" AND table_name = ?" if table else "")
@@ -248,6 +300,48 @@ class SQLiteStorageStore:
                 (user_id,),
             )
         return Record(record_id, table, checksum, size, seq, now, now)
+
+    async def write_records(self, user_id: str, tier: str, writes: Sequence[RecordWrite],
+                            max_records: int) -> tuple[list[Record], list[str]]:
+        now, _ = utc_now()
+        async with self.db.write() as conn:
+            current = {r.id: r for r in await _live_records(conn, user_id, [w.record_id for w in writes if w.record_id])}
+            growth = batch_growth(writes, current)
+            created = sum(1 for w in writes if w.record_id is None)
+            row = await _one(conn, "SELECT records FROM storage_record_counts WHERE user_id = ?", (user_id,))
+            if created and (row[0] if row else 0) + created > max_records:
+                raise errors.QuotaExceeded(
+                    f"this server keeps at most {max_records} records per user; the batch would create {created} more",
+                    extra={"max_records": max_records},
+                )
+            await quota.apply(conn, user_id, tier, "cloud", growth)
+            # A block of feed positions, one per item in request order.
+            (last,) = await _one(
+                conn,
+                "INSERT INTO storage_record_counts (user_id, records, last_seq) VALUES (?, ?, ?) "
+                "ON CONFLICT (user_id) DO UPDATE SET records = records + excluded.records, "
+                "last_seq = last_seq + excluded.last_seq RETURNING last_seq",
+                (user_id, created, len(writes)),
+            )
+            first = last - len(writes) + 1
+            records: list[Record] = []
+            inserts, updates = [], []
+            for i, w in enumerate(writes):
+                seq = first + i
+                if w.record_id is None:
+                    rid = str(uuid.uuid4())
+                    inserts.append((rid, user_id, w.table, w.checksum, w.size, seq, now, now))
+                    records.append(Record(rid, w.table, w.checksum, w.size, seq, now, now))
+                else:
+                    old = current[w.record_id]
+                    updates.append((w.checksum, w.size, seq, now, w.record_id))
+                    records.append(Record(old.id, old.table, w.checksum, w.size, seq, old.created_at, now))
+            await conn.executemany(
+                "INSERT INTO storage_records (id, user_id, table_name, checksum, size_bytes, seq, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+            await conn.executemany(
+                "UPDATE storage_records SET checksum = ?, size_bytes = ?, seq = ?, updated_at = ? WHERE id = ?", updates)
+        return records, [r.checksum for r in current.values() if r.checksum]
 
     async def _live_record(self, conn: Any, user_id: str, record_id: str, precondition: Callable[[str], bool] | None) -> Any:
         row = await _one(
