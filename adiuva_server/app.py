@@ -18,6 +18,7 @@ from adiuva_server.auth.service import AuthService
 from adiuva_server.auth.store import SQLiteAccountStore
 from adiuva_server.chat import routes as chat_routes
 from adiuva_server.config import Settings, ensure_data_dir
+from adiuva_server.console import setup_console
 from adiuva_server.db import Database
 from adiuva_server.http.auth import setup_auth
 from adiuva_server.http.bodies import setup_bodies
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(scheduled_backups)
     for feature in FEATURES:
         feature.setup(app)
+    setup_console(app)  # the /admin pages (after the admin feature: they use its AdminService)
     return app
 
 

@@ -128,6 +128,8 @@ class Settings:
     # these local addresses (empty: the LAN addresses the banner prints).
     mdns: bool = False
     mdns_interfaces: tuple[str, ...] = ()
+    # Where each setting came from ("default", "environment", "flag"), for the admin console.
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:  # never print the secret
         fields = (f.name for f in dataclasses.fields(self) if f.repr and f.name != "jwt_secret")
@@ -210,6 +212,7 @@ class Settings:
         values["metrics_token"] = r.secret("ADIUVA_METRICS_TOKEN", MIN_METRICS_TOKEN_BYTES)
         values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
+        values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
             values["data_dir"] = Path(overrides["data_dir"]).expanduser()
@@ -415,3 +418,48 @@ class _Reader:
             except ValueError:
                 raise ConfigError(f"{name}: {item!r} is not an IP address of this host") from None
         return tuple(out)
+
+
+# The variables each setting is read from (first wins), for the provenance the console shows.
+# A field not named here is not read from the environment: its source is "default" or "flag".
+ENV_NAMES: dict[str, tuple[str, ...]] = {
+    "data_dir": ("ADIUVA_DATA_DIR",), "host": ("ADIUVA_HOST",), "port": ("ADIUVA_PORT",), "env": ("ENV",),
+    "log_level": ("ADIUVA_LOG_LEVEL",), "jwt_secret": ("JWT_SECRET",), "jwt_algorithm": ("JWT_ALGORITHM",),
+    "access_token_minutes": ("JWT_ACCESS_TOKEN_EXPIRE_MINUTES",), "refresh_token_days": ("JWT_REFRESH_TOKEN_EXPIRE_DAYS",),
+    "cors_origins": ("CORS_ORIGINS",), "signups_open": ("ADIUVA_SIGNUPS",), "default_tier": ("ADIUVA_DEFAULT_TIER",),
+    "password_min_length": ("ADIUVA_PASSWORD_MIN_LENGTH",), "argon2_memory_kib": ("ADIUVA_ARGON2_MEMORY_KIB",),
+    "argon2_time_cost": ("ADIUVA_ARGON2_TIME_COST",), "argon2_parallelism": ("ADIUVA_ARGON2_PARALLELISM",),
+    "max_concurrent_hashes": ("ADIUVA_MAX_CONCURRENT_HASHES",), "sqlite_synchronous": ("ADIUVA_SQLITE_SYNCHRONOUS",),
+    "trusted_proxies": ("ADIUVA_TRUSTED_PROXIES",), "rate_limits": ("ADIUVA_RATE_LIMITS",),
+    "llm_model": ("LLM_MODEL",), "llm_router_model": ("LLM_ROUTER_MODEL", "LLM_MODEL"), "llm_models": ("LLM_MODELS",),
+    "ollama_host": ("OLLAMA_HOST",), "llm_api_base": ("LLM_API_BASE",), "llm_timeout": ("LLM_TIMEOUT",),
+    "chat_max_sockets": ("ADIUVA_CHAT_MAX_SOCKETS",), "chat_max_plans_per_user": ("ADIUVA_CHAT_MAX_PLANS",),
+    "stripe_secret_key": ("STRIPE_SECRET_KEY",), "stripe_webhook_secret": ("STRIPE_WEBHOOK_SECRET",),
+    "vector_max_batch": ("ADIUVA_VECTOR_MAX_BATCH",), "vector_max_top_k": ("ADIUVA_VECTOR_MAX_TOP_K",),
+    "vector_max_payload_bytes": ("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES",), "vector_cache_bytes": ("ADIUVA_VECTOR_CACHE_BYTES",),
+    "vector_cache_min_vectors": ("ADIUVA_VECTOR_CACHE_MIN_VECTORS",),
+    "vector_max_request_bytes": ("ADIUVA_VECTOR_MAX_REQUEST_BYTES",), "max_record_bytes": ("ADIUVA_MAX_RECORD_BYTES",),
+    "max_backup_bytes": ("ADIUVA_MAX_BACKUP_BYTES",), "max_records_per_user": ("ADIUVA_MAX_RECORDS_PER_USER",),
+    "backup_retention": ("ADIUVA_BACKUP_RETENTION",), "backup_interval": ("ADIUVA_BACKUP_INTERVAL",),
+    "tombstone_retention": ("ADIUVA_TOMBSTONE_RETENTION",), "backup_keep": ("ADIUVA_BACKUP_KEEP",),
+    "tls_cert": ("ADIUVA_TLS_CERT",), "tls_key": ("ADIUVA_TLS_KEY",), "tls": ("ADIUVA_TLS", "ADIUVA_TLS_CERT"),
+    "header_timeout": ("ADIUVA_HEADER_TIMEOUT",), "body_timeout": ("ADIUVA_BODY_TIMEOUT",),
+    "max_connections": ("ADIUVA_MAX_CONNECTIONS",), "max_connections_per_address": ("ADIUVA_MAX_CONNECTIONS_PER_ADDRESS",),
+    "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
+}
+
+
+def setting_sources(env: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, str]:
+    """Each setting's origin: "flag" (a keyword override, i.e. a CLI flag), "environment" (one of
+    its variables is set and not blank) or "default"."""
+    out = {}
+    for f in dataclasses.fields(Settings):
+        if f.name == "sources":
+            continue
+        if overrides.get(f.name) is not None:
+            out[f.name] = "flag"
+        elif any((env.get(n) or "").strip() for n in ENV_NAMES.get(f.name, ())):
+            out[f.name] = "environment"
+        else:
+            out[f.name] = "default"
+    return out

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from adiuva_server.auth.service import AuthService
     from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
+    from adiuva_server.console.routes import ConsoleState
     from adiuva_server.db import Database
     from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
@@ -29,6 +30,7 @@ VECTORS = web.AppKey("vectors", "VectorService")
 STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
+CONSOLE = web.AppKey("console", "ConsoleState")
 
 INFLIGHT = web.AppKey("inflight", object)
 METRICS = web.AppKey("metrics", "Metrics")

@@ -10,6 +10,7 @@ WAL still held (checkpointed and truncated). A server backup taken after holds n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class AdminService:
         self.auth = auth
         self.grace_seconds = grace_seconds
         self.started = time.monotonic()
+        self.backup_job: BackupJob | None = None  # the console's latest (start_server_backup)
 
     # -- users --------------------------------------------------------------------------------
 
@@ -147,6 +149,67 @@ class AdminService:
         from adiuva_server.server_backup import create_backup
 
         return await create_backup(self.settings)
+
+
+    # -- for the admin console: a backup with progress, verify, download ----------------------
+
+    def start_server_backup(self) -> BackupJob:
+        """Start a server backup in the background (one at a time) and return its progress."""
+        if self.backup_job is not None and not self.backup_job.finished:
+            raise errors.Conflict("a server backup is already running")
+        job = self.backup_job = BackupJob()
+        self._backup_task = asyncio.create_task(self._run_backup(job))
+        return job
+
+    async def _run_backup(self, job: BackupJob) -> None:
+        from adiuva_server.server_backup import BackupError, create_backup
+
+        def on_total(total: int) -> None:
+            job.total_bytes = total
+
+        def progress(n: int) -> None:  # from the archive writer's thread; the only writer
+            job.done_bytes += n
+
+        try:
+            path, _ = await create_backup(self.settings, progress=progress, on_total=on_total)
+            job.name = path.name
+        except BackupError as exc:
+            job.error = exc.detail
+        except Exception:
+            log.exception("server backup failed")
+            job.error = "the backup failed; see the server log"
+        finally:
+            job.finished = True
+
+    async def stop_background(self) -> None:
+        """At shutdown: cancel a backup in progress (its leftovers go at the next start)."""
+        task = getattr(self, "_backup_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def server_backup_path(self, name: str) -> Path:
+        """The archive of that name in the backup folder (only a listed one: never a path)."""
+        for path, _, _ in await self.server_backups():
+            if path.name == name:
+                return path
+        raise errors.NotFound("no server backup of that name")
+
+    async def verify_server_backup(self, name: str):
+        """Read the whole archive: every hash and the database's integrity (BackupError if not)."""
+        from adiuva_server.server_backup import verify_backup
+
+        return await asyncio.to_thread(verify_backup, await self.server_backup_path(name))
+
+
+@dataclass(slots=True)
+class BackupJob:
+    total_bytes: int = 0  # known once the members are collected
+    done_bytes: int = 0
+    name: str | None = None  # the archive, once written
+    error: str | None = None
+    finished: bool = False
 
 
 async def delete_user_from_cli(settings: Settings, db: Database, email: str) -> Deletion:

@@ -18,6 +18,7 @@ from adiuva_server import __version__, discovery, tls
 from adiuva_server.app import create_app
 from adiuva_server.chat.status import announce_llm
 from adiuva_server.config import Settings
+from adiuva_server.console.routes import first_run_url
 from adiuva_server.http.accesslog import EscapingFormatter
 from adiuva_server.http.protocol import Runner, raise_open_files_limit
 from adiuva_server.keys import INFLIGHT, SETTINGS
@@ -145,6 +146,9 @@ async def _run(app: web.Application, settings: Settings, ssl_context, pin: str |
         if settings.signups_open:
             lines.append("  Sign-ups are open (ADIUVA_SIGNUPS=closed stops them); the first account is the admin.")
         lines.append(new_accounts_line(settings))
+        # The admin console's first run: a one-time link, printed here only (never logged).
+        if setup_url := first_run_url(app, urls(settings.host, port, "https" if ssl_context else "http")[0]):
+            lines.append(f"  No account yet: create the admin account at {setup_url}")
         print("\n".join(lines), flush=True)
         # Chat: the LLM's provider and model now; whether it is reachable and pulled once checked.
         announce_llm(app)
