@@ -42,7 +42,9 @@ def test_every_cli_command_is_documented():
 
 
 def test_readme_opens_with_the_two_command_lines():
-    code = [line for line in README.splitlines()[:15] if line.startswith("python3 ")]
+    lines = README.splitlines()
+    assert lines[2] == "```", "the README opens with a code block"
+    code = lines[3:lines.index("```", 3)]
     assert len(code) == 2 and code[0].endswith("adiuva serve") and code[1].endswith("pytest")
     # CI runs exactly the README's test line.
     assert code[1] in (REPO / ".ci" / "run").read_text().splitlines()
