@@ -1,20 +1,32 @@
 """`adiuva doctor`: check the whole server and say plainly what is wrong (and, with `fix`,
-mend what can be mended safely). Each check is a small function returning findings."""
+mend what can be mended safely). Each check is a small function returning findings.
+
+The server runs the same checks without `fix` in the background (DoctorMonitor) for the
+admin status: nothing blocks its event loop (file and SQLite work runs in threads), nothing takes
+its write lock (the integrity check reads on its own read-only connection; in WAL mode writers go
+on meanwhile) and nothing is deleted or changed."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib.util
+import logging
 import os
 import stat
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from adiuva_server.config import JWT_SECRET_FILE, Settings
 from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
 from adiuva_server.server_backup import remove_leftovers, server_running
 from adiuva_server.storage import maintenance
+from adiuva_server.storage.blobs import FileBlobStore
+from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tls import KEY_FILE
+
+log = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -29,13 +41,16 @@ class Finding:
         return f"[{self.level:>4}] {self.area}: {self.message}"
 
 
-async def run_doctor(settings: Settings, fix: bool = False) -> list[Finding]:
-    findings = _permissions(settings, fix)
+async def run_doctor(settings: Settings, fix: bool = False, *, db: Database | None = None,
+                     blobs: FileBlobStore | None = None) -> list[Finding]:
+    """`db` and `blobs`: the running server's own (its background checks; never with `fix`)."""
+    assert not (fix and db is not None), "the server's own checks never fix"
+    findings = await asyncio.to_thread(_permissions, settings, fix)
     database, current = await asyncio.to_thread(_database, settings)
     findings += database
     if not current:
         return findings  # the rest reads the database, and only at this adiuva's schema
-    findings += await _storage(settings, fix)
+    findings += await _storage(settings, fix, db=db, blobs=blobs)
     if fix and (removed := await asyncio.to_thread(remove_leftovers, settings)):
         findings.append(Finding(OK, "backups", f"removed {removed} leftover(s) of interrupted server backups"))
     findings += await _llm(settings)
@@ -86,11 +101,20 @@ def _database(settings: Settings) -> tuple[list[Finding], bool]:
     return out, all(f.level == OK for f in out)
 
 
-async def _storage(settings: Settings, fix: bool) -> list[Finding]:
-    blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
-    db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
+async def _storage(settings: Settings, fix: bool, *, db: Database | None = None,
+                   blobs: FileBlobStore | None = None) -> list[Finding]:
+    own = db is None
+    if blobs is None:
+        blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
+    if db is None:
+        db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
     try:
         report = await maintenance.check(db, blobs, verify_hashes=True)
+        if report.missing:
+            # A record deleted or replaced while the check ran takes its object with it: only
+            # objects still referenced now are missing.
+            still = await SQLiteStorageStore(db).referenced(report.missing)
+            report.missing = [d for d in report.missing if d in still]
         out = []
         if report.missing:
             out.append(Finding(FAIL, "storage", f"{len(report.missing)} referenced object(s) missing, e.g. {report.missing[0]}"))
@@ -117,7 +141,8 @@ async def _storage(settings: Settings, fix: bool) -> list[Finding]:
             out.append(Finding(OK, "storage", f"{report.referenced} referenced object(s) present and hash right"))
         return out
     finally:
-        await db.close()
+        if own:
+            await db.close()
 
 
 async def _llm(settings: Settings) -> list[Finding]:
@@ -144,3 +169,95 @@ async def _llm(settings: Settings) -> list[Finding]:
         else:
             out.append(Finding(OK, "llm", f"{', '.join(others)} via LiteLLM (installed; not called, a probe would cost a request)"))
     return out
+
+
+# -- in the server: the last result for the admin status ----------------------------------------
+
+DOCTOR_FIRST_DELAY = 60.0  # after start: let the server settle (and warm its caches) first
+
+
+def iso_utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class DoctorRun:
+    started_at: str  # ISO 8601, UTC
+    finished_at: str
+    duration_seconds: float
+    findings: list[Finding] = field(default_factory=list)
+    error: str | None = None  # the run itself failed (the findings are then empty)
+
+    def count(self, level: str) -> int:
+        return sum(1 for f in self.findings if f.level == level)
+
+
+class DoctorMonitor:
+    """The doctor's checks (never `fix`) in the background: `DOCTOR_FIRST_DELAY` after start,
+    then every `settings.doctor_interval` seconds (0: only when triggered), keeping the last
+    result. One worker task runs them, so runs never overlap; a trigger during a run asks for
+    one more run after it (so what appears after a trigger was checked after it)."""
+
+    def __init__(self, settings: Settings, db: Database, blobs: FileBlobStore) -> None:
+        self.settings = settings
+        self.db = db
+        self.blobs = blobs
+        self.last: DoctorRun | None = None
+        self.running = False
+        self.next_run: float | None = None  # wall clock, of the next scheduled run
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A run is in progress or about to start."""
+        return self.running or self._wake.is_set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="adiuva-doctor")
+
+    def trigger(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        interval = self.settings.doctor_interval
+        delay = min(DOCTOR_FIRST_DELAY, interval) if interval > 0 else None
+        while True:
+            self.next_run = time.time() + delay if delay is not None else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.run_once()
+            delay = interval if interval > 0 else None
+
+    async def run_once(self) -> DoctorRun:
+        self.running = True
+        started, clock = time.time(), time.monotonic()
+        findings: list[Finding] = []
+        error = None
+        try:
+            findings = await run_doctor(self.settings, db=self.db, blobs=self.blobs)
+        except Exception:
+            log.exception("the background doctor run failed")
+            error = "the doctor's run failed; see the server log"
+        finally:
+            self.running = False
+        run = self.last = DoctorRun(iso_utc(started), iso_utc(time.time()), round(time.monotonic() - clock, 3), findings, error)
+        log.info("doctor: %d ok, %d warning(s), %d problem(s)%s", run.count(OK), run.count(WARN), run.count(FAIL),
+                 f" ({error})" if error else "")
+        for f in findings:
+            if f.level != OK:
+                log.warning("doctor: %s", f)
+        return run
