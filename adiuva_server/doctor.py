@@ -2,9 +2,10 @@
 mend what can be mended safely). Each check is a small function returning findings.
 
 The server runs the same checks without `fix` in the background (DoctorMonitor) for the
-admin status: nothing blocks its event loop (file and SQLite work runs in threads), nothing takes
-its write lock (the integrity check reads on its own read-only connection; in WAL mode writers go
-on meanwhile) and nothing is deleted or changed."""
+admin status, as `adiuva doctor` would from outside: nothing blocks its event loop (file and
+SQLite work runs in threads), nothing takes a write lock (the checks read on connections of their
+own, so the server's read pools stay free; in WAL mode writers go on meanwhile) and nothing is
+deleted or changed."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
 from adiuva_server.server_backup import remove_leftovers, server_running
 from adiuva_server.storage import maintenance
-from adiuva_server.storage.blobs import FileBlobStore
 from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tls import KEY_FILE
 
@@ -41,16 +41,13 @@ class Finding:
         return f"[{self.level:>4}] {self.area}: {self.message}"
 
 
-async def run_doctor(settings: Settings, fix: bool = False, *, db: Database | None = None,
-                     blobs: FileBlobStore | None = None) -> list[Finding]:
-    """`db` and `blobs`: the running server's own (its background checks; never with `fix`)."""
-    assert not (fix and db is not None), "the server's own checks never fix"
+async def run_doctor(settings: Settings, fix: bool = False) -> list[Finding]:
     findings = await asyncio.to_thread(_permissions, settings, fix)
     database, current = await asyncio.to_thread(_database, settings)
     findings += database
     if not current:
         return findings  # the rest reads the database, and only at this adiuva's schema
-    findings += await _storage(settings, fix, db=db, blobs=blobs)
+    findings += await _storage(settings, fix)
     if fix and (removed := await asyncio.to_thread(remove_leftovers, settings)):
         findings.append(Finding(OK, "backups", f"removed {removed} leftover(s) of interrupted server backups"))
     findings += await _llm(settings)
@@ -101,13 +98,10 @@ def _database(settings: Settings) -> tuple[list[Finding], bool]:
     return out, all(f.level == OK for f in out)
 
 
-async def _storage(settings: Settings, fix: bool, *, db: Database | None = None,
-                   blobs: FileBlobStore | None = None) -> list[Finding]:
-    own = db is None
-    if blobs is None:
-        blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
-    if db is None:
-        db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
+async def _storage(settings: Settings, fix: bool) -> list[Finding]:
+    blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
+    # Its own connections, also inside the server: its long reads keep the server's pools free.
+    db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
     try:
         report = await maintenance.check(db, blobs, verify_hashes=True)
         if report.missing:
@@ -141,8 +135,7 @@ async def _storage(settings: Settings, fix: bool, *, db: Database | None = None,
             out.append(Finding(OK, "storage", f"{report.referenced} referenced object(s) present and hash right"))
         return out
     finally:
-        if own:
-            await db.close()
+        await db.close()
 
 
 async def _llm(settings: Settings) -> list[Finding]:
@@ -198,10 +191,8 @@ class DoctorMonitor:
     result. One worker task runs them, so runs never overlap; a trigger during a run asks for
     one more run after it (so what appears after a trigger was checked after it)."""
 
-    def __init__(self, settings: Settings, db: Database, blobs: FileBlobStore) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.db = db
-        self.blobs = blobs
         self.last: DoctorRun | None = None
         self.running = False
         self.next_run: float | None = None  # wall clock, of the next scheduled run
@@ -248,7 +239,7 @@ class DoctorMonitor:
         findings: list[Finding] = []
         error = None
         try:
-            findings = await run_doctor(self.settings, db=self.db, blobs=self.blobs)
+            findings = await run_doctor(self.settings)
         except Exception:
             log.exception("the background doctor run failed")
             error = "the doctor's run failed; see the server log"

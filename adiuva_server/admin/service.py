@@ -64,7 +64,7 @@ class AdminService:
         self.backup_job: BackupJob | None = None  # the console's latest (start_server_backup)
         # The server's background doctor (started by the admin feature's context, not here: the
         # CLI makes an AdminService too).
-        self.doctor = DoctorMonitor(settings, db, blobs)
+        self.doctor = DoctorMonitor(settings)
 
     # -- users --------------------------------------------------------------------------------
 
