@@ -128,6 +128,9 @@ class Settings:
     # these local addresses (empty: the LAN addresses the banner prints).
     mdns: bool = False
     mdns_interfaces: tuple[str, ...] = ()
+    # The doctor's checks (as `adiuva doctor`, never --fix) in the background for the admin
+    # status: a minute after start, then every N seconds (0: only when an admin asks).
+    doctor_interval: float = 86400.0
     # Where each setting came from ("default", "environment", "flag"), for the admin console.
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -212,6 +215,7 @@ class Settings:
         values["metrics_token"] = r.secret("ADIUVA_METRICS_TOKEN", MIN_METRICS_TOKEN_BYTES)
         values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
+        values["doctor_interval"] = r.duration("ADIUVA_DOCTOR_INTERVAL", cls.doctor_interval)
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
@@ -446,6 +450,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "header_timeout": ("ADIUVA_HEADER_TIMEOUT",), "body_timeout": ("ADIUVA_BODY_TIMEOUT",),
     "max_connections": ("ADIUVA_MAX_CONNECTIONS",), "max_connections_per_address": ("ADIUVA_MAX_CONNECTIONS_PER_ADDRESS",),
     "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
+    "doctor_interval": ("ADIUVA_DOCTOR_INTERVAL",),
 }
 
 

@@ -1,20 +1,32 @@
 """`adiuva doctor`: check the whole server and say plainly what is wrong (and, with `fix`,
-mend what can be mended safely). Each check is a small function returning findings."""
+mend what can be mended safely). Each check is a small function returning findings.
+
+The server runs the same checks without `fix` in the background (DoctorMonitor) for the
+admin status, as `adiuva doctor` would from outside: nothing blocks its event loop (file and
+SQLite work runs in threads), nothing takes a write lock (the checks read on connections of their
+own, so the server's read pools stay free; in WAL mode writers go on meanwhile) and nothing is
+deleted or changed."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib.util
+import logging
 import os
 import stat
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from adiuva_server.config import JWT_SECRET_FILE, Settings
 from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
 from adiuva_server.server_backup import remove_leftovers, server_running
 from adiuva_server.storage import maintenance
+from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tls import KEY_FILE
+
+log = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -30,7 +42,7 @@ class Finding:
 
 
 async def run_doctor(settings: Settings, fix: bool = False) -> list[Finding]:
-    findings = _permissions(settings, fix)
+    findings = await asyncio.to_thread(_permissions, settings, fix)
     database, current = await asyncio.to_thread(_database, settings)
     findings += database
     if not current:
@@ -88,9 +100,15 @@ def _database(settings: Settings) -> tuple[list[Finding], bool]:
 
 async def _storage(settings: Settings, fix: bool) -> list[Finding]:
     blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
+    # Its own connections, also inside the server: its long reads keep the server's pools free.
     db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
     try:
         report = await maintenance.check(db, blobs, verify_hashes=True)
+        if report.missing:
+            # A record deleted or replaced while the check ran takes its object with it: only
+            # objects still referenced now are missing.
+            still = await SQLiteStorageStore(db).referenced(report.missing)
+            report.missing = [d for d in report.missing if d in still]
         out = []
         if report.missing:
             out.append(Finding(FAIL, "storage", f"{len(report.missing)} referenced object(s) missing, e.g. {report.missing[0]}"))
@@ -144,3 +162,93 @@ async def _llm(settings: Settings) -> list[Finding]:
         else:
             out.append(Finding(OK, "llm", f"{', '.join(others)} via LiteLLM (installed; not called, a probe would cost a request)"))
     return out
+
+
+# -- in the server: the last result for the admin status ----------------------------------------
+
+DOCTOR_FIRST_DELAY = 60.0  # after start: let the server settle (and warm its caches) first
+
+
+def iso_utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class DoctorRun:
+    started_at: str  # ISO 8601, UTC
+    finished_at: str
+    duration_seconds: float
+    findings: list[Finding] = field(default_factory=list)
+    error: str | None = None  # the run itself failed (the findings are then empty)
+
+    def count(self, level: str) -> int:
+        return sum(1 for f in self.findings if f.level == level)
+
+
+class DoctorMonitor:
+    """The doctor's checks (never `fix`) in the background: `DOCTOR_FIRST_DELAY` after start,
+    then every `settings.doctor_interval` seconds (0: only when triggered), keeping the last
+    result. One worker task runs them, so runs never overlap; a trigger during a run asks for
+    one more run after it (so what appears after a trigger was checked after it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.last: DoctorRun | None = None
+        self.running = False
+        self.next_run: float | None = None  # wall clock, of the next scheduled run
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A run is in progress or about to start."""
+        return self.running or self._wake.is_set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="adiuva-doctor")
+
+    def trigger(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        interval = self.settings.doctor_interval
+        delay = min(DOCTOR_FIRST_DELAY, interval) if interval > 0 else None
+        while True:
+            self.next_run = time.time() + delay if delay is not None else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.run_once()
+            delay = interval if interval > 0 else None
+
+    async def run_once(self) -> DoctorRun:
+        self.running = True
+        started, clock = time.time(), time.monotonic()
+        findings: list[Finding] = []
+        error = None
+        try:
+            findings = await run_doctor(self.settings)
+        except Exception:
+            log.exception("the background doctor run failed")
+            error = "the doctor's run failed; see the server log"
+        finally:
+            self.running = False
+        run = self.last = DoctorRun(iso_utc(started), iso_utc(time.time()), round(time.monotonic() - clock, 3), findings, error)
+        log.info("doctor: %d ok, %d warning(s), %d problem(s)%s", run.count(OK), run.count(WARN), run.count(FAIL),
+                 f" ({error})" if error else "")
+        for f in findings:
+            if f.level != OK:
+                log.warning("doctor: %s", f)
+        return run

@@ -440,3 +440,87 @@ async def test_deleting_objects_is_safe_against_a_concurrent_upload_of_the_same_
         assert deleted.status == 200
         resp = await client.get(f"/api/v1/storage/records/{uploaded['id']}", headers=bob.headers)
         assert resp.status == 200 and await resp.read() == data
+
+
+# -- the doctor in the background ---------------------------------------------------------------
+
+
+async def doctor_state(client, admin) -> dict:
+    resp = await client.get("/api/v1/admin/status", headers=admin.headers)
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["doctor"]
+
+
+async def finished_doctor(client, admin, before: str | None = None) -> dict:
+    deadline = asyncio.get_running_loop().time() + 60
+    while asyncio.get_running_loop().time() < deadline:
+        doctor = await doctor_state(client, admin)
+        if doctor["last_run"] and doctor["last_run"]["finished_at"] != before and not doctor["running"]:
+            return doctor["last_run"]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no doctor run in 60 s: {doctor}")
+
+
+async def test_the_doctor_route_runs_the_checks_in_the_background(aiohttp_client, data_dir):
+    client = await aiohttp_client(create_app(make_settings(data_dir, doctor_interval=0, **FAST)))
+    admin = await register(client, "ada@example.org")
+    bob = await register(client, "bob@example.org")
+    assert await doctor_state(client, admin) == {"running": False, "interval_seconds": 0, "next_run_at": None,
+                                                 "last_run": None}
+    assert (await client.post("/api/v1/admin/doctor", headers=bob.headers)).status == 403
+    assert (await client.post("/api/v1/admin/doctor")).status == 401
+    assert (await doctor_state(client, admin))["last_run"] is None  # neither started a run
+    record = await put_record(client, bob, b"bob's encrypted bytes")
+    resp = await client.post("/api/v1/admin/doctor", headers=admin.headers)
+    assert resp.status == 202 and (await resp.json())["running"] is True
+    run = await finished_doctor(client, admin)
+    assert run["problems"] == 0 and run["error"] is None and run["ok"] == sum(f["level"] == "ok" for f in run["findings"])
+    messages = [f"{f['area']}: {f['message']}" for f in run["findings"]]
+    assert "storage: 1 referenced object(s) present and hash right" in messages, messages
+    assert any(m.startswith("database: integrity ok") for m in messages)
+    # A stored object's bytes rot on disk: the next run finds it (it hashes every object), and
+    # changes nothing (no --fix).
+    digest = sha(b"bob's encrypted bytes")
+    path = data_dir / "blobs" / "objects" / digest[:2] / digest
+    path.write_bytes(b"rotten")
+    resp = await client.post("/api/v1/admin/doctor", headers=admin.headers)
+    assert resp.status == 202
+    run = await finished_doctor(client, admin, before=run["finished_at"])
+    assert run["problems"] == 1, run
+    (bad,) = [f for f in run["findings"] if f["level"] == "FAIL"]
+    assert bad["area"] == "storage" and "do not hash to their name" in bad["message"] and digest in bad["message"]
+    assert path.read_bytes() == b"rotten"
+    resp = await client.get(f"/api/v1/storage/records/{record['id']}", headers=bob.headers)
+    assert resp.status != 500
+
+
+async def test_the_doctor_runs_on_its_schedule_one_run_at_a_time(aiohttp_client, data_dir):
+    from adiuva_server.keys import ADMIN
+
+    # Below the one-minute floor the environment allows: a test's schedule.
+    client = await aiohttp_client(create_app(make_settings(data_dir, doctor_interval=0.3, **FAST)))
+    admin = await register(client, "ada@example.org")
+    first = await finished_doctor(client, admin)  # the first scheduled run, with no one asking
+    monitor = client.app[ADMIN].doctor
+    real, running, most, runs = monitor.run_once, 0, 0, 0
+
+    async def slow_run():
+        nonlocal running, most, runs
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.5)
+            return await real()
+        finally:
+            running -= 1
+            runs += 1
+
+    monitor.run_once = slow_run
+    await client.post("/api/v1/admin/doctor", headers=admin.headers)
+    await asyncio.sleep(0.1)
+    for _ in range(5):  # during that run: one more after it, not five, and never two at once
+        resp = await client.post("/api/v1/admin/doctor", headers=admin.headers)
+        assert resp.status == 202 and (await resp.json())["running"] is True
+    await asyncio.sleep(1.5)
+    assert most == 1 and runs >= 2
+    assert (await doctor_state(client, admin))["last_run"]["finished_at"] >= first["finished_at"]

@@ -467,3 +467,49 @@ def test_the_console_assets_ship_with_the_package():
                           "print(len(Templates()._templates), sorted(load_assets()))"],
                          capture_output=True, text=True, check=True, cwd=repo)
     assert "console.css" in out.stdout and "console.js" in out.stdout
+
+
+async def wait_for_doctor(client, headers, runs_before: str | None = None) -> dict:
+    """The admin status once a doctor run newer than `runs_before` (its finished_at) is in it."""
+    import asyncio
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        doctor = (await (await client.get("/api/v1/admin/status", headers=headers)).json())["doctor"]
+        run = doctor["last_run"]
+        if run is not None and run["finished_at"] != runs_before and not doctor["running"]:
+            return doctor
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no doctor run in 60 s: {doctor}")
+
+
+async def test_status_page_shows_llm_availability_and_the_doctor_summary(aiohttp_client, data_dir):
+    from tests.conftest import free_port
+
+    port = free_port()  # Ollama configured where nothing listens
+    client = await aiohttp_client(create_app(make_settings(data_dir, ollama_host=f"http://127.0.0.1:{port}",
+                                                           llm_models=("gpt-4o",), doctor_interval=0)))
+    await setup_admin(client)
+    headers = await api_login(client, "root@example.org")
+    html = await (await client.get("/admin")).text()
+    assert "<h2>Doctor</h2>" in html and "Not run yet." in html and "Scheduled runs are off" in html
+    # Each model's availability, with the reason when it is not available.
+    reach = html.split("<h3>Reachability</h3>", 1)[1].split("</ul>", 1)[0]
+    assert '<span class="state fail">not available</span> <code>ollama/llama3.2</code>' in reach
+    assert f"127.0.0.1:{port}" in reach
+    assert "<code>gpt-4o</code>" in reach
+    # A run from the page: CSRF-checked, in the background, its result then on the page.
+    resp = await client.post("/admin/doctor", data={}, allow_redirects=False)
+    assert resp.status == 403 and (await (await client.get("/api/v1/admin/status", headers=headers)).json()
+                                   )["doctor"] == {"running": False, "interval_seconds": 0, "next_run_at": None,
+                                                   "last_run": None}
+    resp = await client.post("/admin/doctor", data={"csrf": csrf_of(html)}, allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/admin?done=doctor"
+    doctor = await wait_for_doctor(client, headers)
+    html = await (await client.get("/admin")).text()
+    assert "Not run yet." not in html
+    run = doctor["last_run"]
+    assert f"{run['ok']} ok, {run['warnings']} warning" in html and run["warnings"] >= 1  # Ollama unreachable
+    assert '<span class="state ok">ok</span> database: integrity ok' in html
+    assert f"Ollama at http://127.0.0.1:{port} is not reachable" in html
+    assert '<span class="state warn">warning</span> llm:' in html

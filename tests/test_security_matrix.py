@@ -102,6 +102,7 @@ REQUESTS: dict[tuple[str, str], Req] = {
     ("GET", "/admin/status"): Req(),
     ("GET", "/admin/backups"): Req(),
     ("POST", "/admin/backups"): Req(),
+    ("POST", "/admin/doctor"): Req(),
 }
 
 # Routes that answer without a bearer token on purpose.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from adiuva_server.admin.store import UserWithUsage
@@ -103,6 +105,30 @@ class StatusCounts(BaseModel):
     vectors: int
 
 
+class DoctorFinding(BaseModel):
+    level: Literal["ok", "warn", "FAIL"]
+    area: str
+    message: str
+
+
+class DoctorRun(BaseModel):
+    started_at: str = Field(description="ISO 8601, UTC")
+    finished_at: str
+    duration_seconds: float
+    ok: int
+    warnings: int
+    problems: int
+    findings: list[DoctorFinding]
+    error: str | None = Field(description="the run itself failed (see the server log); null otherwise")
+
+
+class DoctorSummary(BaseModel):
+    running: bool = Field(description="a run is in progress or about to start")
+    interval_seconds: float = Field(description="ADIUVA_DOCTOR_INTERVAL; 0: runs only when an admin asks")
+    next_run_at: str | None = Field(description="the next scheduled run (ISO 8601, UTC); null when none is")
+    last_run: DoctorRun | None = Field(description="null: not run yet")
+
+
 class Status(BaseModel):
     version: str
     uptime_seconds: float
@@ -114,6 +140,7 @@ class Status(BaseModel):
     default_tier: Tier
     llm: Llm
     license: License
+    doctor: DoctorSummary = Field(description="the last background run of `adiuva doctor`'s checks (without --fix)")
 
 
 class ServerBackup(BaseModel):

@@ -12,10 +12,11 @@ from aiohttp import web
 
 from adiuva_server import __version__, errors
 from adiuva_server.admin.models import (
-    AdminUser, Backends, CreatedUser, DeletedUser, License, Llm, NewUser, ServerBackup, ServerBackups, Status,
-    StatusCounts, UserChanges, UserPage, UserQuery,
+    AdminUser, Backends, CreatedUser, DeletedUser, DoctorFinding, DoctorRun, DoctorSummary, License, Llm, NewUser,
+    ServerBackup, ServerBackups, Status, StatusCounts, UserChanges, UserPage, UserQuery,
 )
 from adiuva_server.admin.service import AdminService
+from adiuva_server.doctor import FAIL, OK, WARN, iso_utc
 from adiuva_server.http.auth import principal
 from adiuva_server.chat.models import ModelAvailability
 from adiuva_server.keys import ADMIN, AUTH, CHAT, DB, HASHER, SETTINGS, STORAGE, VECTORS
@@ -65,7 +66,9 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
     mirror = getattr(app[VECTORS].store, "mirror", None)
     app[ADMIN] = AdminService(app[SETTINGS], app[DB], app[AUTH].store, app[HASHER], storage.blobs,
                               keeper=storage.keeper, mirror=mirror, auth=app[AUTH])
+    app[ADMIN].doctor.start()
     yield
+    await app[ADMIN].doctor.stop()  # before the database closes under it
 
 
 def _admin_service(request: web.Request) -> AdminService:
@@ -133,7 +136,28 @@ async def status(request: web.Request) -> Status:
                 models=list(settings.chat_models),
                 availability={m: ModelAvailability(**vars(a)) for m, a in (await request.app[CHAT].llm.availability()).items()}),
         license=License(licensed=settings.licensed, state="licensed" if settings.licensed else "homelab mode"),
+        doctor=doctor_summary(service),
     )
+
+
+def doctor_summary(service: AdminService) -> DoctorSummary:
+    monitor = service.doctor
+    run = monitor.last
+    last = None if run is None else DoctorRun(
+        started_at=run.started_at, finished_at=run.finished_at, duration_seconds=run.duration_seconds,
+        ok=run.count(OK), warnings=run.count(WARN), problems=run.count(FAIL), error=run.error,
+        findings=[DoctorFinding(level=f.level, area=f.area, message=f.message) for f in run.findings])
+    return DoctorSummary(running=monitor.busy, interval_seconds=service.settings.doctor_interval,
+                         next_run_at=iso_utc(monitor.next_run) if monitor.next_run and not monitor.busy else None,
+                         last_run=last)
+
+
+@api.post("/admin/doctor", summary="Run the doctor's checks (without --fix) now, in the background; "
+          "the result appears in GET /admin/status", response=DoctorSummary, status=202)
+async def start_doctor(request: web.Request) -> DoctorSummary:
+    service = _admin_service(request)
+    service.doctor.trigger()  # one run at a time: during a run, one more follows it
+    return doctor_summary(service)
 
 
 def _server_backup(path, size: int, manifest) -> ServerBackup:

@@ -23,6 +23,7 @@ from adiuva_server.auth.service import AuthService, UserAdmin, check_password, c
 from adiuva_server.auth.store import AccountStore, SQLiteAccountStore, User
 from adiuva_server.config import Settings
 from adiuva_server.db import Database
+from adiuva_server.doctor import DoctorMonitor
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.blobs import FileBlobStore
 from adiuva_server.storage.keeper import BlobKeeper
@@ -61,6 +62,9 @@ class AdminService:
         self.grace_seconds = grace_seconds
         self.started = time.monotonic()
         self.backup_job: BackupJob | None = None  # the console's latest (start_server_backup)
+        # The server's background doctor (started by the admin feature's context, not here: the
+        # CLI makes an AdminService too).
+        self.doctor = DoctorMonitor(settings)
 
     # -- users --------------------------------------------------------------------------------
 

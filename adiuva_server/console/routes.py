@@ -48,6 +48,7 @@ _DONE = {  # ?done=<code> after a redirect: fixed texts only, so a link cannot p
     "tier": "Tier changed.", "disabled": "Account disabled; its sessions have ended.", "enabled": "Account enabled.",
     "unlocked": "Sign-in back-off lifted.", "password": "Password changed; the account's sessions have ended.",
     "deleted": "Account deleted.", "backup": "Backup started.",
+    "doctor": "Doctor run started; reload this page in a moment to see its result.",
 }
 
 
@@ -81,6 +82,7 @@ def setup_console(app: web.Application) -> None:
     r.add_get("/admin", _page(status_page))
     r.add_get("/admin/", _redirect_home)
     r.add_get("/admin/static/{name}", static)
+    r.add_post("/admin/doctor", _page(run_doctor))
     r.add_get("/admin/login", _page(login_page, signed_in=False))
     r.add_post("/admin/login", _page(login, signed_in=False))
     r.add_post("/admin/logout", _page(logout))
@@ -397,8 +399,54 @@ async def status_page(request: web.Request, visit: Visit) -> web.Response:
         llm_provider=status.llm.provider, llm_model=status.llm.model, llm_router_model=status.llm.router_model,
         llm_models=", ".join(status.llm.models), qr=qr, connect_url=connect, server_url=server_url,
         fingerprint=_t(request).render("fingerprint", fingerprint=fingerprint) if fingerprint else Safe(""),
+        llm_availability=_llm_rows(request, status.llm), csrf=visit.csrf, **_doctor_parts(request, status.doctor),
     )
     return _html(request, visit, "Status", main, current="status")
+
+
+def _check(request: web.Request, kind: str, state: str, text: object, detail: str | None = None) -> Safe:
+    return _t(request).render("check_row", kind=kind, state=state, text=text,
+                              detail=Safe(f"<br><small>{esc(detail)}</small>") if detail else Safe(""))
+
+
+def _llm_rows(request: web.Request, llm) -> Safe:
+    rows = [_check(request, "ok" if a.available else "fail", "available" if a.available else "not available",
+                   Safe(f"<code>{esc(model)}</code>"), None if a.available else a.reason or a.cause)
+            for model, a in llm.availability.items()]
+    return join(rows) if rows else _check(request, "warn", "none", "no model is configured")
+
+
+_LEVELS = {"ok": ("ok", "ok"), "warn": ("warn", "warning"), "FAIL": ("fail", "problem")}
+
+
+def _doctor_parts(request: web.Request, doctor) -> dict[str, object]:
+    run = doctor.last_run
+    if run is None:
+        summary: object = "Not run yet."
+        findings = Safe("")
+    else:
+        took = f"{run.duration_seconds:.1f} s"
+        summary = (f"Last run {_when(run.started_at)} (took {took}): {run.ok} ok, {run.warnings} "
+                   f"warning{'s' * (run.warnings != 1)}, {run.problems} problem{'s' * (run.problems != 1)}.")
+        if run.error:
+            summary = f"The last run, {_when(run.started_at)}, failed: {run.error}"
+        findings = join(_check(request, *_LEVELS[f.level], f"{f.area}: {f.message}") for f in run.findings)
+    if doctor.interval_seconds <= 0:
+        schedule = "Scheduled runs are off (ADIUVA_DOCTOR_INTERVAL=0); it runs when asked."
+    elif doctor.next_run_at:
+        schedule = f"Next scheduled run {_when(doctor.next_run_at)}, every {_duration(doctor.interval_seconds)}."
+    else:
+        schedule = f"Runs every {_duration(doctor.interval_seconds)}."
+    schedule += " It checks as `adiuva doctor` does, without --fix: it changes nothing."
+    running = Safe('<p class="muted" role="status">A run is in progress; reload the page to see its result.</p>'
+                   if doctor.running else "")
+    return {"doctor_summary": summary, "doctor_findings": findings, "doctor_schedule": schedule,
+            "doctor_running": running}
+
+
+async def run_doctor(request: web.Request, visit: Visit) -> web.Response:
+    request.app[ADMIN].doctor.trigger()  # the same as POST /api/v1/admin/doctor
+    return _redirect("/admin?done=doctor")
 
 
 async def _fingerprint(request: web.Request) -> str | None:
