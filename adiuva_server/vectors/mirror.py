@@ -156,6 +156,20 @@ class _Rows:
         self.used = 0
         self.lock = threading.Lock()
 
+    @classmethod
+    def wrap(cls, rowids: np.ndarray, x: np.ndarray) -> _Rows:
+        """Rows around an existing (e.g. memory-mapped, read-only) matrix, without copying it;
+        full, so that an append copies instead of writing into it."""
+        rows = cls.__new__(cls)
+        rows.x = np.asarray(x)  # a plain ndarray view of the map (faiss, BLAS)
+        sq = np.einsum("ij,ij->i", x, x)
+        rows.sq = sq.astype(np.float32, copy=False)
+        rows.norm = np.sqrt(rows.sq)
+        rows.rowids = np.array(rowids, dtype=np.int64)
+        rows.used = len(rows.rowids)
+        rows.lock = threading.Lock()
+        return rows
+
     @property
     def capacity(self) -> int:
         return len(self.rowids)
@@ -196,6 +210,12 @@ class MirrorEntry:
         rows.write(0, rowids, x)
         rows.used = n
         return cls(version, rows, n)
+
+    @classmethod
+    def wrap(cls, version: int, rowids: np.ndarray, x: np.ndarray) -> MirrorEntry:
+        """An entry over `x` as it is (a memory-mapped snapshot: vectors/snapshots.py)."""
+        rows = _Rows.wrap(rowids, x)
+        return cls(version, rows, rows.used)
 
     @classmethod
     def from_blocks(cls, version: int, count: int, dimension: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> MirrorEntry:
