@@ -466,6 +466,7 @@ class SQLiteVectorStore:
         entry = self.mirror.peek(key)
         if entry is not None and entry.wants_coarse:
             await asyncio.to_thread(entry.attach_coarse)
+        self._snapshot_later(key)
         return True
 
     def start_warm_up(self) -> asyncio.Task[int]:
