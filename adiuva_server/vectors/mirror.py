@@ -81,7 +81,9 @@ def faiss_module() -> Any:
         try:
             import faiss
 
-            faiss.omp_set_num_threads(1)  # searches already run on several reader threads
+            # Searches already run on several reader threads, and one query is not split over
+            # threads anyway (2 threads measured 12 ms against 2.2 ms for 100k x 384, 2 cores).
+            faiss.omp_set_num_threads(1)
             _faiss_module = faiss
         except ImportError:
             _faiss_module = False
@@ -134,7 +136,9 @@ class Coarse:
 
     def candidates(self, q: np.ndarray, k: int, n: int):
         """Growing candidate sets: (row positions, the bound every row left out satisfies)."""
-        size = max(8 * k, 64)
+        # 16 k: on 100k x 384 the first set then almost always proves exact (with 8 k, one query
+        # in 7 needed a second full scan: p95 6-7 ms against 3-4 ms; p50 the same).
+        size = max(16 * k, 128)
         while size <= n // 4:
             dist, pos = self.index.search(q.reshape(1, -1), size)
             dist, pos = dist[0], pos[0]
