@@ -399,3 +399,195 @@ async def test_old_sqlite_vec_layout_is_moved_into_the_new_one(aiohttp_client, s
             assert [m.id for m in got] == [f"v{i}" for i in ids]
             np.testing.assert_allclose([m.distance for m in got], dists, rtol=1e-5, atol=1e-6)
             assert {m.payload.split(b":")[0] for m in got} == {who.encode()}
+
+
+# -- snapshots: the first search after a restart maps a file instead of reading the rows ------
+
+
+SNAP = dict(default_tier="pro", vector_max_batch=1000, vector_cache_bytes=256 * 1024**2,
+            rate_limits={"free": 10_000, "pro": 10_000, "power": 10_000, "team": 10_000})
+
+
+async def store_upsert(client, uid: str, data: np.ndarray, first: int = 0, name: str = "default") -> None:
+    """Through the server's own store (the API path is tested above; 20k vectors by JSON is slow)."""
+    from adiuva_server.vectors.store import NewVector
+
+    store = store_of(client)
+    for at in range(0, len(data), 5000):
+        batch = []
+        for i, row in enumerate(data[at:at + 5000], first + at):
+            p = f"sealed:v{i}".encode()
+            batch.append(NewVector(f"v{i}", np.ascontiguousarray(row, dtype=np.float32).tobytes(), p,
+                                   hashlib.sha256(p).hexdigest()))
+        await store.upsert(uid, "pro", name, "l2", data.shape[1], batch)
+
+
+def snapshot_files(data_dir) -> list:
+    d = data_dir / "vector-snapshots"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+async def server_with_snapshot(aiohttp_client, data_dir, n: int, dim: int, seed: int):
+    """A server that stored n vectors, served a search, and stopped (writing its snapshot)."""
+    from adiuva_server.app import create_app
+
+    settings = make_settings(data_dir, **SNAP)
+    first = await aiohttp_client(create_app(settings))
+    acct = await register(first)
+    uid = await user_id(first, acct)
+    data = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    await store_upsert(first, uid, data)
+    await search(first, acct, data[0])
+    await first.close()  # writes the pending snapshot
+    return settings, acct, uid, data
+
+
+def count_row_reads(monkeypatch) -> list:
+    from adiuva_server.vectors import store as store_module
+
+    reads, original = [], store_module._read_entry
+
+    def counted(*args):
+        reads.append(args[1])
+        return original(*args)
+
+    monkeypatch.setattr(store_module, "_read_entry", counted)
+    return reads
+
+
+async def test_first_search_after_restart_answers_exactly_from_the_snapshot(aiohttp_client, data_dir, monkeypatch):
+    """The copy is written to disk when the server stops; the next start's first search maps it
+    (no row of the collection is read from SQLite) and answers exactly, fast."""
+    import time
+
+    from adiuva_server.app import create_app
+
+    settings, acct, uid, data = await server_with_snapshot(aiohttp_client, data_dir, 30_000, 64, 40)
+    files = snapshot_files(data_dir)
+    assert len(files) == 2 and all(".npy" in f for f in files)
+    assert not any(uid in f or "ada" in f for f in files)  # named by hashes only
+    reads = count_row_reads(monkeypatch)
+
+    again = await aiohttp_client(create_app(settings))  # the restart: the search comes at once
+    q = np.random.default_rng(41).standard_normal(64).astype(np.float32)
+    t = time.perf_counter()
+    body = await search(again, acct, q, top_k=10)
+    elapsed = time.perf_counter() - t
+    ids, dists = brute_force(data, q, 10, "l2")
+    assert [m["id"] for m in body["matches"]] == [f"v{i}" for i in ids]
+    np.testing.assert_allclose([m["distance"] for m in body["matches"]], dists, rtol=1e-6)
+    assert elapsed < 1.0, elapsed  # generous on a loaded machine; the bench measures the figure
+    await store_of(again)._warming
+    assert reads == []  # neither the search nor the warm-up read the rows
+
+
+async def test_stale_snapshot_is_never_used(aiohttp_client, data_dir, monkeypatch):
+    """Changed while no server ran (same count, one vector replaced, through the store as the CLI
+    would): the snapshot's version is not the database's, so the rows are read and the answer
+    holds the new vector."""
+    from adiuva_server.app import create_app
+    from adiuva_server.db import Database
+    from adiuva_server.vectors.store import NewVector, SQLiteVectorStore
+
+    monkeypatch.setattr(SQLiteVectorStore, "snapshot_min_rows", 100)
+    settings, acct, uid, data = await server_with_snapshot(aiohttp_client, data_dir, 500, 16, 42)
+    assert len(snapshot_files(data_dir)) == 2
+    new = np.full(16, 7.0, dtype=np.float32)
+    db = await Database.open(settings.db_path)
+    p = b"sealed:v3"
+    await SQLiteVectorStore(db).upsert(uid, "pro", "default", "l2", 16,
+                                       [NewVector("v3", new.tobytes(), p, hashlib.sha256(p).hexdigest())])
+    await db.close()
+    reads = count_row_reads(monkeypatch)
+    again = await aiohttp_client(create_app(settings))
+    body = await search(again, acct, new, top_k=3)
+    assert body["matches"][0]["id"] == "v3" and body["matches"][0]["distance"] == 0.0
+    data[3] = new
+    ids, _ = brute_force(data, new, 3, "l2")
+    assert [m["id"] for m in body["matches"]] == [f"v{i}" for i in ids]
+    assert reads  # the rows, not the snapshot
+    await again.close()  # the copy at the new version is written in its place
+    files = snapshot_files(data_dir)
+    assert len(files) == 2
+    assert int(np.load(data_dir / "vector-snapshots" / [f for f in files if "meta" in f][0])[1]) > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated matrix", "garbled index", "empty index"])
+async def test_damaged_snapshot_is_ignored_with_a_warning(aiohttp_client, data_dir, monkeypatch, caplog, damage):
+    from adiuva_server.app import create_app
+    from adiuva_server.vectors.store import SQLiteVectorStore
+
+    monkeypatch.setattr(SQLiteVectorStore, "snapshot_min_rows", 100)
+    settings, acct, uid, data = await server_with_snapshot(aiohttp_client, data_dir, 800, 16, 43)
+    d = data_dir / "vector-snapshots"
+    (matrix,) = d.glob("*.x.npy")
+    (index,) = d.glob("*.meta.npy")
+    if damage == "truncated matrix":
+        with open(matrix, "r+b") as fh:
+            fh.truncate(matrix.stat().st_size // 2)
+    elif damage == "garbled index":
+        raw = bytearray(index.read_bytes())
+        raw[10:40] = b"\xff" * 30
+        index.write_bytes(bytes(raw))
+    else:
+        index.write_bytes(b"")
+    reads = count_row_reads(monkeypatch)
+    again = await aiohttp_client(create_app(settings))
+    for q in data[:3]:
+        body = await search(again, acct, q, top_k=5)  # 200, never a 500
+        ids, _ = brute_force(data, q, 5, "l2")
+        assert [m["id"] for m in body["matches"]] == [f"v{i}" for i in ids]
+    assert reads
+    assert any("vector snapshot" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+@pytest.mark.parametrize("how", ["admin api", "cli"])
+async def test_deleted_user_leaves_no_snapshot(aiohttp_client, data_dir, monkeypatch, how):
+    from adiuva_server.app import create_app
+    from adiuva_server.vectors import snapshots
+    from adiuva_server.vectors.store import SQLiteVectorStore
+
+    monkeypatch.setattr(SQLiteVectorStore, "snapshot_min_rows", 100)
+    client = await aiohttp_client(create_app(make_settings(data_dir, **SNAP)))
+    admin = await register(client, "ada@example.org")
+    bob = await register(client, "bob@example.org")
+    data = np.random.default_rng(44).standard_normal((300, 8)).astype(np.float32)
+    for acct in (admin, bob):
+        await store_upsert(client, await user_id(client, acct), data)
+        await search(client, acct, data[0])
+    assert await store_of(client).write_snapshots() == 2
+    bob_id = await user_id(client, bob)
+    bob_part = snapshots.user_part(bob_id)
+    assert len([f for f in snapshot_files(data_dir) if f.startswith(bob_part)]) == 2
+    if how == "admin api":
+        resp = await client.delete(f"/api/v1/admin/users/{bob_id}", headers=admin.headers)
+        assert resp.status == 200, await resp.text()
+    else:
+        result = run_cli(data_dir, "user", "delete", bob.email, "--yes")
+        assert result.returncode == 0, result.stderr
+    left = snapshot_files(data_dir)
+    assert not [f for f in left if f.startswith(bob_part)]
+    assert len(left) == 2  # ada's stay
+    await client.close()
+    assert not [f for f in snapshot_files(data_dir) if f.startswith(bob_part)]
+
+
+async def test_snapshots_stay_within_the_cache_budget(aiohttp_client, data_dir, monkeypatch):
+    from adiuva_server.app import create_app
+    from adiuva_server.vectors.store import SQLiteVectorStore
+
+    monkeypatch.setattr(SQLiteVectorStore, "snapshot_min_rows", 100)
+    budget = VectorMirror.estimate_bytes(300, 8) * 2 + 100  # two copies of 300 x 8 at a time
+    client = await aiohttp_client(create_app(make_settings(data_dir, **{**SNAP, "vector_cache_bytes": budget})))
+    acct = await register(client)
+    uid = await user_id(client, acct)
+    data = np.random.default_rng(45).standard_normal((300, 8)).astype(np.float32)
+    for name in ("a", "b", "c", "d"):
+        await store_upsert(client, uid, data, name=name)
+        body = await client.post("/api/v1/storage/vectors/search", headers=acct.headers,
+                                 json={"collection": name, "values": data[0].tolist(), "top_k": 1})
+        assert body.status == 200
+        await store_of(client).write_snapshots()
+    d = data_dir / "vector-snapshots"
+    assert sum(p.stat().st_size for p in d.iterdir()) <= budget
+    assert len(snapshot_files(data_dir)) == 4  # two collections' files

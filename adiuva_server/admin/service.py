@@ -3,7 +3,8 @@
 Deleting a user removes their bytes at once, not at the next sweep: the rows (every table
 cascades from users; SQLite's secure_delete overwrites them with zeros), the objects that no
 one else references (safely against a concurrent upload of the same bytes: see
-storage/maintenance.release_now), any in-memory copy of their vectors, and the page images the
+storage/maintenance.release_now), any in-memory copy of their vectors and its snapshot files
+(vectors/snapshots.py), and the page images the
 WAL still held (checkpointed and truncated). A server backup taken after holds none of it.
 """
 
@@ -27,6 +28,7 @@ from adiuva_server.doctor import DoctorMonitor
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.blobs import FileBlobStore
 from adiuva_server.storage.keeper import BlobKeeper
+from adiuva_server.vectors import snapshots
 from adiuva_server.vectors.mirror import VectorMirror
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class AdminService:
             for key in self.mirror.keys():
                 if key[0] == user_id:
                     self.mirror.discard(key)
+        # After the copies: a snapshot being written for one of them is then not kept.
+        await asyncio.to_thread(snapshots.delete_user, self.settings.data_dir / snapshots.DIRNAME, user_id)
         truncated = await self.db.checkpoint_truncate()
         if not truncated:
             log.warning("the WAL could not be emptied after deleting a user (a long read was running); "

@@ -81,7 +81,9 @@ def faiss_module() -> Any:
         try:
             import faiss
 
-            faiss.omp_set_num_threads(1)  # searches already run on several reader threads
+            # Searches already run on several reader threads, and one query is not split over
+            # threads anyway (2 threads measured 12 ms against 2.2 ms for 100k x 384, 2 cores).
+            faiss.omp_set_num_threads(1)
             _faiss_module = faiss
         except ImportError:
             _faiss_module = False
@@ -134,7 +136,9 @@ class Coarse:
 
     def candidates(self, q: np.ndarray, k: int, n: int):
         """Growing candidate sets: (row positions, the bound every row left out satisfies)."""
-        size = max(8 * k, 64)
+        # 16 k: on 100k x 384 the first set then almost always proves exact (with 8 k, one query
+        # in 7 needed a second full scan: p95 6-7 ms against 3-4 ms; p50 the same).
+        size = max(16 * k, 128)
         while size <= n // 4:
             dist, pos = self.index.search(q.reshape(1, -1), size)
             dist, pos = dist[0], pos[0]
@@ -155,6 +159,20 @@ class _Rows:
         self.rowids = np.empty(capacity, dtype=np.int64)
         self.used = 0
         self.lock = threading.Lock()
+
+    @classmethod
+    def wrap(cls, rowids: np.ndarray, x: np.ndarray) -> _Rows:
+        """Rows around an existing (e.g. memory-mapped, read-only) matrix, without copying it;
+        full, so that an append copies instead of writing into it."""
+        rows = cls.__new__(cls)
+        rows.x = np.asarray(x)  # a plain ndarray view of the map (faiss, BLAS)
+        sq = np.einsum("ij,ij->i", x, x)
+        rows.sq = sq.astype(np.float32, copy=False)
+        rows.norm = np.sqrt(rows.sq)
+        rows.rowids = np.array(rowids, dtype=np.int64)
+        rows.used = len(rows.rowids)
+        rows.lock = threading.Lock()
+        return rows
 
     @property
     def capacity(self) -> int:
@@ -196,6 +214,12 @@ class MirrorEntry:
         rows.write(0, rowids, x)
         rows.used = n
         return cls(version, rows, n)
+
+    @classmethod
+    def wrap(cls, version: int, rowids: np.ndarray, x: np.ndarray) -> MirrorEntry:
+        """An entry over `x` as it is (a memory-mapped snapshot: vectors/snapshots.py)."""
+        rows = _Rows.wrap(rowids, x)
+        return cls(version, rows, rows.used)
 
     @classmethod
     def from_blocks(cls, version: int, count: int, dimension: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> MirrorEntry:

@@ -19,6 +19,7 @@ from adiuva_server.vectors.models import (
     UpsertRequest,
     UpsertResponse,
 )
+from adiuva_server.vectors import snapshots
 from adiuva_server.vectors.mirror import VectorMirror
 from adiuva_server.vectors.service import VectorService
 from adiuva_server.vectors.store import SQLiteVectorStore, upgrade_legacy_layout
@@ -31,7 +32,7 @@ async def _vectors(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     await upgrade_legacy_layout(app[DB])  # migration 0009's data step, before anything is served
     mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
-    store = SQLiteVectorStore(app[DB], mirror)
+    store = SQLiteVectorStore(app[DB], mirror, settings.data_dir / snapshots.DIRNAME)
     app[VECTORS] = VectorService(settings, store)
     store.start_warm_up()  # in the background: searches never wait for it
     yield

@@ -15,7 +15,10 @@ current copy the search reads the collection's rows in its own read transaction,
 them, and keeps them as the copy when they fit; a collection larger than the whole budget is
 scanned block by block. Writes of this process move a copy forward instead of dropping it.
 After a restart the largest collections are loaded in the background (`warm_up`); a search
-never waits for that: it reads the rows itself when the copy is not there yet.
+never waits for that: it loads the copy itself when it is not there yet. Copies of large
+collections are persisted as snapshot files (vectors/snapshots.py) after they change, off the
+event loop and debounced; a load memory-maps the snapshot of exactly the database's state when
+there is one, and reads the rows otherwise.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from adiuva_server import errors, quota
 from adiuva_server.db import Database
+from adiuva_server.vectors import snapshots
 from adiuva_server.vectors.mirror import Key, MirrorEntry, VectorMirror, merge_top_k
 
 log = logging.getLogger(__name__)
@@ -168,9 +174,21 @@ def _read_entry(conn: Any, coll_id: int, dimension: int, count: int, version: in
 
 
 class SQLiteVectorStore:
-    def __init__(self, db: Database, mirror: VectorMirror | None = None) -> None:
+    """`snapshot_dir`: where copies are persisted (None: never)."""
+
+    # Seconds without a change to a copy before its snapshot is written (a sync of many batches
+    # writes the file once, not once a batch).
+    snapshot_quiet = 2.0
+    snapshot_min_rows = snapshots.MIN_ROWS
+
+    def __init__(self, db: Database, mirror: VectorMirror | None = None, snapshot_dir: Path | None = None) -> None:
         self.db = db
         self.mirror = mirror if mirror is not None and mirror.enabled else None
+        self.snapshot_dir = snapshot_dir if self.mirror is not None else None
+        self._on_disk: dict[Key, int] = {}  # the version of each key's snapshot file
+        self._dirty: set[Key] = set()
+        self._changed_at = 0.0
+        self._snapshotter: asyncio.Task[None] | None = None
         self._warming: asyncio.Task[int] | None = None
         self._coarse: asyncio.Future[bool] | None = None  # one quantized copy built at a time
         # Collections whose rows a search is reading now: the warm-up leaves them to it (two
@@ -241,6 +259,7 @@ class SQLiteVectorStore:
                 await asyncio.to_thread(self.mirror.advance, *args)
             else:
                 self.mirror.advance(*args)
+            self._snapshot_later((user_id, coll.id))
         coll = Collection(coll.id, coll.name, coll.dimension, coll.metric, coll.count + len(inserts), user_id)
         return UpsertResult(coll, len(inserts), len(updates))
 
@@ -305,9 +324,12 @@ class SQLiteVectorStore:
             key = (user_id, coll_id)
             if left == 0:
                 self.mirror.discard(key)
+                if self.snapshot_dir is not None:
+                    await asyncio.to_thread(snapshots.delete, self.snapshot_dir, user_id, coll_id)
             else:
                 empty = np.empty((0, dimension), dtype=np.float32)
                 self.mirror.advance(key, before, after, np.empty(0, np.int64), empty, [r[0] for r in gone])
+                self._snapshot_later(key)
         return len(gone)
 
     # -- search -----------------------------------------------------------------------------
@@ -315,9 +337,51 @@ class SQLiteVectorStore:
     async def search(self, collection: Collection, query: bytes, k: int) -> list[Match]:
         # On a pooled reader connection (its own thread): a large search never blocks the loop.
         matches, entry = await self.db.run_read(self._search_sync, collection, query, k)
-        if entry is not None and entry.wants_coarse:
-            self._attach_coarse(entry)
+        if entry is not None:
+            if entry.wants_coarse:
+                self._attach_coarse(entry)
+            self._snapshot_later((collection.user_id, collection.id))
         return matches
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def _snapshot_later(self, key: Key) -> None:
+        """Have the current copy of `key` written to disk once it stops changing."""
+        if self.snapshot_dir is None or self.mirror is None:
+            return
+        entry = self.mirror.peek(key)
+        if entry is None or entry.n < self.snapshot_min_rows or self._on_disk.get(key) == entry.version:
+            return
+        self._dirty.add(key)
+        self._changed_at = time.monotonic()
+        if self._snapshotter is None or self._snapshotter.done():
+            self._snapshotter = asyncio.create_task(self._snapshot_soon())
+
+    async def _snapshot_soon(self) -> None:
+        while (wait := self._changed_at + self.snapshot_quiet - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        await self.write_snapshots()
+
+    async def write_snapshots(self) -> int:
+        """Write the snapshots of changed copies now (one at a time, in a thread), then keep
+        the files within the cache budget. Returns how many were written."""
+        written = 0
+        while self._dirty and self.mirror is not None and self.snapshot_dir is not None:
+            key = self._dirty.pop()
+            entry = self.mirror.peek(key)
+            if entry is None or self._on_disk.get(key) == entry.version:
+                continue
+            try:
+                if await asyncio.to_thread(snapshots.write, self.snapshot_dir, key[0], key[1], entry.version,
+                                           entry.rowids, entry.x, lambda e=entry, k=key: self.mirror.peek(k) is e):
+                    self._on_disk[key] = entry.version
+                    written += 1
+            except OSError as e:  # a full disk, say: the copy in memory still serves
+                log.warning("could not write a vector snapshot: %s", e)
+        if written and self.mirror is not None and self.snapshot_dir is not None:
+            keep = {snapshots.stem(u, c) for u, c in self.mirror.keys()}
+            await asyncio.to_thread(snapshots.prune, self.snapshot_dir, self.mirror.max_bytes, keep)
+        return written
 
     def _attach_coarse(self, entry: MirrorEntry) -> None:
         """Build the quantized copy of a large entry in the background (searches meanwhile take
@@ -344,7 +408,7 @@ class SQLiteVectorStore:
         if entry is None and mirror is not None and mirror.wants(count) and mirror.fits(count, coll.dimension):
             self._reading.add(key)
             try:
-                entry = _read_entry(conn, coll.id, coll.dimension, count, version)
+                entry = self._new_entry(conn, key, coll.dimension, count, version)
             finally:
                 self._reading.discard(key)
             mirror.put(key, entry)
@@ -377,7 +441,19 @@ class SQLiteVectorStore:
             return False
         if not evict and (key in self._reading or self.mirror.estimate_bytes(count, dimension) > self.mirror.room()):
             return False
-        return self.mirror.put(key, _read_entry(conn, coll_id, dimension, count, version), evict=evict)
+        return self.mirror.put(key, self._new_entry(conn, key, dimension, count, version), evict=evict)
+
+    def _new_entry(self, conn: Any, key: Key, dimension: int, count: int, version: int) -> MirrorEntry:
+        """The copy at `version` (read in `conn`'s transaction): its snapshot memory-mapped when
+        one of exactly this state is on disk, else the rows."""
+        user_id, coll_id = key
+        if self.snapshot_dir is not None and count >= self.snapshot_min_rows:
+            found = snapshots.load(self.snapshot_dir, conn, user_id, coll_id, version, count, dimension)
+            if found is not None:
+                self._on_disk[key] = version
+                return MirrorEntry.wrap(version, *found)
+            self._on_disk.pop(key, None)  # whatever is on disk is not this state: written anew
+        return _read_entry(conn, coll_id, dimension, count, version)
 
     async def warm(self, collection: Collection) -> bool:
         """Load the in-memory copy of `collection` now, with its quantized copy when it gets
@@ -390,6 +466,7 @@ class SQLiteVectorStore:
         entry = self.mirror.peek(key)
         if entry is not None and entry.wants_coarse:
             await asyncio.to_thread(entry.attach_coarse)
+        self._snapshot_later(key)
         return True
 
     def start_warm_up(self) -> asyncio.Task[int]:
@@ -404,6 +481,11 @@ class SQLiteVectorStore:
         if mirror is None:
             return 0
         loaded, budget = 0, mirror.max_bytes
+        if self.snapshot_dir is not None and self.snapshot_dir.exists():
+            # Files of collections or users deleted while no server ran (by the CLI, say).
+            known = {snapshots.stem(u, c) for u, c in await self.db.fetchall(
+                "SELECT user_id, id FROM vector_collections WHERE count >= ?", (self.snapshot_min_rows,))}
+            await asyncio.to_thread(snapshots.prune, self.snapshot_dir, mirror.max_bytes, set(), known)
         rows = await self.db.fetchall(
             "SELECT user_id, id, count, dimension FROM vector_collections WHERE count >= ? ORDER BY count DESC, id",
             (mirror.min_vectors,),
@@ -422,12 +504,14 @@ class SQLiteVectorStore:
         return loaded
 
     async def close(self) -> None:
-        """Stop the warm-up (it holds a database connection while it reads)."""
-        for task in (self._warming, self._coarse):
+        """Stop the warm-up (it holds a database connection while it reads), and write the
+        snapshots still pending (the next start loads them instead of the rows)."""
+        for task in (self._warming, self._coarse, self._snapshotter):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._warming = self._coarse = None
+        self._warming = self._coarse = self._snapshotter = None
+        await self.write_snapshots()
 
 
 async def upgrade_legacy_layout(db: Database) -> int:
