@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
+
 CHUNK = 1024 * 1024
 MB = 1024 * 1024
 
@@ -83,10 +84,6 @@ def loopback_ceiling(path: Path) -> float:
     return elapsed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -96,19 +93,6 @@ def proc_status(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ADIUVA_", "JWT_"))}
-    env.update(ADIUVA_DATA_DIR=str(data_dir), ADIUVA_DEFAULT_TIER="team", ADIUVA_LOG_LEVEL="WARNING",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "adiuva_server", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    for line in proc.stdout:
-        if "Point the Adiuva desktop app at" in line:
-            return proc, f"http://127.0.0.1:{port}"
-    raise SystemExit("server did not start")
 
 
 async def run_rounds(url: str, data: memoryview, digest: str, rounds: int, pid: int, base_file: Path) -> dict:
@@ -167,7 +151,7 @@ def main() -> None:
         tmp_path = Path(tmp)
         data = memoryview(os.urandom(size))
         digest = hashlib.sha256(data).hexdigest()
-        proc, url = start_server(tmp_path / "data")
+        proc, url = loadgen.start_server(tmp_path / "data")
         try:
             times = asyncio.run(run_rounds(url, data, digest, args.rounds, proc.pid, tmp_path / "baseline.bin"))
         finally:

@@ -23,8 +23,6 @@ import asyncio
 import base64
 import hashlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,9 @@ from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
+
 BATCH = 1000
 PAGE = 1000
 PROBE_SECONDS = 0.02
@@ -40,25 +40,8 @@ BIG_BATCHES = 3
 UNLIMITED = "free=1000000,pro=1000000,power=1000000,team=1000000"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ADIUVA_", "JWT_"))}
-    env.update(ADIUVA_DATA_DIR=str(data_dir), ADIUVA_DEFAULT_TIER="team", ADIUVA_LOG_LEVEL="WARNING",
-               ADIUVA_RATE_LIMITS=UNLIMITED, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "adiuva_server", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    for line in proc.stdout:
-        if "Point the Adiuva desktop app at" in line:
-            return proc, f"http://127.0.0.1:{port}"
-    raise SystemExit("server did not start")
 
 
 class Probe:
@@ -225,7 +208,7 @@ def main() -> None:
         return probe(args.probe)
     records = [os.urandom(args.size) for _ in range(args.records)]
     with tempfile.TemporaryDirectory(prefix="adiuva-bench-") as tmp:
-        proc, url = start_server(Path(tmp) / "data")
+        proc, url = loadgen.start_server(Path(tmp) / "data", ADIUVA_RATE_LIMITS=UNLIMITED)
         try:
             asyncio.run(run(url, records))
         finally:

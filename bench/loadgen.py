@@ -5,9 +5,38 @@ Used by the bench scripts; also runnable: python bench/loadgen.py URL SECONDS CO
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """`adiuva serve` on a free loopback port, as a user runs it: a clean ADIUVA_* environment,
+    new accounts on `team`, warnings only (the access log would fill the pipe); `env` adds to it."""
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("ADIUVA_", "JWT_"))}
+    environ.update(ADIUVA_DATA_DIR=str(data_dir), ADIUVA_DEFAULT_TIER="team", ADIUVA_LOG_LEVEL="WARNING",
+                   PYTHONPATH=str(REPO), **env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adiuva_server", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ,
+    )
+    for line in proc.stdout:
+        if "Point the Adiuva desktop app at" in line:
+            return proc, f"http://127.0.0.1:{port}"
+    raise SystemExit("server did not start")
 
 
 def request_bytes(url: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[str, int, bytes]:
