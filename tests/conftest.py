@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from adiuva_server.app import create_app
 from adiuva_server.config import Settings
+from adiuva_server.keys import AUTH, STORAGE
 from adiuva_server.http.protocol import Runner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +78,15 @@ async def register(client, email: str = "ada@example.org", password: str = "corr
     body = await resp.json()
     return Account(email, password, body["access_token"], body["refresh_token"],
                    {"Authorization": f"Bearer {body['access_token']}"})
+
+
+async def set_tier(client, email: str, tier: str) -> None:
+    await client.server.app[AUTH].store.update_user(email, tier=tier)
+
+
+def objects(client) -> list[str]:
+    """The names of the stored objects on disk (content addresses)."""
+    return sorted(p.name for p in client.server.app[STORAGE].blobs.objects.glob("*/*"))
 
 
 @pytest.fixture

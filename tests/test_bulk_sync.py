@@ -17,11 +17,11 @@ import pytest
 
 from adiuva_server.app import create_app
 from adiuva_server.db import Database
-from adiuva_server.keys import AUTH, DB, STORAGE
+from adiuva_server.keys import DB, STORAGE
 from adiuva_server.storage import maintenance, service
 from adiuva_server.tiers import GB
 
-from tests.conftest import make_settings, register
+from tests.conftest import make_settings, objects, register, set_tier
 
 RECORDS = "/api/v1/storage/records"
 BATCH = "/api/v1/storage/records/batch"
@@ -46,9 +46,6 @@ def settings(data_dir):
                          rate_limits={"free": 10_000, "pro": 10_000, "power": 10_000, "team": 10_000})
 
 
-async def set_tier(client, email: str, tier: str) -> None:
-    await client.server.app[AUTH].store.update_user(email, tier=tier)
-
 
 @pytest.fixture
 async def ada(client):
@@ -56,9 +53,6 @@ async def ada(client):
     await set_tier(client, acct.email, "team")
     return acct
 
-
-def objects(client) -> list[str]:
-    return sorted(p.name for p in client.server.app[STORAGE].blobs.objects.glob("*/*"))
 
 
 def temporaries(client) -> list[str]:

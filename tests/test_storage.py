@@ -18,7 +18,7 @@ from adiuva_server.keys import AUTH, DB, STORAGE
 from adiuva_server.storage import maintenance
 from adiuva_server.tiers import GB
 
-from tests.conftest import make_settings, register
+from tests.conftest import make_settings, objects, register, set_tier
 
 RECORDS = "/api/v1/storage/records"
 CHANGES = "/api/v1/storage/changes"
@@ -39,9 +39,6 @@ def settings(data_dir):
     )
 
 
-async def set_tier(client, email: str, tier: str) -> None:
-    await client.server.app[AUTH].store.update_user(email, tier=tier)
-
 
 @pytest.fixture
 async def pro(client):
@@ -49,10 +46,6 @@ async def pro(client):
     await set_tier(client, acct.email, "pro")
     return acct
 
-
-def objects(client) -> list[str]:
-    root = client.server.app[STORAGE].blobs.objects
-    return sorted(p.name for p in root.glob("*/*"))
 
 
 def temporaries(client) -> list[str]:
