@@ -16,6 +16,7 @@ from adiuva_server.auth import routes as auth_routes
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.auth.service import AuthService
 from adiuva_server.auth.store import SQLiteAccountStore
+from adiuva_server.billing import routes as billing_routes
 from adiuva_server.chat import routes as chat_routes
 from adiuva_server.config import Settings, ensure_data_dir
 from adiuva_server.console import setup_console
@@ -44,7 +45,7 @@ HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
 FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
-            admin_routes.api, metrics_api)
+            admin_routes.api, metrics_api, billing_routes.api)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -1,0 +1,123 @@
+"""HTTP routes of billing (licensed mode; DESIGN "Billing"): thin, they check that billing runs
+here, call the service, shape the answer. In homelab mode every one answers 404
+`billing_not_enabled`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from adiuva_server import errors
+from adiuva_server.billing import mode
+from adiuva_server.billing.models import (
+    CheckoutRequest, CheckoutResponse, PortalResponse, SubscriptionInfo, SubscriptionOut, WebhookAck,
+)
+from adiuva_server.billing.service import WEBHOOK_MAX_BYTES, BillingService, SubscriptionView
+from adiuva_server.billing.sqlite import SQLiteBillingStore
+from adiuva_server.billing.policy import Policy
+from adiuva_server.billing.stripe_api import StripeGateway
+from adiuva_server.http.auth import principal
+from adiuva_server.http.bodies import read_body
+from adiuva_server.http.routing import JSON, Api
+from adiuva_server.keys import AUTH, BILLING, DB, SETTINGS
+
+log = logging.getLogger(__name__)
+api = Api("billing")
+JOB_FIRST_DELAY = 60.0
+JOB_TICK = 3600.0  # past_due grace is checked this often; reconcile runs per its own interval
+
+
+@api.cleanup_ctx
+async def _billing(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # Built in homelab mode too (cheap, nothing is opened until used): the license may change
+    # while the server runs, and the routes and the job ask `mode` each time.
+    session = aiohttp.ClientSession(raise_for_status=False) if settings.stripe_secret_key else None
+    gateway = StripeGateway(settings.stripe_secret_key, settings.stripe_api_base, session) if session else None
+    app[BILLING] = BillingService(settings, SQLiteBillingStore(app[DB], Policy.from_settings(settings)), gateway)
+    task = asyncio.create_task(_jobs(app))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if session is not None:
+            await session.close()
+
+
+async def _jobs(app: web.Application) -> None:
+    await asyncio.sleep(JOB_FIRST_DELAY)
+    while True:
+        if mode.billing_enabled(app[SETTINGS]):
+            try:
+                await app[BILLING].run_jobs()
+            except Exception:
+                log.exception("billing jobs failed; will retry")
+        await asyncio.sleep(JOB_TICK)
+
+
+def billing(request: web.Request) -> BillingService:
+    if not mode.billing_enabled(request.app[SETTINGS]):
+        raise errors.BillingNotEnabled("this server runs without billing (homelab mode); tiers are set by its admin")
+    return request.app[BILLING]
+
+
+def _info(view: SubscriptionView) -> SubscriptionInfo:
+    s = view.subscription
+    out = None if s is None else SubscriptionOut(
+        id=s.id, status=s.status, plan=view.plan, current_period_end=s.current_period_end,
+        cancel_at_period_end=s.cancel_at_period_end, grace_until=view.grace_until)
+    return SubscriptionInfo(tier=view.tier, subscription=out)
+
+
+@api.post(
+    "/billing/checkout", summary="Start a Stripe Checkout for a paid tier", body=CheckoutRequest,
+    response=CheckoutResponse, errors=(401, 403, 404, 409, 422, 429, 503),
+)
+async def checkout(request: web.Request, body: CheckoutRequest) -> CheckoutResponse:
+    service, who = billing(request), principal(request)
+    return CheckoutResponse(checkout_url=await service.checkout(who.id, who.email, body.tier))
+
+
+@api.get("/billing/subscription", summary="The account's tier and subscription", response=SubscriptionInfo,
+         errors=(401, 404, 429))
+async def get_subscription(request: web.Request) -> SubscriptionInfo:
+    service, who = billing(request), principal(request)
+    return _info(await service.subscription(who.id, who.tier))
+
+
+@api.delete(
+    "/billing/subscription", summary="Cancel the subscription now (back to the free tier)",
+    response=SubscriptionInfo, errors=(401, 404, 429, 503),
+)
+async def cancel_subscription(request: web.Request) -> SubscriptionInfo:
+    service, who = billing(request), principal(request)
+    await service.cancel(who.id)
+    user = await request.app[AUTH].store.get_by_id(who.id)
+    return _info(await service.subscription(who.id, user.tier if user else who.tier))
+
+
+@api.post("/billing/portal", summary="Open Stripe's customer portal (plan changes, cards)",
+          response=PortalResponse, errors=(401, 404, 429, 503))
+async def portal(request: web.Request) -> PortalResponse:
+    service, who = billing(request), principal(request)
+    return PortalResponse(portal_url=await service.portal(who.id, who.email))
+
+
+@api.post(
+    "/billing/webhook", summary="Stripe's webhook deliveries (signed; no bearer token)", auth=False,
+    read_body=False, raw_body={JSON: "the event exactly as Stripe sent it"}, response=WebhookAck,
+    request_headers={"Stripe-Signature": "t=<unix time>,v1=<HMAC-SHA256 of '<t>.<body>'>"},
+    errors=(400, 404, 413, 503),
+)
+async def webhook(request: web.Request) -> WebhookAck:
+    service = billing(request)
+    body = await read_body(request, WEBHOOK_MAX_BYTES)  # raw: the signature is over these bytes
+    result = await service.webhook(body, request.headers)
+    return WebhookAck(outcome=result.outcome.value)
