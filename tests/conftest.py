@@ -21,7 +21,9 @@ from adiuva_server.keys import AUTH, STORAGE
 from adiuva_server.http.protocol import Runner
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.servers_stripe"]
+
+# The real servers the tests start (one module each; each server once per session).
+pytest_plugins = ["tests.servers_postgres", "tests.servers_stripe"]
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:

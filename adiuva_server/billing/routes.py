@@ -4,12 +4,6 @@ here, call the service, shape the answer. In homelab mode every one answers 404
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator
-
-import aiohttp
 from aiohttp import web
 
 from adiuva_server import errors
@@ -18,48 +12,12 @@ from adiuva_server.billing.models import (
     CheckoutRequest, CheckoutResponse, PortalResponse, SubscriptionInfo, SubscriptionOut, WebhookAck,
 )
 from adiuva_server.billing.service import WEBHOOK_MAX_BYTES, BillingService, SubscriptionView
-from adiuva_server.billing.sqlite import SQLiteBillingStore
-from adiuva_server.billing.policy import Policy
-from adiuva_server.billing.stripe_api import StripeGateway
 from adiuva_server.http.auth import principal
 from adiuva_server.http.bodies import read_body
 from adiuva_server.http.routing import JSON, Api
-from adiuva_server.keys import AUTH, BILLING, DB, SETTINGS
+from adiuva_server.keys import AUTH, BILLING, SETTINGS
 
-log = logging.getLogger(__name__)
 api = Api("billing")
-JOB_FIRST_DELAY = 60.0
-JOB_TICK = 3600.0  # past_due grace is checked this often; reconcile runs per its own interval
-
-
-@api.cleanup_ctx
-async def _billing(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    # Built in homelab mode too (cheap, nothing is opened until used): the license may change
-    # while the server runs, and the routes and the job ask `mode` each time.
-    session = aiohttp.ClientSession(raise_for_status=False) if settings.stripe_secret_key else None
-    gateway = StripeGateway(settings.stripe_secret_key, settings.stripe_api_base, session) if session else None
-    app[BILLING] = BillingService(settings, SQLiteBillingStore(app[DB], Policy.from_settings(settings)), gateway)
-    task = asyncio.create_task(_jobs(app))
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if session is not None:
-            await session.close()
-
-
-async def _jobs(app: web.Application) -> None:
-    await asyncio.sleep(JOB_FIRST_DELAY)
-    while True:
-        if mode.billing_enabled(app[SETTINGS]):
-            try:
-                await app[BILLING].run_jobs()
-            except Exception:
-                log.exception("billing jobs failed; will retry")
-        await asyncio.sleep(JOB_TICK)
 
 
 def billing(request: web.Request) -> BillingService:

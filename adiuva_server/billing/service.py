@@ -8,13 +8,16 @@ counts as of when we asked. The store never lets an older state replace a newer 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import aiohttp
 
 from adiuva_server import errors
 from adiuva_server.billing import mode
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 SIGNATURE_TOLERANCE = 300  # seconds (Stripe's default): older signed deliveries are refused
 WEBHOOK_MAX_BYTES = 512 * 1024
 LOG_RETENTION_SECONDS = 90 * 86400
+# The background job's period: past_due grace ends within this; reconcile keeps its own interval.
+JOB_SECONDS = 3600.0
 SUBSCRIPTION_EVENTS = ("customer.subscription.created", "customer.subscription.updated",
                        "customer.subscription.deleted")
 # Events that name a subscription without carrying it: it is fetched from Stripe.
@@ -211,11 +216,26 @@ class BillingService:
     async def run_jobs(self) -> None:
         """The periodic work: grace expiry every time; reconcile and log pruning once per
         interval across every server process (claimed in the store)."""
+        if not mode.billing_enabled(self.settings):
+            return
         await self.expire_grace()
         interval = self.settings.billing_reconcile_interval
         if interval and self.gateway is not None and await self.store.claim_job("reconcile", self.now(), interval):
             await self.reconcile()
             await self.store.prune_log(self.now() - LOG_RETENTION_SECONDS)
+
+
+@contextlib.asynccontextmanager
+async def stripe_gateway(settings: Settings) -> AsyncIterator[StripeGateway | None]:
+    """The Stripe client of a server or a command, on an HTTP session of its own; None without
+    STRIPE_SECRET_KEY (the stub). The session opens no connection until the first call."""
+    if settings.stripe_secret_key or settings.stripe_webhook_secret:
+        import stripe  # noqa: F401  (~0.3 s: at start, not in the first request's event loop turn)
+    if not settings.stripe_secret_key:
+        yield None
+        return
+    async with aiohttp.ClientSession() as session:
+        yield StripeGateway(settings.stripe_secret_key, settings.stripe_api_base, session)
 
 
 def _parse_event(body: bytes) -> dict[str, Any]:

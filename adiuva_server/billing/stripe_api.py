@@ -5,6 +5,7 @@ URL) on the library's own aiohttp transport, sharing one `aiohttp.ClientSession`
 server, so calls run on the event loop without a thread. Every POST carries an idempotency key
 we choose (the library retries network failures with the same key). Results come back as plain
 dicts; every failure becomes `PaymentProviderUnavailable` with a detail that names no secret.
+`stripe` is imported only when used (~0.3 s here): a homelab server never loads it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import stripe
 
 from adiuva_server import errors
 
@@ -29,6 +29,9 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 class StripeGateway:
     def __init__(self, secret_key: str, api_base: str, session: aiohttp.ClientSession) -> None:
+        import stripe
+
+        self._error = stripe.StripeError
         transport = stripe.AIOHTTPClient(session=session, timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS))
         self.client = stripe.StripeClient(secret_key, base_addresses={"api": api_base}, http_client=transport,
                                           max_network_retries=2)
@@ -36,7 +39,7 @@ class StripeGateway:
     async def _call(self, what: str, coro: Any) -> Any:
         try:
             return await coro
-        except stripe.StripeError as exc:
+        except self._error as exc:
             # The library's messages mask keys; still, only the kind of failure is logged.
             log.warning("Stripe %s failed: %s (HTTP %s, code %s)", what, type(exc).__name__, exc.http_status, exc.code)
             raise errors.PaymentProviderUnavailable(
@@ -93,6 +96,8 @@ class StripeGateway:
 def verify_signature(body: bytes, header: str | None, secret: str, tolerance: int) -> None:
     """Stripe's scheme, checked by the library on the raw body: `t=<time>,v1=<HMAC-SHA256 of
     "<time>.<body>">`, constant-time, and no older than `tolerance` seconds."""
+    import stripe
+
     try:
         stripe.WebhookSignature.verify_header(body, header, secret, tolerance)
     except stripe.SignatureVerificationError as exc:

@@ -11,15 +11,11 @@ app = typer.Typer(help="Stripe billing (licensed mode).", no_args_is_help=True)
 
 async def reconcile(settings, db) -> list[str]:
     """Read every subscription from Stripe, repair what disagrees; lines saying what changed."""
-    import aiohttp
-
     from adiuva_server.billing.policy import Policy
-    from adiuva_server.billing.service import BillingService
+    from adiuva_server.billing.service import BillingService, stripe_gateway
     from adiuva_server.billing.sqlite import SQLiteBillingStore
-    from adiuva_server.billing.stripe_api import StripeGateway
 
-    async with aiohttp.ClientSession() as session:
-        gateway = StripeGateway(settings.stripe_secret_key, settings.stripe_api_base, session)
+    async with stripe_gateway(settings) as gateway:
         service = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway)
         result = await service.reconcile()
     lines = [f"{c.email}: {c.old} -> {c.new}" for c in result.changes]
