@@ -284,6 +284,20 @@ async def test_cancel_goes_back_to_free_at_once(bclient, stripe_standin):
     await start_checkout(bclient, acct, "pro")
 
 
+async def test_cancel_and_checkout_believe_stripe_over_a_missed_webhook(bclient, stripe_standin):
+    acct = await register(bclient)
+    sub_id, _ = await subscribe(bclient, stripe_standin, acct, "pro")
+    stripe_standin.subscriptions[sub_id]["status"] = "canceled"  # canceled at Stripe; the event was lost
+    # A new checkout is not refused on the strength of this server's stale record.
+    await start_checkout(bclient, acct, "team")
+    # Cancel finds nothing to cancel at Stripe, records what Stripe says, and the account is free.
+    resp = await bclient.delete(f"{API}/billing/subscription", headers=acct.headers)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["subscription"]["status"] == "canceled"
+    assert await tier_of(bclient, acct) == "free"
+    assert not any(r[0] == "DELETE" for r in stripe_standin.requests)
+
+
 # -- webhook signatures, replays, order -------------------------------------------------------
 
 async def test_forged_missing_and_stale_signatures_are_400_and_change_nothing(bclient, stripe_standin):

@@ -74,10 +74,9 @@ class BillingService:
         if not mode.allows_new_sales(self.settings):
             raise errors.NewSalesClosed("this server sells no new subscriptions now; existing ones go on")
         stripe = self._stripe()
-        if any(is_live(s.status) for s in await self.store.subscriptions_of(user_id)):
-            raise self._exists()
         customer = await self._customer(user_id, email)
-        # Stripe is the truth (a webhook may be late or lost): it happily makes a second one.
+        # Stripe is the truth, not our records (a webhook may be late or lost either way): it
+        # happily starts a second subscription for a customer who has one.
         async for sub in stripe.subscriptions(customer):
             if is_live(str(sub.get("status"))):
                 raise self._exists()
@@ -109,19 +108,19 @@ class BillingService:
         return SubscriptionView(tier, current, self.policy.plan(current.price_id), self.policy.grace_until(current))
 
     async def cancel(self, user_id: str) -> list[TierChange]:
-        """Cancel every live subscription of the account now, at Stripe, then here: back to free."""
+        """Cancel every live subscription of the account now, at Stripe, then here: back to free.
+        Stripe's list is the truth (a webhook may be missing either way)."""
         stripe = self._stripe()
-        live = [s for s in await self.store.subscriptions_of(user_id) if is_live(s.status)]
+        known_live = any(is_live(s.status) for s in await self.store.subscriptions_of(user_id))
         customer = await self.store.customer_of(user_id)
-        if customer is not None:  # and any our webhooks have not told us about
-            known = {s.id for s in live}
-            live += [SubscriptionState.from_stripe(s) for s in [s async for s in stripe.subscriptions(customer)]
-                     if is_live(str(s.get("status"))) and s.get("id") not in known]
-        if not live:
-            raise errors.NotFound("this account has no subscription to cancel")
         asked = self.now()
-        canceled = [SubscriptionState.from_stripe(await stripe.cancel_subscription(s.id)) for s in live]
-        result = await self.store.apply_observed(canceled, asked, self.now(), complete=False, reason="canceled by the user")
+        states = [] if customer is None else _readable([s async for s in stripe.subscriptions(customer)])
+        if not known_live and not any(is_live(s.status) for s in states):
+            raise errors.NotFound("this account has no subscription to cancel")
+        observed = [s for s in states if not is_live(s.status)]
+        for sub in (s for s in states if is_live(s.status)):
+            observed += _readable([await stripe.cancel_subscription(sub.id)])
+        result = await self.store.apply_observed(observed, asked, self.now(), complete=False, reason="canceled by the user")
         return result.changes
 
     async def portal(self, user_id: str, email: str) -> str:
@@ -198,12 +197,7 @@ class BillingService:
         disagrees (missed webhooks); also ends past_due grace periods that have run out."""
         stripe = self._stripe()
         asked = self.now()
-        states = []
-        async for obj in stripe.subscriptions():
-            try:
-                states.append(SubscriptionState.from_stripe(obj))
-            except ValueError:
-                log.warning("billing reconcile: skipped an unreadable subscription %r", obj.get("id"))
+        states = _readable([obj async for obj in stripe.subscriptions()])
         result = await self.store.apply_observed(states, asked, self.now(), complete=True, reason="reconcile")
         for change in result.changes:
             log.info("billing reconcile: %s tier %s -> %s", change.email, change.old, change.new)
@@ -236,6 +230,16 @@ async def stripe_gateway(settings: Settings) -> AsyncIterator[StripeGateway | No
         return
     async with aiohttp.ClientSession() as session:
         yield StripeGateway(settings.stripe_secret_key, settings.stripe_api_base, session)
+
+
+def _readable(objects: list[dict[str, Any]]) -> list[SubscriptionState]:
+    states = []
+    for obj in objects:
+        try:
+            states.append(SubscriptionState.from_stripe(obj))
+        except ValueError:
+            log.warning("billing: skipped an unreadable subscription from Stripe (%r)", obj.get("id"))
+    return states
 
 
 def _parse_event(body: bytes) -> dict[str, Any]:
