@@ -504,6 +504,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "billing_past_due_grace": ("ADIUVA_BILLING_PAST_DUE_GRACE",),
     "billing_reconcile_interval": ("ADIUVA_BILLING_RECONCILE_INTERVAL",),
     "billing_return_url": ("ADIUVA_BILLING_RETURN_URL",),
+    "database_url": ("DATABASE_URL",),
 }
 
 
