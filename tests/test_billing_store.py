@@ -151,6 +151,10 @@ async def test_unknown_customers_are_ignored_and_our_metadata_links_them(backend
     assert await backend.count("billing_subscriptions") == 0
     assert (await event(backend, "e3", state(customer="cus_z", hint=ada), 100)).outcome is Outcome.APPLIED
     assert await backend.store.customer_of(ada) == "cus_z" and await backend.tier(ada) == "pro"
+    # Our metadata wins for a customer this server has not seen, even if the account has another.
+    assert (await event(backend, "e6", state("sub_2", customer="cus_other", hint=ada, price="price_team"), 100)).outcome \
+        is Outcome.APPLIED
+    assert await backend.tier(ada) == "team" and await backend.store.customer_of(ada) == "cus_z"
     # checkout.session.completed's link alone
     bob = await backend.add_user("bob@example.org")
     assert (await event(backend, "e4", None, 100, link=("cus_b", bob))).outcome is Outcome.APPLIED

@@ -124,15 +124,13 @@ class PostgresBillingStore:
         if owner is None:
             owner = await conn.fetchval("SELECT user_id FROM billing_customers WHERE customer_id = $1",
                                         state.customer_id)
-        if owner is None and state.user_hint:
-            linked = await conn.fetchval(
-                "INSERT INTO billing_customers (user_id, customer_id, created_at) "
-                "SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE id = $1) "
-                "ON CONFLICT DO NOTHING RETURNING user_id", state.user_hint, state.customer_id, now)
-            if linked is None:  # linked by someone else meanwhile, or no such user
-                linked = await conn.fetchval("SELECT user_id FROM billing_customers WHERE customer_id = $1",
-                                             state.customer_id)
-            owner = linked
+        if owner is None and state.user_hint and await conn.fetchval("SELECT 1 FROM users WHERE id = $1",
+                                                                     state.user_hint):
+            # The user id our checkout put in the metadata (signed by Stripe): link the customer.
+            await conn.execute("INSERT INTO billing_customers (user_id, customer_id, created_at) VALUES ($1, $2, $3) "
+                               "ON CONFLICT DO NOTHING", state.user_hint, state.customer_id, now)
+            owner = await conn.fetchval("SELECT user_id FROM billing_customers WHERE customer_id = $1",
+                                        state.customer_id) or state.user_hint
         return owner
 
     async def _apply_state(self, conn: Any, state: SubscriptionState, observed_at: int,

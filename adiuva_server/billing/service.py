@@ -177,8 +177,9 @@ class BillingService:
                 link = (customer, user)
             subscription_id = obj.get("subscription")
         else:  # invoices: the subscription moved to `subscription_details` in newer API versions
-            parent = (obj.get("parent") or {}).get("subscription_details") or {}
-            subscription_id = obj.get("subscription") or parent.get("subscription")
+            parent = obj.get("parent")
+            details = parent.get("subscription_details") if isinstance(parent, dict) else None
+            subscription_id = obj.get("subscription") or (details.get("subscription") if isinstance(details, dict) else None)
         if isinstance(subscription_id, dict):
             subscription_id = subscription_id.get("id")
         if not isinstance(subscription_id, str) or not subscription_id:

@@ -118,8 +118,8 @@ class SQLiteBillingStore:
         if row is not None:
             return row[0]
         if state.user_hint and await self._user_exists(conn, state.user_hint):
-            await conn.execute("INSERT INTO billing_customers (user_id, customer_id, created_at) VALUES (?, ?, 0) "
-                               "ON CONFLICT DO NOTHING", (state.user_hint, state.customer_id))
+            await conn.execute("INSERT INTO billing_customers (user_id, customer_id, created_at) VALUES (?, ?, ?) "
+                               "ON CONFLICT DO NOTHING", (state.user_hint, state.customer_id, now))
             return state.user_hint
         return None
 
