@@ -29,7 +29,9 @@ from adiuva_server.http.metrics import api as metrics_api, setup_metrics
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.protocol import handler_args
 from adiuva_server.http.ratelimit import setup_rate_limits
-from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
+from adiuva_server.keys import AUTH, CLOCK, DB, HASHER, LICENSE, RATE_LIMITS, ROUTES, SETTINGS
+from adiuva_server.clock import SystemClock
+from adiuva_server.license import setup_license
 from adiuva_server.ratelimit import MemoryRateLimitStore
 from adiuva_server.server_backup import scheduled_backups
 from adiuva_server.vectors import routes as vector_routes
@@ -54,6 +56,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=JSON_BODY_LIMIT, handler_args=handler_args(settings))
     app[SETTINGS] = settings
     app[ROUTES] = []
+    app[CLOCK] = SystemClock()  # tests replace it before start-up
     # Middleware order, outermost first: in-flight tracking (for graceful shutdown), CORS (so
     # errors carry CORS headers too), security headers, request bodies (encodings refused before
     # a byte is read, a body timeout, no reading on after an early answer), problem+json for
@@ -67,6 +70,7 @@ def create_app(settings: Settings) -> web.Application:
     setup_problems(app)
     setup_auth(app)
     setup_rate_limits(app)
+    setup_license(app)  # first: the services ask it (max_users, the default tier)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(scheduled_backups)
@@ -89,7 +93,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[HASHER] = PasswordHasher(settings)
     app[RATE_LIMITS] = MemoryRateLimitStore()
-    app[AUTH] = AuthService(settings, SQLiteAccountStore(app[DB]), app[HASHER], app[RATE_LIMITS])
+    app[AUTH] = AuthService(settings, SQLiteAccountStore(app[DB]), app[HASHER], app[RATE_LIMITS], license=app[LICENSE])
     task = asyncio.create_task(_housekeeping(app))
     try:
         yield

@@ -239,3 +239,24 @@ class RequestTimeout(AdiuvaError):
     status = 408
     code = "request_timeout"
     title = "Request timeout"
+
+
+class LicenseExpired(Forbidden):
+    """Licensed mode, but no new checkouts or paid installs (the license expired, or does not
+    name the feature): license/state.py's LicenseState.require_new_sales."""
+
+    code = "license_expired"
+    title = "This server's license does not allow new sales"
+
+
+class LicenseUserLimit(Forbidden):
+    code = "license_user_limit"
+    title = "This server's license allows no more accounts"
+
+
+class LicenseRefused(AdiuvaError):
+    """`adiuva license install` refuses the file (malformed, bad signature, expired...)."""
+
+    status = 422
+    code = "license_refused"
+    title = "This license file cannot be installed"

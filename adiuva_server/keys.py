@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
+    from adiuva_server.clock import Clock
+    from adiuva_server.license.state import LicenseState
     from adiuva_server.storage.service import StorageService
 
 SETTINGS = web.AppKey("settings", "Settings")
@@ -31,6 +33,9 @@ STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
+# The server's clock (tests put a movable one here before start-up) and the license's live state.
+CLOCK = web.AppKey("clock", "Clock")
+LICENSE = web.AppKey("license", "LicenseState")
 
 INFLIGHT = web.AppKey("inflight", object)
 METRICS = web.AppKey("metrics", "Metrics")

@@ -392,7 +392,7 @@ async def status_page(request: web.Request, visit: Visit) -> web.Response:
     main = _t(request).render(
         "status", version=status.version, uptime=_duration(status.uptime_seconds), data_dir=settings.data_dir,
         backends=f"database {b.database}, objects {b.blobs}, rate limits {b.rate_limits}",
-        database_size=_bytes(status.database_bytes), license=status.license.state, default_tier=status.default_tier,
+        database_size=_bytes(status.database_bytes), license=_license_text(status.license), default_tier=status.default_tier,
         last_backup=f"{_when(last[0])} ({last[1]})" if last else "none yet",
         users=status.counts.users, records=status.counts.records, vectors=status.counts.vectors,
         storage=_bytes(status.storage_bytes), backups=_bytes(status.backup_bytes),
@@ -402,6 +402,12 @@ async def status_page(request: web.Request, visit: Visit) -> web.Response:
         llm_availability=_llm_rows(request, status.llm), csrf=visit.csrf, **_doctor_parts(request, status.doctor),
     )
     return _html(request, visit, "Status", main, current="status")
+
+
+def _license_text(lic) -> str:
+    """The status page's license line: the mode and state, then what it means."""
+    mode = "licensed mode" if lic.licensed else "homelab mode"
+    return f"{mode} ({lic.state.replace('_', ' ')}): {lic.reason}"
 
 
 def _check(request: web.Request, kind: str, state: str, text: object, detail: str | None = None) -> Safe:
