@@ -16,7 +16,7 @@ from adiuva_server.license.format import signed_bytes
 
 TEST_KEY = Ed25519PrivateKey.generate()
 OTHER_KEY = Ed25519PrivateKey.generate()  # "wrong key": a real signature, by someone else
-T0 = dt.datetime(2027, 1, 1, 12, 0, tzinfo=dt.UTC)
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)  # in the past: settings see these licenses expired
 
 
 def public_b64(key: Ed25519PrivateKey = TEST_KEY) -> str:

@@ -35,7 +35,7 @@ from adiuva_server.console.render import Asset, Safe, Templates, esc, join, load
 from adiuva_server.console.settings_view import setting_rows
 from adiuva_server.console.store import ConsoleSession, SQLiteConsoleSessions
 from adiuva_server.http.forwarded import client_address
-from adiuva_server.keys import ADMIN, AUTH, CONSOLE, DB, SETTINGS
+from adiuva_server.keys import ADMIN, AUTH, CONSOLE, DB, LICENSE, SETTINGS
 
 COOKIE = "adiuva_console"
 PRE_COOKIE = "adiuva_console_csrf"  # before sign-in: the CSRF token of the sign-in and setup forms
@@ -498,7 +498,7 @@ async def users_page(request: web.Request, visit: Visit) -> web.Response:
     first = (query.page - 1) * query.limit
     summary = f"{first + 1}-{first + len(found)} of {total}" if found else ("No matches." if query.q else "No accounts.")
     main = t.render("users", q=query.q or "", rows=rows, summary=summary, pages=join(pages, " "), csrf=visit.csrf,
-                    tier_options=_options(TIERS, request.app[SETTINGS].default_tier))
+                    tier_options=_options(TIERS, request.app[LICENSE].default_tier))
     return _html(request, visit, "Users", main, current="users")
 
 

@@ -154,6 +154,7 @@ class LicenseState:
         self.fixed_default_tier = fixed_default_tier  # ADIUVA_DEFAULT_TIER or a flag: wins over the mode
         self._reading = Reading(None)
         self._logged: tuple[LicenseStatus, str | None] | None = None
+        self.checks = 0  # how many times `check` has read the file
 
     @classmethod
     def for_settings(cls, settings: Settings, clock: Clock | None = None) -> LicenseState:
@@ -175,6 +176,7 @@ class LicenseState:
         self._reading = await asyncio.to_thread(read, self.path, self.key)
         current = self.current
         self._log(current)
+        self.checks += 1
         return current
 
     async def run_daily(self) -> None:
