@@ -135,6 +135,9 @@ class Settings:
     # The doctor's checks (as `adiuva doctor`, never --fix) in the background for the admin
     # status: a minute after start, then every N seconds (0: only when an admin asks).
     doctor_interval: float = 86400.0
+    # Many machines (DESIGN "One box, or many"): PostgreSQL for metadata and vectors instead of
+    # the SQLite file ("" = SQLite). The URL may carry a password: never printed.
+    database_url: str = dataclasses.field(default="", repr=False)
     # Where each setting came from ("default", "environment", "flag"), for the admin console.
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -149,6 +152,11 @@ class Settings:
     @property
     def license_path(self) -> Path:
         return self.license_file or self.data_dir / LICENSE_FILE
+
+    @property
+    def backend(self) -> str:
+        """Which metadata backend: "sqlite" (the data dir's file) or "postgresql"."""
+        return "postgresql" if self.database_url else "sqlite"
 
     @property
     def dev(self) -> bool:
@@ -223,6 +231,7 @@ class Settings:
         values["doctor_interval"] = r.duration("ADIUVA_DOCTOR_INTERVAL", cls.doctor_interval)
         values["license_file"] = _path(env.get("ADIUVA_LICENSE_FILE"))
         values["license_public_key"] = (env.get("ADIUVA_LICENSE_PUBLIC_KEY") or "").strip()
+        values["database_url"] = r.database_url("DATABASE_URL")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
@@ -369,6 +378,16 @@ class _Reader:
         except ValueError:
             raise ConfigError(f"{name} has an invalid port: {raw!r}") from None
         return raw.rstrip("/")
+
+    def database_url(self, name: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        parsed = urllib.parse.urlsplit(raw)
+        if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or "host=" in parsed.query):
+            # Never echo the value: it may hold a password.
+            raise ConfigError(f"{name} must be a PostgreSQL URL: postgresql://user:password@host:5432/dbname")
+        return raw
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         raw = self._raw(name)

@@ -13,9 +13,11 @@ if TYPE_CHECKING:
     from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
+    from adiuva_server.console.store import SQLiteConsoleSessions
     from adiuva_server.db import Database
     from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
+    from adiuva_server.jobs import Jobs
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
     from adiuva_server.clock import Clock
@@ -36,6 +38,8 @@ CONSOLE = web.AppKey("console", "ConsoleState")
 # The server's clock (tests put a movable one here before start-up) and the license's live state.
 CLOCK = web.AppKey("clock", "Clock")
 LICENSE = web.AppKey("license", "LicenseState")
+CONSOLE_SESSIONS = web.AppKey("console_sessions", "SQLiteConsoleSessions")
+JOBS = web.AppKey("jobs", "Jobs")
 
 INFLIGHT = web.AppKey("inflight", object)
 METRICS = web.AppKey("metrics", "Metrics")
