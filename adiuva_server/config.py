@@ -493,6 +493,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
     "doctor_interval": ("ADIUVA_DOCTOR_INTERVAL",),
     "license_file": ("ADIUVA_LICENSE_FILE",), "license_public_key": ("ADIUVA_LICENSE_PUBLIC_KEY",),
+    "database_url": ("DATABASE_URL",),
 }
 
 

@@ -207,7 +207,7 @@ class UserAdmin:
         self.settings = settings
         self.store = store
         self.hasher = hasher
-        self.license = license or LicenseState.load(settings)
+        self.license = LicenseState.load(settings) if license is None else license
 
     async def _get(self, email: str) -> User:
         user = await self.store.get_by_email(normalise_email(email))

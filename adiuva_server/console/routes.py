@@ -26,7 +26,7 @@ from aiohttp import web
 
 from adiuva_server import errors
 from adiuva_server.admin import routes as admin_api
-from adiuva_server.admin.models import UserQuery
+from adiuva_server.admin.models import License, UserQuery
 from adiuva_server.admin.store import UserWithUsage
 from adiuva_server.auth.service import MAX_PASSWORD_LENGTH
 from adiuva_server.auth.store import User
@@ -403,7 +403,7 @@ async def status_page(request: web.Request, visit: Visit) -> web.Response:
     return _html(request, visit, "Status", main, current="status")
 
 
-def _license_text(lic) -> str:
+def _license_text(lic: License) -> str:
     """The status page's license line: the mode and state, then what it means."""
     mode = "licensed mode" if lic.licensed else "homelab mode"
     return f"{mode} ({lic.state.replace('_', ' ')}): {lic.reason}"
