@@ -387,7 +387,9 @@ async def test_max_users_refuses_registrations_beyond_it(aiohttp_client, data_di
 
 
 async def test_max_users_holds_under_concurrent_registrations(aiohttp_client, data_dir):
-    settings = licensed_settings(data_dir, L.signed(L.body(L.T0, max_users=5)), registrations_per_address=1000)
+    # Cheap hashes, all at once: the registrations reach the store together.
+    settings = licensed_settings(data_dir, L.signed(L.body(L.T0, max_users=5)), registrations_per_address=1000,
+                                 argon2_memory_kib=8 * 1024, argon2_time_cost=1, max_concurrent_hashes=32)
     client = await serve(aiohttp_client, settings, L.FakeClock())
     await register(client, "root@example.org")
 
@@ -396,10 +398,17 @@ async def test_max_users_holds_under_concurrent_registrations(aiohttp_client, da
         return resp.status, (await resp.json()).get("code")
 
     outcomes = await asyncio.gather(*(one(i) for i in range(24)))
-    assert sorted(s for s, _ in outcomes).count(201) == 4
+    assert [s for s, _ in outcomes].count(201) == 4
     assert all(code == "license_user_limit" for s, code in outcomes if s != 201)
-    users = await client.app[AUTH].store.list_users()
-    assert len(users) == 5
+    assert len(await client.app[AUTH].store.list_users()) == 5
+
+    # And straight at the store, where nothing (no hashing) spaces the creations out.
+    store = client.app[AUTH].store
+    outcomes = await asyncio.gather(*(store.create_user(f"s{i}@example.org", "x", "free", admin=False, max_users=6)
+                                      for i in range(20)), return_exceptions=True)
+    assert sum(not isinstance(o, Exception) for o in outcomes) == 1
+    assert all(isinstance(o, errors.LicenseUserLimit) for o in outcomes if isinstance(o, Exception))
+    assert len(await store.list_users()) == 6
 
 
 def test_max_users_holds_for_the_cli_too(tmp_path, data_dir):
@@ -415,7 +424,7 @@ def test_max_users_holds_for_the_cli_too(tmp_path, data_dir):
 # -- doctor and console ------------------------------------------------------------------------------
 
 
-def test_doctor_shows_the_license(tmp_path, data_dir):
+def test_doctor_and_show_warn_of_an_expiring_license(tmp_path, data_dir):
     now = dt.datetime.now(dt.UTC)
     assert run_cli(data_dir, "user", "add", "root@example.org", "--admin", "--create").returncode == 0
     done = run_cli(data_dir, "doctor")
@@ -423,6 +432,9 @@ def test_doctor_shows_the_license(tmp_path, data_dir):
     L.write(data_dir / "license.json", L.signed(L.body(now, days=10)))
     done = run_cli(data_dir, "doctor", **key_env())
     assert "[warn] license: expiring: the license of Example Hosting Ltd expires on" in done.stdout, done.stdout
+    shown = run_cli(data_dir, "license", "show", **key_env())
+    assert "state: expiring" in shown.stdout and "(9 day(s) left)" in shown.stdout
+    assert "warning: the license of Example Hosting Ltd expires on" in shown.stdout
     done = run_cli(data_dir, "doctor")  # the built-in key: the test license cannot be used
     assert "[FAIL] license: the license file" in done.stdout and done.returncode == 1
 
