@@ -447,3 +447,20 @@ async def test_console_status_page_shows_the_license(aiohttp_client, data_dir):
     await setup_admin(client)
     page = await (await client.get("/admin")).text()
     assert "licensed mode (expiring): the license of Example Hosting Ltd expires on 2026-01-21" in page
+
+
+def test_server_backups_carry_the_license(tmp_path, data_dir):
+    now = dt.datetime.now(dt.UTC)
+    src = L.write(tmp_path / "lic.json", L.signed(L.body(now)))
+    assert run_cli(data_dir, "user", "add", "root@example.org", "--admin", "--create").returncode == 0
+    assert run_cli(data_dir, "license", "install", str(src), **key_env()).returncode == 0
+    archive = tmp_path / "server.tar"
+    done = run_cli(data_dir, "backup", "create", "--out", str(archive))
+    assert done.returncode == 0, done.stderr
+    restored = tmp_path / "restored"
+    done = run_cli(data_dir, "backup", "restore", str(archive), "--data-dir", str(restored))
+    assert done.returncode == 0, done.stderr
+    assert (restored / "license.json").read_bytes() == src.read_bytes()
+    assert stat.S_IMODE((restored / "license.json").stat().st_mode) == 0o600
+    shown = run_cli(restored, "license", "show", **key_env())
+    assert "state: valid" in shown.stdout
