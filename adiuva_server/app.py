@@ -21,7 +21,8 @@ from adiuva_server.http.inflight import setup_inflight
 from adiuva_server.http.metrics import api as metrics_api, setup_metrics
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.protocol import handler_args
-from adiuva_server.keys import ROUTES, SETTINGS
+from adiuva_server.clock import SystemClock
+from adiuva_server.keys import CLOCK, ROUTES, SETTINGS
 from adiuva_server.http.ratelimit import setup_rate_limits
 from adiuva_server.vectors import routes as vector_routes
 from adiuva_server.storage import routes as storage_routes
@@ -44,6 +45,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=JSON_BODY_LIMIT, handler_args=handler_args(settings))
     app[SETTINGS] = settings
     app[ROUTES] = []
+    app[CLOCK] = SystemClock()  # tests replace it before start-up (the license's daily check asks it)
     # Middleware order, outermost first: in-flight tracking (for graceful shutdown), CORS (so
     # errors carry CORS headers too), security headers, request bodies (encodings refused before
     # a byte is read, a body timeout, no reading on after an early answer), problem+json for

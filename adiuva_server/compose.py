@@ -29,13 +29,15 @@ from adiuva_server.billing.sqlite import SQLiteBillingStore
 from adiuva_server.chat.batches import SQLiteBatchStore
 from adiuva_server.chat.llm import LLM
 from adiuva_server.chat.orchestrator import Orchestrator
+from adiuva_server.clock import Clock
 from adiuva_server.config import Settings
 from adiuva_server.console.store import SQLiteConsoleSessions
 from adiuva_server.db import Database
 from adiuva_server.jobs import Jobs
 from adiuva_server.keys import (
-    ADMIN, AUTH, BILLING, CHAT, CONSOLE_SESSIONS, DB, HASHER, JOBS, RATE_LIMITS, SETTINGS, STORAGE, VECTORS,
+    ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, RATE_LIMITS, SETTINGS, STORAGE, VECTORS,
 )
+from adiuva_server.license.state import LicenseState
 from adiuva_server.ratelimit import MemoryRateLimitStore
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.service import StorageService
@@ -65,19 +67,24 @@ class Services:
     console_sessions: SQLiteConsoleSessions
     jobs: Jobs
     billing: BillingService
+    license: LicenseState
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
+async def open_services(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Services]:
     """Build every backend and service from `settings`; close them all on exit."""
     async with contextlib.AsyncExitStack() as stack:
+        # First: registration asks it (max_users, the default tier), and so do billing and plugins.
+        license = LicenseState.for_settings(settings, clock)
+        await license.check()
+
         db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, watch_commits=True)
         stack.push_async_callback(db.close)
 
         hasher = PasswordHasher(settings)
         stack.callback(hasher.close)
         rate_limits = MemoryRateLimitStore()
-        auth = AuthService(settings, SQLiteAccountStore(db), hasher, rate_limits)
+        auth = AuthService(settings, SQLiteAccountStore(db), hasher, rate_limits, license=license)
 
         blobs = await asyncio.get_running_loop().run_in_executor(None, maintenance.open_blob_store, settings)
         # Nothing is uploading yet: every temporary file is a leftover of an earlier run.
@@ -108,7 +115,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         # Built in homelab mode too (nothing is opened until used): the license may change while
         # the server runs; the routes and the job ask billing.mode each time.
         gateway = await stack.enter_async_context(billing_service.stripe_gateway(settings))
-        billing = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway)
+        billing = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway, license)
 
         jobs = Jobs()
         jobs.every("housekeeping", HOUSEKEEPING_SECONDS, lambda: housekeeping(rate_limits, auth), cluster=False)
@@ -117,23 +124,29 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                    first=settings.backup_interval)
         jobs.every("billing", billing_service.JOB_SECONDS, billing.run_jobs, first=60.0)
         services = Services(settings, db, hasher, rate_limits, auth, storage, vectors, chat, admin,
-                            SQLiteConsoleSessions(db), jobs, billing)
+                            SQLiteConsoleSessions(db), jobs, billing, license)
         yield services
 
 
 async def services(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: every service on the app under its key; background work started once the
     app's own contexts are up, stopped before they close."""
-    async with open_services(app[SETTINGS]) as s:
+    async with open_services(app[SETTINGS], app[CLOCK]) as s:
         app[DB], app[HASHER], app[RATE_LIMITS], app[AUTH] = s.db, s.hasher, s.rate_limits, s.auth
         app[STORAGE], app[VECTORS], app[CHAT], app[ADMIN] = s.storage, s.vectors, s.chat, s.admin
-        app[CONSOLE_SESSIONS], app[JOBS], app[BILLING] = s.console_sessions, s.jobs, s.billing
+        app[CONSOLE_SESSIONS], app[JOBS], app[BILLING], app[LICENSE] = s.console_sessions, s.jobs, s.billing, s.license
         s.vectors.store.start_warm_up()  # in the background: searches never wait for it
         s.admin.doctor.start()
         s.jobs.start()
+        # Not one of the jobs: it waits on the app's clock (tests move it), and every node keeps
+        # its own state.
+        license_check = asyncio.create_task(s.license.run_daily(), name="license-check")
         try:
             yield
         finally:
+            license_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await license_check
             await s.jobs.stop()
 
 

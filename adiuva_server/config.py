@@ -20,11 +20,13 @@ from typing import Any
 
 import platformdirs
 
+from adiuva_server import tiers
 from adiuva_server.errors import ConfigError
 
-TIERS = ("free", "pro", "power", "team")
+TIERS = tiers.NAMES
 DEFAULT_CORS_ORIGINS = ("app://.", "http://localhost:3000", "http://localhost:5173")
 JWT_SECRET_FILE = "jwt_secret"
+LICENSE_FILE = "license.json"
 MIN_SECRET_BYTES = 32
 MIN_METRICS_TOKEN_BYTES = 16
 
@@ -49,6 +51,10 @@ class Settings:
     # "Tiers"); a licensed (paid cloud) server gives them `free`. ADIUVA_DEFAULT_TIER decides when set.
     licensed: bool = False
     default_tier: str = "team"
+    # The license file (default <data dir>/license.json) and the public key that verifies it
+    # (empty: the production key built into the server; base64 of 32 raw bytes, or a PEM).
+    license_file: Path | None = None
+    license_public_key: str = ""
     password_min_length: int = 8
     # argon2id cost (OWASP's recommended minimum by default: 19 MiB, t=2, p=1, ~18 ms here).
     argon2_memory_kib: int = 19 * 1024
@@ -58,9 +64,7 @@ class Settings:
     # "full": every acknowledged write survives power loss; "normal": survives a crash of the
     # process (kill -9) but the last commits may be lost on power loss. Faster writes.
     sqlite_synchronous: str = "full"
-    rate_limits: Mapping[str, int] = dataclasses.field(
-        default_factory=lambda: {"free": 20, "pro": 60, "power": 120, "team": 200}
-    )
+    rate_limits: Mapping[str, int] = dataclasses.field(default_factory=tiers.rate_limits)
     rate_window_seconds: float = 60.0
     # Password guessing: failures per client address and per account inside the window
     # before login answers 429 until the window slides on (a back-off, never a permanent ban).
@@ -158,6 +162,10 @@ class Settings:
         return self.data_dir / "adiuva.db"
 
     @property
+    def license_path(self) -> Path:
+        return self.license_file or self.data_dir / LICENSE_FILE
+
+    @property
     def backend(self) -> str:
         """Which metadata backend: "sqlite" (the data dir's file) or "postgresql"."""
         return "postgresql" if self.database_url else "sqlite"
@@ -172,7 +180,6 @@ class Settings:
         (they come from CLI flags). Raises ConfigError naming the variable at fault."""
         env = dict(os.environ if environ is None else environ)
         r = _Reader(env)
-        licensed = licensed_mode(env)
         values: dict[str, Any] = {
             "data_dir": Path(
                 env.get("ADIUVA_DATA_DIR") or platformdirs.user_data_dir("adiuva", appauthor=False)
@@ -190,8 +197,6 @@ class Settings:
             "refresh_grace_seconds": r.int("ADIUVA_REFRESH_GRACE_SECONDS", cls.refresh_grace_seconds, 0, 60),
             "cors_origins": r.list("CORS_ORIGINS", DEFAULT_CORS_ORIGINS),
             "signups_open": r.choice("ADIUVA_SIGNUPS", "open", ("open", "closed")) == "open",
-            "licensed": licensed,
-            "default_tier": r.choice("ADIUVA_DEFAULT_TIER", default_tier(licensed), TIERS),
             "password_min_length": r.int("ADIUVA_PASSWORD_MIN_LENGTH", 8, 6, 128),
             "argon2_memory_kib": r.int("ADIUVA_ARGON2_MEMORY_KIB", 19 * 1024, 8 * 1024, 4 * 1024 * 1024),
             "argon2_time_cost": r.int("ADIUVA_ARGON2_TIME_COST", 2, 1, 20),
@@ -199,7 +204,7 @@ class Settings:
             "max_concurrent_hashes": r.int("ADIUVA_MAX_CONCURRENT_HASHES", 0, 0, 64),
             "sqlite_synchronous": r.choice("ADIUVA_SQLITE_SYNCHRONOUS", "full", ("full", "normal")),
             "trusted_proxies": r.networks("ADIUVA_TRUSTED_PROXIES"),
-            "rate_limits": r.tier_limits("ADIUVA_RATE_LIMITS", {"free": 20, "pro": 60, "power": 120, "team": 200}),
+            "rate_limits": r.tier_limits("ADIUVA_RATE_LIMITS", tiers.rate_limits()),
             "llm_model": env.get("LLM_MODEL") or cls.llm_model,
             "llm_router_model": env.get("LLM_ROUTER_MODEL") or env.get("LLM_MODEL") or cls.llm_router_model,
             "llm_models": r.list("LLM_MODELS", ()),
@@ -244,11 +249,19 @@ class Settings:
         values["billing_past_due_grace"] = r.duration("ADIUVA_BILLING_PAST_DUE_GRACE", cls.billing_past_due_grace)
         values["billing_reconcile_interval"] = r.duration("ADIUVA_BILLING_RECONCILE_INTERVAL",
                                                           cls.billing_reconcile_interval)
+        values["license_file"] = _path(env.get("ADIUVA_LICENSE_FILE"))
+        values["license_public_key"] = (env.get("ADIUVA_LICENSE_PUBLIC_KEY") or "").strip()
         values["database_url"] = r.database_url("DATABASE_URL")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
             values["data_dir"] = Path(overrides["data_dir"]).expanduser()
+        # The mode follows the license file (in the data dir, so after --data-dir is applied).
+        if overrides.get("licensed") is None:
+            values["licensed"] = licensed_mode(
+                values["license_file"] or values["data_dir"] / LICENSE_FILE, values["license_public_key"])
+        if overrides.get("default_tier") is None:
+            values["default_tier"] = r.choice("ADIUVA_DEFAULT_TIER", default_tier(values["licensed"]), TIERS)
         settings = cls(**values)
         if (settings.tls_cert is None) != (settings.tls_key is None):
             raise ConfigError("give both a TLS certificate and its key (--cert/--key or ADIUVA_TLS_CERT/ADIUVA_TLS_KEY)")
@@ -301,10 +314,19 @@ class Settings:
         return dataclasses.replace(self, jwt_secret=secret)
 
 
-def licensed_mode(env: Mapping[str, str]) -> bool:
-    """Whether this server runs under a valid license: the one place that decides it. There is
-    no licensed mode yet, so every server is in homelab mode (the licensing work replaces this)."""
-    return False
+def licensed_mode(license_path: Path, public_key: str) -> bool:
+    """Whether this server starts in licensed mode: the one place that decides it. A license
+    that verifies (valid, expiring, in grace or expired) is licensed mode; no file or an unusable
+    one is homelab mode (license/state.py). A running server follows its LicenseState."""
+    from adiuva_server.license.format import load_public_key
+    from adiuva_server.license.state import evaluate, read
+    from adiuva_server.clock import SystemClock
+
+    try:
+        key = load_public_key(public_key)
+    except ValueError as exc:
+        raise ConfigError(f"ADIUVA_LICENSE_PUBLIC_KEY {exc}") from None
+    return evaluate(read(license_path, key), license_path, SystemClock().now()).licensed
 
 
 def default_tier(licensed: bool) -> str:
@@ -505,6 +527,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "billing_past_due_grace": ("ADIUVA_BILLING_PAST_DUE_GRACE",),
     "billing_reconcile_interval": ("ADIUVA_BILLING_RECONCILE_INTERVAL",),
     "billing_return_url": ("ADIUVA_BILLING_RETURN_URL",),
+    "license_file": ("ADIUVA_LICENSE_FILE",), "license_public_key": ("ADIUVA_LICENSE_PUBLIC_KEY",),
     "database_url": ("DATABASE_URL",),
 }
 

@@ -51,8 +51,21 @@ async def run_doctor(settings: Settings, fix: bool = False) -> list[Finding]:
     if fix and (removed := await asyncio.to_thread(remove_leftovers, settings)):
         findings.append(Finding(OK, "backups", f"removed {removed} leftover(s) of interrupted server backups"))
     findings += await _llm(settings)
-    findings.append(Finding(OK, "license", "no license file: homelab mode (tiers are set with `adiuva user set-tier`)"))
+    findings.append(await asyncio.to_thread(_license, settings))
     return findings
+
+
+def _license(settings: Settings) -> Finding:
+    """The license file as the server reads it: homelab mode is fine; an unusable file, an
+    expiry near or past, is said."""
+    from adiuva_server.license.state import LicenseState, LicenseStatus
+
+    ev = LicenseState.load(settings).current
+    if ev.status is LicenseStatus.NONE:
+        return Finding(OK, "license", "no license file: homelab mode (tiers are set with `adiuva user set-tier`)")
+    if ev.status is LicenseStatus.INVALID:
+        return Finding(FAIL, "license", ev.reason + "; install a valid one with `adiuva license install FILE` or remove it")
+    return Finding(OK if ev.status is LicenseStatus.VALID else WARN, "license", f"{ev.status.value}: {ev.reason}")
 
 
 def _permissions(settings: Settings, fix: bool) -> list[Finding]:

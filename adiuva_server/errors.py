@@ -285,7 +285,22 @@ class PaymentProviderUnavailable(ServiceUnavailable):
     code = "payment_provider_unavailable"
     title = "The payment provider is unavailable"
 
+class LicenseExpired(Forbidden):
+    """Licensed mode, but no new checkouts or paid installs (the license expired, or does not
+    name the feature): license/state.py's LicenseState.require_new_sales."""
 
-class NewSalesClosed(Forbidden):
-    code = "new_sales_closed"
-    title = "No new subscriptions are sold on this server now"
+    code = "license_expired"
+    title = "This server's license does not allow new sales"
+
+
+class LicenseUserLimit(Forbidden):
+    code = "license_user_limit"
+    title = "This server's license allows no more accounts"
+
+
+class LicenseRefused(AdiuvaError):
+    """`adiuva license install` refuses the file (malformed, bad signature, expired...)."""
+
+    status = 422
+    code = "license_refused"
+    title = "This license file cannot be installed"

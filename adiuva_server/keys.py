@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from adiuva_server.jobs import Jobs
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
+    from adiuva_server.clock import Clock
+    from adiuva_server.license.state import LicenseState
     from adiuva_server.storage.service import StorageService
 
 SETTINGS = web.AppKey("settings", "Settings")
@@ -35,6 +37,9 @@ CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
 BILLING = web.AppKey("billing", "BillingService")
+# The server's clock (tests put a movable one here before start-up) and the license's live state.
+CLOCK = web.AppKey("clock", "Clock")
+LICENSE = web.AppKey("license", "LicenseState")
 CONSOLE_SESSIONS = web.AppKey("console_sessions", "SQLiteConsoleSessions")
 JOBS = web.AppKey("jobs", "Jobs")
 

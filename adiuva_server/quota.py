@@ -1,5 +1,6 @@
 """Per-user storage usage, counted in bytes and kept in the same transaction as the change
-that causes it, so usage can never drift from what is stored.
+that causes it, so usage can never drift from what is stored. The quotas themselves, and the
+402 past them, are the tier manager's (tiers.py).
 
 kinds: "cloud" (records and vector payloads) and "backup" (database backups).
 """
@@ -21,23 +22,16 @@ async def usage(conn: Any, user_id: str, kind: str) -> int:
 
 def check(tier: str, kind: str, used: int, delta: int) -> None:
     """Raise QuotaExceeded when adding `delta` bytes to `used` would pass the tier's limit."""
-    cap = tiers.limit(tier, KIND_LIMIT[kind])
-    if cap is not None and delta > 0 and used + delta > cap:
-        raise exceeded(tier, kind, used, f"{delta} more requested")
+    tiers.check_quota(tier, KIND_LIMIT[kind], used, delta, label=f"{kind} storage", unit="bytes")
 
 
 def room(tier: str, kind: str, used: int) -> int | None:
     """How many bytes `kind` may still grow by under the tier's quota (None: unlimited)."""
-    cap = tiers.limit(tier, KIND_LIMIT[kind])
-    return None if cap is None else max(0, cap - used)
+    return tiers.room(tier, KIND_LIMIT[kind], used)
 
 
 def exceeded(tier: str, kind: str, used: int, what: str) -> errors.QuotaExceeded:
-    cap = tiers.limit(tier, KIND_LIMIT[kind])
-    return errors.QuotaExceeded(
-        f"{kind} storage quota of the {tier} tier is {cap} bytes; {used} used, {what}",
-        extra={"quota_bytes": cap, "used_bytes": used},
-    )
+    return tiers.quota_exceeded(tier, KIND_LIMIT[kind], used, what, label=f"{kind} storage", unit="bytes")
 
 
 async def apply(conn: Any, user_id: str, tier: str, kind: str, delta: int) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adiuva_server import __version__
-from adiuva_server.config import JWT_SECRET_FILE, Settings
+from adiuva_server.config import JWT_SECRET_FILE, LICENSE_FILE, Settings
 from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
 from adiuva_server.errors import AdiuvaError, ConfigError
@@ -160,6 +160,10 @@ async def _create(settings: Settings, out: Path, created: str, progress: Progres
         for name, rel in ((JWT_SECRET_FILE, JWT_SECRET_FILE), ("tls/cert.pem", CERT_FILE), ("tls/key.pem", KEY_FILE)):
             if (settings.data_dir / rel).is_file():
                 members.append((name, settings.data_dir / rel))
+        # The license too (wherever ADIUVA_LICENSE_FILE keeps it): a restored server without it
+        # would wake in homelab mode and give new accounts the team tier.
+        if settings.license_path.is_file():
+            members.append((LICENSE_FILE, settings.license_path))
         if on_total:
             on_total(await asyncio.to_thread(lambda: sum(p.stat().st_size for _, p in members)))
         await asyncio.to_thread(_write_archive, out, members, manifest, progress)
@@ -335,7 +339,7 @@ async def scheduled_backup(settings: Settings) -> None:
 
 
 def _safe_member(name: str) -> bool:
-    if name == MANIFEST or name in (DB_MEMBER, JWT_SECRET_FILE, "tls/cert.pem", "tls/key.pem"):
+    if name == MANIFEST or name in (DB_MEMBER, JWT_SECRET_FILE, "tls/cert.pem", "tls/key.pem", LICENSE_FILE):
         return True
     parts = name.split("/")
     return len(parts) == 3 and parts[0] == "blobs" and DIGEST.fullmatch(parts[2]) is not None and parts[1] == parts[2][:2]

@@ -311,7 +311,9 @@ async def test_status(aiohttp_client, data_dir):
     assert status["llm"]["provider"] == "ollama" and status["llm"]["model"] == "ollama/llama3.2"
     checked = status["llm"]["availability"]["ollama/llama3.2"]
     assert checked["available"] is False and checked["cause"] == "unreachable" and "127.0.0.1" in checked["reason"]
-    assert status["license"] == {"licensed": False, "state": "homelab mode"}
+    lic = status["license"]
+    assert lic["licensed"] is False and lic["state"] == "none" and lic["new_sales"] is False
+    assert "no license file" in lic["reason"] and "homelab mode" in lic["reason"] and lic["licensee"] is None
 
 
 async def test_server_backups_through_the_api(client, admin):

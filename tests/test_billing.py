@@ -5,18 +5,19 @@ SQLite file, the real `stripe` library talking to a local stand-in of Stripe's A
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 
 import pytest
 from typer.testing import CliRunner
 
-from adiuva_server import config
 from adiuva_server.app import create_app
 from adiuva_server.billing import stripe_api
 from adiuva_server.cli import app as cli_app
 from adiuva_server.keys import BILLING, DB
 
+from tests import licenses as L
 from tests.conftest import make_settings, register, set_tier
 from tests.stripe_standin import sign
 
@@ -27,8 +28,11 @@ ROUTES = [("POST", "/billing/checkout", {"tier": "pro"}), ("GET", "/billing/subs
           ("POST", "/billing/webhook", {"id": "evt_1"})]
 
 
-def licensed_settings(data_dir, standin, **overrides):
-    values = dict(licensed=True, default_tier="free", stripe_secret_key=standin.api_key,
+def licensed_settings(data_dir, standin, *, features=("billing",), **overrides):
+    """A licensed server: a license naming `features`, signed with the tests' key, in its data dir."""
+    L.write(data_dir / "license.json", L.signed(L.body(dt.datetime.now(dt.UTC), features=list(features))))
+    values = dict(licensed=True, default_tier="free", license_public_key=L.public_b64(),
+                  stripe_secret_key=standin.api_key,
                   stripe_webhook_secret=standin.webhook_secret, stripe_api_base=standin.url,
                   rate_limits={"free": 100_000, "pro": 100_000, "power": 100_000, "team": 100_000})
     values.update(overrides)
@@ -95,6 +99,26 @@ async def test_homelab_mode_every_billing_route_is_404_billing_not_enabled(clien
         resp = await client.request(method, API + path, headers=account.headers, json=body)
         await problem(resp, 404, "billing_not_enabled")
     assert await rows(client, "SELECT * FROM billing_webhook_log") == []
+
+
+async def test_a_license_without_billing_serves_no_billing(aiohttp_client, data_dir, stripe_standin):
+    client = await aiohttp_client(create_app(licensed_settings(data_dir, stripe_standin, features=("marketplace",))))
+    acct = await register(client)
+    resp = await client.post(f"{API}/billing/checkout", json={"tier": "pro"}, headers=acct.headers)
+    await problem(resp, 404, "billing_not_enabled")
+
+
+async def test_an_expired_license_sells_nothing_new_but_serves_subscribers(aiohttp_client, data_dir, stripe_standin):
+    settings = licensed_settings(data_dir, stripe_standin)
+    # Expired 30 days ago, past its 14 days of grace.
+    L.write(data_dir / "license.json", L.signed(L.body(dt.datetime.now(dt.UTC) - dt.timedelta(days=60), days=30)))
+    client = await aiohttp_client(create_app(settings))
+    acct = await register(client)
+    resp = await client.post(f"{API}/billing/checkout", json={"tier": "pro"}, headers=acct.headers)
+    await problem(resp, 403, "license_expired")
+    assert not stripe_standin.customers  # nothing was sent to Stripe
+    resp = await client.get(f"{API}/billing/subscription", headers=acct.headers)
+    assert resp.status == 200, await resp.text()
 
 
 async def test_licensed_without_a_stripe_key_checkout_is_the_stub(aiohttp_client, data_dir, stripe_standin):
@@ -452,9 +476,8 @@ async def test_past_due_keeps_the_tier_for_the_grace_then_free(aiohttp_client, d
 # -- drift repair -----------------------------------------------------------------------------
 
 def _cli_reconcile(monkeypatch, data_dir, standin):
-    monkeypatch.setattr(config, "licensed_mode", lambda env: True)
     env = {"ADIUVA_DATA_DIR": str(data_dir), "STRIPE_SECRET_KEY": standin.api_key, "STRIPE_API_BASE": standin.url,
-           "ADIUVA_DEFAULT_TIER": "free"}
+           "ADIUVA_DEFAULT_TIER": "free", "ADIUVA_LICENSE_PUBLIC_KEY": L.public_b64()}
     return CliRunner().invoke(cli_app, ["billing", "reconcile"], env=env)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import pytest
 
 from adiuva_server import errors

@@ -95,8 +95,17 @@ class Llm(BaseModel):
 
 
 class License(BaseModel):
-    licensed: bool
-    state: str
+    licensed: bool = Field(description="licensed mode (state valid, expiring, in_grace or expired); false: homelab mode")
+    state: Literal["none", "valid", "expiring", "in_grace", "expired", "invalid"]
+    reason: str = Field(description="one sentence: what the state means, or why this is homelab mode")
+    new_sales: bool = Field(description="new checkouts and paid installs may start (valid, expiring, in_grace)")
+    id: str | None = None
+    licensee: str | None = None
+    features: list[str] = Field(default_factory=list, description="of billing, marketplace, sso")
+    expires_at: str | None = Field(default=None, description="ISO 8601, UTC")
+    grace_ends_at: str | None = None
+    days_left: int | None = Field(default=None, description="whole days until expires_at; negative once past it")
+    max_users: int | None = Field(default=None, description="null: no cap on accounts")
 
 
 class StatusCounts(BaseModel):

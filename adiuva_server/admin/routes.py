@@ -19,8 +19,9 @@ from adiuva_server.admin.service import AdminService
 from adiuva_server.doctor import FAIL, OK, WARN, iso_utc
 from adiuva_server.http.auth import principal
 from adiuva_server.chat.models import ModelAvailability
-from adiuva_server.keys import ADMIN, CHAT, SETTINGS
+from adiuva_server.keys import ADMIN, CHAT, LICENSE, SETTINGS
 from adiuva_server.http.routing import Api
+from adiuva_server.license.state import SELLING, Evaluation
 
 
 def _admin_only(handler: Callable) -> Callable:
@@ -120,13 +121,23 @@ async def status(request: web.Request) -> Status:
         backends=Backends(database="sqlite", blobs="files", rate_limits="memory"),
         counts=StatusCounts(users=counts.users, records=counts.records, vectors=counts.vectors),
         storage_bytes=counts.storage_bytes, backup_bytes=counts.backup_bytes,
-        database_bytes=service.database_bytes(), default_tier=settings.default_tier,
+        database_bytes=service.database_bytes(), default_tier=request.app[LICENSE].default_tier,
         llm=Llm(provider=provider, model=settings.llm_model, router_model=settings.llm_router_model,
                 models=list(settings.chat_models),
                 availability={m: ModelAvailability(**vars(a)) for m, a in (await request.app[CHAT].llm.availability()).items()}),
-        license=License(licensed=settings.licensed, state="licensed" if settings.licensed else "homelab mode"),
+        license=license_summary(request.app[LICENSE].current),
         doctor=doctor_summary(service),
     )
+
+
+def license_summary(ev: Evaluation) -> License:
+    lic = ev.license
+    summary = License(licensed=ev.licensed, state=ev.status.value, reason=ev.reason, new_sales=ev.status in SELLING)
+    if lic is not None:
+        summary = summary.model_copy(update=dict(
+            id=lic.id, licensee=lic.licensee, features=sorted(lic.features), expires_at=iso_utc(lic.expires_at.timestamp()),
+            grace_ends_at=iso_utc(lic.grace_ends_at.timestamp()), days_left=ev.days_left, max_users=lic.max_users))
+    return summary
 
 
 def doctor_summary(service: AdminService) -> DoctorSummary:

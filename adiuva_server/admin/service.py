@@ -55,7 +55,7 @@ class AdminService:
         self.db = db
         self.accounts = accounts
         self.store = SQLiteAdminStore(db)
-        self.users = UserAdmin(settings, accounts, hasher)
+        self.users = UserAdmin(settings, accounts, hasher, auth.license if auth is not None else None)
         self.hasher = hasher
         self.blobs = blobs
         self.keeper = keeper

@@ -8,7 +8,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from adiuva_server import errors
 from adiuva_server.auth import throttle
@@ -17,6 +17,9 @@ from adiuva_server.auth.store import AccountStore, Rotation, User
 from adiuva_server.auth.tokens import AccessTokens, new_refresh_token, refresh_successor, refresh_token_hash
 from adiuva_server.config import TIERS, Settings
 from adiuva_server.ratelimit import RateLimitStore
+
+if TYPE_CHECKING:
+    from adiuva_server.license.state import LicenseState
 
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -75,10 +78,20 @@ class IssuedTokens:
     expires_in: int
 
 
+def new_account_terms(settings: Settings, license: LicenseState | None) -> tuple[str, int | None]:
+    """The default tier of a new account and the license's cap on accounts, as of now (the
+    license is live: a renewal or an expiry counts without a restart)."""
+    if license is None:
+        return settings.default_tier, None
+    return license.default_tier, license.max_users
+
+
 class AuthService:
-    def __init__(self, settings: Settings, store: AccountStore, hasher: PasswordHasher, limits: RateLimitStore) -> None:
+    def __init__(self, settings: Settings, store: AccountStore, hasher: PasswordHasher, limits: RateLimitStore,
+                 *, license: LicenseState | None = None) -> None:
         assert settings.jwt_secret, "resolve the JWT secret before building the service"
         self.settings = settings
+        self.license = license
         self.store = store
         self.hasher = hasher
         self.limits = limits
@@ -109,7 +122,8 @@ class AuthService:
         if not decision.allowed:
             raise errors.RateLimited(decision.retry_after, "too many registrations from this address")
         password_hash = await self.hasher.hash(password)
-        user = await self.store.create_user(email, password_hash, s.default_tier, admin=None)
+        tier, max_users = new_account_terms(s, self.license)
+        user = await self.store.create_user(email, password_hash, tier, admin=None, max_users=max_users)
         return await self._new_session(user, client)
 
     async def login(self, email: str, password: str, client: str) -> IssuedTokens:
@@ -183,12 +197,17 @@ class AuthService:
 
 
 class UserAdmin:
-    """What the `adiuva user` commands do; importable and testable on its own."""
+    """What the `adiuva user` commands do; importable and testable on its own. `license`: the
+    server's; None reads the license file now (the CLI), so its max_users holds there too."""
 
-    def __init__(self, settings: Settings, store: AccountStore, hasher: PasswordHasher) -> None:
+    def __init__(self, settings: Settings, store: AccountStore, hasher: PasswordHasher,
+                 license: LicenseState | None = None) -> None:
+        from adiuva_server.license.state import LicenseState
+
         self.settings = settings
         self.store = store
         self.hasher = hasher
+        self.license = LicenseState.load(settings) if license is None else license
 
     async def _get(self, email: str) -> User:
         user = await self.store.get_by_email(normalise_email(email))
@@ -199,12 +218,14 @@ class UserAdmin:
     async def add(self, email: str, password: str | None, tier: str | None, admin: bool) -> tuple[User, str | None]:
         """Returns the user and, when no password was given, the generated one."""
         email = normalise_email(email)
-        tier = check_tier(tier or self.settings.default_tier)
+        default, max_users = new_account_terms(self.settings, self.license)
+        tier = check_tier(tier or default)
         generated = None
         if password is None:
             password = generated = secrets.token_urlsafe(15)
         check_password(self.settings, password)
-        user = await self.store.create_user(email, await self.hasher.hash(password), tier, admin=admin or None)
+        user = await self.store.create_user(email, await self.hasher.hash(password), tier, admin=admin or None,
+                                            max_users=max_users)
         return user, generated
 
     async def list(self) -> list[User]:

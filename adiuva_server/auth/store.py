@@ -82,8 +82,10 @@ class AccountStore(Protocol):
         """Bump the account's throttle generation (its login throttles start afresh)."""
     async def get_by_id(self, user_id: str) -> User | None: ...
     async def list_users(self) -> list[User]: ...
-    async def create_user(self, email: str, password_hash: str, tier: str, admin: bool | None) -> User:
-        """admin=None: admin only if this is the first user. Raises EmailTaken."""
+    async def create_user(self, email: str, password_hash: str, tier: str, admin: bool | None,
+                          max_users: int | None = None) -> User:
+        """admin=None: admin only if this is the first user. Raises EmailTaken; LicenseUserLimit
+        when `max_users` accounts exist already (atomically: concurrent creations never pass it)."""
     async def update_user(self, email: str, **changes) -> User:
         """tier / disabled / password_hash; disabling or a new password ends all sessions; a new
         password or enabling also unlocks the account's login throttles."""
@@ -175,10 +177,19 @@ class SQLiteAccountStore:
         rows = await self.db.fetchall(f"SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, email")
         return [User.from_row(r) for r in rows]
 
-    async def create_user(self, email: str, password_hash: str, tier: str, admin: bool | None) -> User:
+    async def create_user(self, email: str, password_hash: str, tier: str, admin: bool | None,
+                          max_users: int | None = None) -> User:
         user_id = str(uuid.uuid4())
         created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         async with self.db.write() as conn:
+            # Counted inside the write transaction (BEGIN IMMEDIATE: SQLite's one writer), so two
+            # registrations at the limit cannot both see room. (PostgreSQL: lock the table first.)
+            if max_users is not None:
+                async with conn.execute("SELECT count(*) FROM users") as cur:
+                    if (await cur.fetchone())[0] >= max_users:
+                        raise errors.LicenseUserLimit(
+                            f"this server's license allows {max_users} accounts, and all are taken; "
+                            "ask the server's admin")
             if admin is None:
                 async with conn.execute("SELECT EXISTS (SELECT 1 FROM users)") as cur:
                     admin = not (await cur.fetchone())[0]

@@ -15,13 +15,13 @@ from adiuva_server.billing.service import WEBHOOK_MAX_BYTES, BillingService, Sub
 from adiuva_server.http.auth import principal
 from adiuva_server.http.bodies import read_body
 from adiuva_server.http.routing import JSON, Api
-from adiuva_server.keys import AUTH, BILLING, SETTINGS
+from adiuva_server.keys import AUTH, BILLING, LICENSE
 
 api = Api("billing")
 
 
 def billing(request: web.Request) -> BillingService:
-    if not mode.billing_enabled(request.app[SETTINGS]):
+    if not mode.billing_enabled(request.app[LICENSE]):
         raise errors.BillingNotEnabled("this server runs without billing (homelab mode); tiers are set by its admin")
     return request.app[BILLING]
 

@@ -25,6 +25,7 @@ from adiuva_server.billing.policy import Policy, StoredSubscription, Subscriptio
 from adiuva_server.billing.store import Applied, BillingStore, EventEffects, Outcome, Reconciled
 from adiuva_server.billing.stripe_api import StripeGateway, verify_signature
 from adiuva_server.config import Settings
+from adiuva_server.license.state import LicenseState
 
 log = logging.getLogger(__name__)
 SIGNATURE_TOLERANCE = 300  # seconds (Stripe's default): older signed deliveries are refused
@@ -51,8 +52,9 @@ class SubscriptionView:
 
 class BillingService:
     def __init__(self, settings: Settings, store: BillingStore, gateway: StripeGateway | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 license: LicenseState, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.license = license
         self.store = store
         self.gateway = gateway  # None: no STRIPE_SECRET_KEY (the stub)
         self.policy = Policy.from_settings(settings)
@@ -71,8 +73,7 @@ class BillingService:
     # -- the signed-in user's routes -----------------------------------------------------------
 
     async def checkout(self, user_id: str, email: str, tier: str) -> str:
-        if not mode.allows_new_sales(self.settings):
-            raise errors.NewSalesClosed("this server sells no new subscriptions now; existing ones go on")
+        mode.require_new_sales(self.license)
         stripe = self._stripe()
         customer = await self._customer(user_id, email)
         # Stripe is the truth, not our records (a webhook may be late or lost either way): it
@@ -211,7 +212,7 @@ class BillingService:
     async def run_jobs(self) -> None:
         """The periodic work: grace expiry every time; reconcile and log pruning once per
         interval across every server process (claimed in the store)."""
-        if not mode.billing_enabled(self.settings):
+        if not mode.billing_enabled(self.license):
             return
         await self.expire_grace()
         interval = self.settings.billing_reconcile_interval

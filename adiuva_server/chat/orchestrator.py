@@ -59,14 +59,14 @@ class Orchestrator:
         if requested not in self.settings.chat_models:
             raise errors.ValidationError.field("model", f"not a configured model; choose one of {', '.join(self.settings.chat_models)}")
         if requested not in self.models_for(tier):
-            raise errors.FeatureNotInTier(f"choosing a model needs the pro tier or higher; you are on {tier}")
+            tiers.require_unlimited(tier, "llm_providers", "choosing a model")
         return requested
 
     def check_agents(self, tier: str, names: list[str]) -> None:
         allowed = {a.name for a in self.agents_for(tier)}
         for name in names:
             if name not in allowed:
-                raise errors.FeatureNotInTier(f"the {name.replace('_', ' ')} needs the pro tier or higher; you are on {tier}")
+                tiers.require_unlimited(tier, "agents", f"the {name.replace('_', ' ')}")
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ class Orchestrator:
     # -- plans and batches -----------------------------------------------------------------------
 
     def build_plan(self, who: Any, spec: PlanSpec) -> ExecutionPlan:
-        tiers.require_feature(who.tier, "batch_builder")
+        tiers.require_feature(who, "batch_builder")
         builder = ExecutionPlanBuilder(self.prompts, spec.name, spec.description)
         for step in spec.steps:
             builder.add_step(step)
@@ -161,7 +161,7 @@ class Orchestrator:
         plan = self.plans.get(who.id, plan_id)
         model = self.pick_model(who.tier, body.model)
         self.check_agents(who.tier, [a.name for s in plan.steps if (a := self._agent_of(s.template_id))])
-        batch_id = await self.batches.start(who.id, plan.plan_id, tiers.limit(who.tier, "active_batches"))
+        batch_id = await self.batches.start(who.id, plan.plan_id, tiers.limit(who, "active_batches"))
         status = "failed"
         try:
             response, actions, problems = await self._execute(plan, body, model)

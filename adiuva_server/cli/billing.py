@@ -14,9 +14,11 @@ async def reconcile(settings, db) -> list[str]:
     from adiuva_server.billing.policy import Policy
     from adiuva_server.billing.service import BillingService, stripe_gateway
     from adiuva_server.billing.sqlite import SQLiteBillingStore
+    from adiuva_server.license.state import LicenseState
 
     async with stripe_gateway(settings) as gateway:
-        service = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway)
+        service = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway,
+                                 LicenseState.load(settings))
         result = await service.reconcile()
     lines = [f"{c.email}: {c.old} -> {c.new}" for c in result.changes]
     lines.append(f"{len(result.changes)} tier(s) repaired, {result.updated} subscription state(s) updated"
@@ -28,9 +30,10 @@ async def reconcile(settings, db) -> list[str]:
 def reconcile_command(data_dir: DataDirOption = None) -> None:
     """Re-read every subscription from Stripe and repair every tier that disagrees (missed webhooks)."""
     from adiuva_server.billing import mode
+    from adiuva_server.license.state import LicenseState
 
     settings = load_settings(data_dir=data_dir, existing=True)
-    if not mode.billing_enabled(settings):
+    if not mode.billing_enabled(LicenseState.load(settings)):
         fail("billing is not enabled on this server (homelab mode): there is nothing to reconcile", EXIT_USAGE)
     if not settings.stripe_secret_key:
         fail("STRIPE_SECRET_KEY is not set: cannot read subscriptions from Stripe", EXIT_USAGE)

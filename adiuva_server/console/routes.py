@@ -26,7 +26,7 @@ from aiohttp import web
 
 from adiuva_server import errors
 from adiuva_server.admin import routes as admin_api
-from adiuva_server.admin.models import UserQuery
+from adiuva_server.admin.models import License, UserQuery
 from adiuva_server.admin.store import UserWithUsage
 from adiuva_server.auth.service import MAX_PASSWORD_LENGTH
 from adiuva_server.auth.store import User
@@ -35,7 +35,7 @@ from adiuva_server.console.render import Asset, Safe, Templates, esc, join, load
 from adiuva_server.console.settings_view import setting_rows
 from adiuva_server.console.store import ConsoleSession, SQLiteConsoleSessions
 from adiuva_server.http.forwarded import client_address
-from adiuva_server.keys import ADMIN, AUTH, CONSOLE, CONSOLE_SESSIONS, SETTINGS
+from adiuva_server.keys import ADMIN, AUTH, CONSOLE, CONSOLE_SESSIONS, LICENSE, SETTINGS
 
 COOKIE = "adiuva_console"
 PRE_COOKIE = "adiuva_console_csrf"  # before sign-in: the CSRF token of the sign-in and setup forms
@@ -391,7 +391,7 @@ async def status_page(request: web.Request, visit: Visit) -> web.Response:
     main = _t(request).render(
         "status", version=status.version, uptime=_duration(status.uptime_seconds), data_dir=settings.data_dir,
         backends=f"database {b.database}, objects {b.blobs}, rate limits {b.rate_limits}",
-        database_size=_bytes(status.database_bytes), license=status.license.state, default_tier=status.default_tier,
+        database_size=_bytes(status.database_bytes), license=_license_text(status.license), default_tier=status.default_tier,
         last_backup=f"{_when(last[0])} ({last[1]})" if last else "none yet",
         users=status.counts.users, records=status.counts.records, vectors=status.counts.vectors,
         storage=_bytes(status.storage_bytes), backups=_bytes(status.backup_bytes),
@@ -401,6 +401,12 @@ async def status_page(request: web.Request, visit: Visit) -> web.Response:
         llm_availability=_llm_rows(request, status.llm), csrf=visit.csrf, **_doctor_parts(request, status.doctor),
     )
     return _html(request, visit, "Status", main, current="status")
+
+
+def _license_text(lic: License) -> str:
+    """The status page's license line: the mode and state, then what it means."""
+    mode = "licensed mode" if lic.licensed else "homelab mode"
+    return f"{mode} ({lic.state.replace('_', ' ')}): {lic.reason}"
 
 
 def _check(request: web.Request, kind: str, state: str, text: object, detail: str | None = None) -> Safe:
@@ -491,7 +497,7 @@ async def users_page(request: web.Request, visit: Visit) -> web.Response:
     first = (query.page - 1) * query.limit
     summary = f"{first + 1}-{first + len(found)} of {total}" if found else ("No matches." if query.q else "No accounts.")
     main = t.render("users", q=query.q or "", rows=rows, summary=summary, pages=join(pages, " "), csrf=visit.csrf,
-                    tier_options=_options(TIERS, request.app[SETTINGS].default_tier))
+                    tier_options=_options(TIERS, request.app[LICENSE].default_tier))
     return _html(request, visit, "Users", main, current="users")
 
 
