@@ -131,6 +131,10 @@ class Settings:
     # The doctor's checks (as `adiuva doctor`, never --fix) in the background for the admin
     # status: a minute after start, then every N seconds (0: only when an admin asks).
     doctor_interval: float = 86400.0
+    # Redis or Valkey shared by several `adiuva serve` processes (rate limits, login throttles,
+    # chat socket caps, plans, cluster job leases, change notices); empty: all in this process.
+    # May carry a password: never printed.
+    redis_url: str = dataclasses.field(default="", repr=False)
     # Where each setting came from ("default", "environment", "flag"), for the admin console.
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -216,6 +220,7 @@ class Settings:
         values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
         values["doctor_interval"] = r.duration("ADIUVA_DOCTOR_INTERVAL", cls.doctor_interval)
+        values["redis_url"] = r.redis_url("REDIS_URL")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
@@ -414,6 +419,29 @@ class _Reader:
             raise ConfigError(f"{name} must be at least {min_bytes} bytes (e.g. `openssl rand -hex 32`)")
         return raw
 
+    def redis_url(self, name: str) -> str:
+        """redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path. The
+        value is never echoed back: it may hold a password."""
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        form = "use redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/redis.sock"
+        try:
+            parts = urllib.parse.urlsplit(raw)
+            parts.port
+        except ValueError:
+            raise ConfigError(f"{name} is not a valid URL; {form}") from None
+        if parts.scheme in ("redis", "rediss"):
+            db = parts.path.strip("/")
+            if not parts.hostname or (db and not db.isdigit()):
+                raise ConfigError(f"{name} needs a host and at most a database number as its path; {form}")
+        elif parts.scheme == "unix":
+            if not parts.path:
+                raise ConfigError(f"{name} needs the path of the socket; {form}")
+        else:
+            raise ConfigError(f"{name} must start with redis://, rediss:// or unix://; {form}")
+        return raw
+
     def addresses(self, name: str) -> tuple[str, ...]:
         out = []
         for item in self.list(name, ()):
@@ -451,6 +479,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "max_connections": ("ADIUVA_MAX_CONNECTIONS",), "max_connections_per_address": ("ADIUVA_MAX_CONNECTIONS_PER_ADDRESS",),
     "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
     "doctor_interval": ("ADIUVA_DOCTOR_INTERVAL",),
+    "redis_url": ("REDIS_URL",),
 }
 
 

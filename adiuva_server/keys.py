@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from adiuva_server.auth.passwords import PasswordHasher
     from adiuva_server.auth.service import AuthService
     from adiuva_server.chat.orchestrator import Orchestrator
+    from adiuva_server.cluster import Shared
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
     from adiuva_server.db import Database
@@ -31,6 +32,9 @@ STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
+# What several server processes share (in process, or Redis): rate limits, socket slots, plans,
+# job leases, change notices.
+SHARED = web.AppKey("shared", "Shared")
 
 INFLIGHT = web.AppKey("inflight", object)
 METRICS = web.AppKey("metrics", "Metrics")

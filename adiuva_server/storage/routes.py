@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -24,7 +23,6 @@ from aiohttp import web
 from ijson.backends import yajl2_c as json_events
 
 from adiuva_server import errors
-from adiuva_server.db import Database
 from adiuva_server.http.auth import principal
 from adiuva_server.http.problem import from_error
 from adiuva_server.http.routing import Api, validation_problem
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 api = Api("storage")
 
 OCTETS = "application/octet-stream"
-SWEEP_SECONDS = 6 * 3600.0
 JSON_SLICE = 64 * 1024  # bytes of a batch body parsed between two turns of the event loop
 _BYTES = {OCTETS: "the encrypted bytes, as the client encrypted them"}
 _CHECKSUM_HEADER = {"X-Checksum": "SHA-256 of the body, hex (required)"}
@@ -427,31 +424,8 @@ async def storage_service(app: web.Application) -> AsyncIterator[None]:
     if removed:
         log.info("removed %d abandoned upload(s)", removed)
     service = StorageService(settings, SQLiteStorageStore(app[DB]), blobs)
-    app[STORAGE] = service
-    task = asyncio.create_task(_sweep_forever(app[DB], service))
+    app[STORAGE] = service  # its periodic sweeps are jobs (adiuva_server/jobs.py)
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await service.keeper.drain()
-
-
-async def _sweep_forever(db: Database, service: StorageService) -> None:
-    """Unreferenced objects (a crash, a deleted user), abandoned temporary files and tombstones
-    past their retention: at start, then every few hours. The keeper's pins protect objects
-    whose rows are being written; the grace period spares temporary files of uploads still
-    being received."""
-    while True:
-        try:
-            report = await maintenance.sweep(db, service.blobs, object_grace_seconds=0, keeper=service.keeper)
-            if report.objects_removed or report.temporary_removed:
-                log.info("storage sweep removed %d object(s), %d temporary file(s)",
-                         report.objects_removed, report.temporary_removed)
-            forgotten = await service.purge_tombstones()
-            if forgotten:
-                log.info("forgot %d deleted record(s) older than the tombstone retention", forgotten)
-        except Exception:
-            log.exception("storage sweep failed; will retry")
-        await asyncio.sleep(SWEEP_SECONDS)
