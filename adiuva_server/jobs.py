@@ -125,8 +125,9 @@ class JobRunner:
                         return
                     valid_until = asked + ttl
                 except Exception as exc:
-                    # Unknown whether it was renewed: stop before it could have expired.
-                    if loop.time() + ttl / 3 >= valid_until:
+                    # Unknown whether it was renewed: stop while it surely still holds (the next
+                    # attempt would come too close to its end).
+                    if valid_until - loop.time() < ttl / 2:
                         log.warning("job %s: cannot renew its lease (%s); stopping it here", job.name, exc)
                         return
         finally:

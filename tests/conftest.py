@@ -22,6 +22,9 @@ from adiuva_server.http.protocol import Runner
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Real servers for the backends (started once per session): one module each.
+pytest_plugins = ["tests.servers_redis"]
+
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings.from_env({}, data_dir=data_dir, env="test", **overrides)
