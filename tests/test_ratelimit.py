@@ -216,3 +216,23 @@ async def test_redis_keys_expire_with_their_window(redis_url):
         assert await store.sweep() == 0
     finally:
         await client.aclose()
+
+
+async def test_redis_store_reloads_its_script_and_counts_each_call_once(redis_url):
+    """After a Redis restart or SCRIPT FLUSH the script is gone: calls batched together load it
+    again and only the calls that did not run are sent again."""
+    from adiuva_server.cluster.redis import connect
+    from adiuva_server.ratelimit.redis import RedisRateLimitStore
+
+    client = connect(redis_url)
+    try:
+        store = RedisRateLimitStore(client)
+        await store.hit("k", 100, 60)
+        await client.script_flush()
+        decisions = await asyncio.gather(*[store.hit("k", 100, 60) for _ in range(20)])
+        assert all(d.allowed for d in decisions)
+        assert (await store.check("k", 100, 60)).remaining == 100 - 21
+        await client.script_flush()
+        assert (await store.hit("k", 100, 60)).remaining == 100 - 22  # alone: the same
+    finally:
+        await client.aclose()

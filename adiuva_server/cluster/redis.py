@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from adiuva_server import errors
 from adiuva_server.cluster import Shared, Subscription, deliver, lease_token
@@ -70,6 +70,74 @@ def translated() -> Iterator[None]:
 
 def us(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1_000_000))
+
+
+class Coalesced:
+    """One script, called by many requests at once: the calls issued in one turn of the event
+    loop go to Redis as one pipeline (one write, one read) instead of a round trip each. Under
+    load that is most of the cost of a call (syscalls are expensive); alone, a call waits for
+    nothing but the next turn of the loop. Each call stays one atomic script on Redis."""
+
+    def __init__(self, client: aioredis.Redis, source: str) -> None:
+        self._client = client
+        self._script = client.register_script(source)
+        self._pending: list[tuple[list, list, asyncio.Future]] = []
+
+    async def __call__(self, keys: list, args: list):
+        future = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append((keys, args, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.create_task(self._send(batch))
+        _in_flight.add(task)
+        task.add_done_callback(_in_flight.discard)
+
+    async def _send(self, batch: list[tuple[list, list, asyncio.Future]]) -> None:
+        try:
+            results = await self._execute(batch)
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RedisError("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, batch: list[tuple[list, list, asyncio.Future]]) -> list:
+        results = await self._pipeline(batch)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:  # Redis restarted (or SCRIPT FLUSH): load it, run only the calls that did not run
+            await self._client.script_load(self._script.script)
+            again = await self._pipeline([batch[i] for i in missing])
+            for i, r in zip(missing, again):
+                results[i] = r
+        return results
+
+    async def _pipeline(self, batch: list[tuple[list, list, asyncio.Future]]) -> list:
+        if len(batch) == 1:  # alone: a plain call costs less than a pipeline of one
+            keys, args, _ = batch[0]
+            try:
+                return [await self._client.evalsha(self._script.sha, len(keys), *keys, *args)]
+            except NoScriptError as exc:
+                return [exc]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, args, _ in batch:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
+
+
+_in_flight: set[asyncio.Task] = set()  # batches being sent (a task must be referenced until done)
 
 
 # -- leases -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import itertools
 import redis.asyncio as aioredis
 
 from adiuva_server.cluster import lease_token
-from adiuva_server.cluster.redis import NOW, PREFIX, translated, us
+from adiuva_server.cluster.redis import NOW, PREFIX, Coalesced, translated, us
 from adiuva_server.ratelimit import Decision
 
 # ARGV: limit, window (us), mode ("hit", "check" or "reserve"), ticket.
@@ -60,7 +60,7 @@ return 0
 class RedisRateLimitStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
-        self._window = client.register_script(_WINDOW)
+        self._window = Coalesced(client, _WINDOW)  # once per request: batched under load
         self._settle = client.register_script(_SETTLE)
         node = lease_token()
         self._tickets = (f"{node}:{n}" for n in itertools.count(1))
