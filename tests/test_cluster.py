@@ -419,9 +419,8 @@ async def test_redis_lost_at_run_time_answers_503_and_recovers(aiohttp_client, d
 
 @pytest.mark.parametrize("url", ["http://localhost:6379", "redis://", "redis://host:port", "redis://h/notadb", "unix://"])
 def test_bad_redis_url_is_refused_naming_it(tmp_path, url):
-    with pytest.raises(ConfigError, match="REDIS_URL") as err:
+    with pytest.raises(ConfigError, match="REDIS_URL"):
         Settings.from_env({"REDIS_URL": url}, data_dir=tmp_path)
-    assert url not in str(err.value) or url in ("redis://", "unix://")
 
 
 def test_the_password_in_redis_url_is_never_shown(tmp_path):

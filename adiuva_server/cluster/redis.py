@@ -4,7 +4,8 @@ Every operation that must be atomic across processes is one Lua script (Redis ru
 alone, start to end), and every script reads the clock of the Redis server (`TIME`), so the
 processes never compare their own clocks. Keys start with `adiuva:` and carry a TTL: nothing
 stays after its window or lease. Keys that one script touches together share a hash tag
-(`{...}`), so they also work on a Redis Cluster.
+(`{...}`), as a Redis Cluster would need; `connect` makes a client for one Redis (a primary,
+or whatever address a proxy or Sentinel setup gives it).
 
 Redis lost at run time: calls raise `errors.SharedStateUnavailable` (503 with Retry-After),
 never a 500; limits are refused, not skipped.
@@ -82,6 +83,7 @@ class Coalesced:
         self._client = client
         self._script = client.register_script(source)
         self._pending: list[tuple[list, list, asyncio.Future]] = []
+        self._sending: set[asyncio.Task] = set()  # a task must stay referenced until it is done
 
     async def __call__(self, keys: list, args: list):
         future = asyncio.get_running_loop().create_future()
@@ -93,21 +95,20 @@ class Coalesced:
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         task = asyncio.create_task(self._send(batch))
-        _in_flight.add(task)
-        task.add_done_callback(_in_flight.discard)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[list, list, asyncio.Future]]) -> None:
         try:
             results = await self._execute(batch)
-        except BaseException as exc:
+        except asyncio.CancelledError:  # the loop is closing
             for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else RedisError("cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-            return
+                future.cancel()
+            raise
+        except Exception as exc:
+            results = [exc] * len(batch)
         for (*_, future), result in zip(batch, results):
-            if future.done():
+            if future.done():  # its caller gave up (cancelled)
                 continue
             if isinstance(result, Exception):
                 future.set_exception(result)
@@ -137,7 +138,6 @@ class Coalesced:
             return await pipe.execute(raise_on_error=False)
 
 
-_in_flight: set[asyncio.Task] = set()  # batches being sent (a task must be referenced until done)
 
 
 # -- leases -------------------------------------------------------------------------------------------
@@ -285,15 +285,23 @@ class RedisNotifier:
         channel = self.channel(topic)
         callbacks = self._callbacks.setdefault(channel, [])
         callbacks.append(callback)
-        if len(callbacks) == 1:
-            confirmed = self._confirmed[channel] = asyncio.Event()
+        subscription = _RedisSubscription(self, channel, callback)
+        if len(callbacks) > 1:
+            return subscription
+        confirmed = self._confirmed[channel] = asyncio.Event()
+        try:
             with translated():
                 await self._pubsub.subscribe(channel)
             if self._reader is None:
                 self._reader = asyncio.create_task(self._read(), name="adiuva-notifier")
             # Once Redis confirms, every later PUBLISH reaches us.
             await asyncio.wait_for(confirmed.wait(), SOCKET_TIMEOUT * 2)
-        return _RedisSubscription(self, channel, callback)
+        except BaseException as exc:
+            await subscription.close()
+            if isinstance(exc, TimeoutError):
+                raise errors.SharedStateUnavailable("Redis did not confirm the subscription") from None
+            raise
+        return subscription
 
     async def _unsubscribe(self, channel: str, callback: Callable[[str], None]) -> None:
         callbacks = self._callbacks.get(channel, [])

@@ -79,7 +79,7 @@ class RedisRateLimitStore:
                         ticket if allowed and mode == "reserve" else None)
 
     async def hit(self, key: str, limit: int, window: float) -> Decision:
-        return (await self._call(key, limit, window, "hit"))._replace(pending=0)
+        return await self._call(key, limit, window, "hit")
 
     async def check(self, key: str, limit: int, window: float) -> Decision:
         return await self._call(key, limit, window, "check")
