@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from adiuva_server import jobs, meta
+from adiuva_server import compose, meta
 from adiuva_server.admin import routes as admin_routes
 from adiuva_server.auth import routes as auth_routes
-from adiuva_server.auth.passwords import PasswordHasher
-from adiuva_server.auth.service import AuthService
-from adiuva_server.auth.store import SQLiteAccountStore
 from adiuva_server.chat import routes as chat_routes
-from adiuva_server.cluster import open_shared
 from adiuva_server.config import Settings, ensure_data_dir
 from adiuva_server.console import setup_console
-from adiuva_server.db import Database
 from adiuva_server.http.auth import setup_auth
 from adiuva_server.http.bodies import setup_bodies
 from adiuva_server.http.cors import setup_cors
@@ -26,8 +20,8 @@ from adiuva_server.http.inflight import setup_inflight
 from adiuva_server.http.metrics import api as metrics_api, setup_metrics
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.protocol import handler_args
+from adiuva_server.keys import ROUTES, SETTINGS
 from adiuva_server.http.ratelimit import setup_rate_limits
-from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS, SHARED
 from adiuva_server.vectors import routes as vector_routes
 from adiuva_server.storage import routes as storage_routes
 
@@ -62,38 +56,9 @@ def create_app(settings: Settings) -> web.Application:
     setup_problems(app)
     setup_auth(app)
     setup_rate_limits(app)
-    # The shared state first: an unreachable REDIS_URL stops the start before anything opens.
-    app.cleanup_ctx.append(_shared)
-    app.cleanup_ctx.append(_database)
-    app.cleanup_ctx.append(_services)
+    # Every backend, store, service and background job, built in one place (compose.py).
+    app.cleanup_ctx.append(compose.services)
     for feature in FEATURES:
         feature.setup(app)
     setup_console(app)  # the /admin pages (after the admin feature: they use its AdminService)
-    app.cleanup_ctx.append(jobs.run_jobs)  # last: the jobs use every service; stopped first
     return app
-
-
-async def _shared(app: web.Application) -> AsyncIterator[None]:
-    async with open_shared(app[SETTINGS]) as shared:
-        app[SHARED] = shared
-        yield
-
-
-async def _database(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    app[DB] = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, watch_commits=True)
-    try:
-        yield
-    finally:
-        await app[DB].close()
-
-
-async def _services(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    app[HASHER] = PasswordHasher(settings)
-    app[RATE_LIMITS] = app[SHARED].rate_limits
-    app[AUTH] = AuthService(settings, SQLiteAccountStore(app[DB]), app[HASHER], app[RATE_LIMITS])
-    try:
-        yield
-    finally:
-        app[HASHER].close()

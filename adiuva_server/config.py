@@ -131,6 +131,9 @@ class Settings:
     # The doctor's checks (as `adiuva doctor`, never --fix) in the background for the admin
     # status: a minute after start, then every N seconds (0: only when an admin asks).
     doctor_interval: float = 86400.0
+    # Many machines (DESIGN "One box, or many"): PostgreSQL for metadata and vectors instead of
+    # the SQLite file ("" = SQLite). The URL may carry a password: never printed.
+    database_url: str = dataclasses.field(default="", repr=False)
     # Redis or Valkey shared by several `adiuva serve` processes (rate limits, login throttles,
     # chat socket caps, plans, cluster job leases, change notices); empty: all in this process.
     # May carry a password: never printed.
@@ -145,6 +148,11 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "adiuva.db"
+
+    @property
+    def backend(self) -> str:
+        """Which metadata backend: "sqlite" (the data dir's file) or "postgresql"."""
+        return "postgresql" if self.database_url else "sqlite"
 
     @property
     def dev(self) -> bool:
@@ -220,6 +228,7 @@ class Settings:
         values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
         values["doctor_interval"] = r.duration("ADIUVA_DOCTOR_INTERVAL", cls.doctor_interval)
+        values["database_url"] = r.database_url("DATABASE_URL")
         values["redis_url"] = r.redis_url("REDIS_URL")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -352,6 +361,16 @@ class _Reader:
         except ValueError:
             raise ConfigError(f"{name} has an invalid port: {raw!r}") from None
         return raw.rstrip("/")
+
+    def database_url(self, name: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        parsed = urllib.parse.urlsplit(raw)
+        if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or "host=" in parsed.query):
+            # Never echo the value: it may hold a password.
+            raise ConfigError(f"{name} must be a PostgreSQL URL: postgresql://user:password@host:5432/dbname")
+        return raw
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         raw = self._raw(name)

@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from adiuva_server.cluster import Shared
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
+    from adiuva_server.console.store import SQLiteConsoleSessions
     from adiuva_server.db import Database
     from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
+    from adiuva_server.jobs import Jobs
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
     from adiuva_server.storage.service import StorageService
@@ -32,6 +34,8 @@ STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
+CONSOLE_SESSIONS = web.AppKey("console_sessions", "SQLiteConsoleSessions")
+JOBS = web.AppKey("jobs", "Jobs")
 # What several server processes share (in process, or Redis): rate limits, socket slots, plans,
 # job leases, change notices.
 SHARED = web.AppKey("shared", "Shared")

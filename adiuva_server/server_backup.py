@@ -323,9 +323,8 @@ class _HashingReader:
 
 
 async def scheduled_backup(settings: Settings) -> None:
-    """One scheduled backup into the backup folder, then prune to `backup_keep`. Run every
-    `backup_interval` seconds by jobs.py (once per cluster); a failure is logged there and
-    retried at the next interval."""
+    """One scheduled backup into the backup folder, then prune to `backup_keep` (a job of
+    `compose.py`, every `backup_interval` seconds; a failure is logged and retried then)."""
     path, manifest = await create_backup(settings, scheduled=True)
     pruned = await asyncio.to_thread(prune_backups, settings, settings.backup_keep)
     log.info("scheduled backup %s written (%d bytes); %d old archive(s) pruned",

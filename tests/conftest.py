@@ -22,8 +22,8 @@ from adiuva_server.http.protocol import Runner
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Real servers for the backends (started once per session): one module each.
-pytest_plugins = ["tests.servers_redis"]
+# The real servers the tests start (one module each; each server once per session).
+pytest_plugins = ["tests.servers_postgres", "tests.servers_redis"]
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from adiuva_server.app import create_app
-from adiuva_server.cluster import LocalLeases, LocalNotifier
+from adiuva_server.cluster import LocalNotifier
 from adiuva_server.config import Settings
 from adiuva_server.errors import ConfigError
 from adiuva_server.keys import AUTH, HASHER, SHARED
@@ -199,119 +199,132 @@ async def test_redis_plan_store_keeps_the_per_owner_cap(redis_url):
 # -- leases ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def leases(request):
-    if request.param == "memory":
-        shared = LocalLeases()
-        yield lambda: shared
-        return
-    from adiuva_server.cluster.redis import RedisLeases
+@pytest.fixture
+async def leases(redis_url):
+    """RedisLease factory: each call, another process's view (its own connection)."""
+    from adiuva_server.cluster.redis import RedisLease
 
     clients = []
 
-    def another():  # each call: another process's view
-        clients.append(redis_client(request.getfixturevalue("redis_url")))
-        return RedisLeases(clients[-1])
+    def another(ttl: float = 30.0) -> RedisLease:
+        clients.append(redis_client(redis_url))
+        return RedisLease(clients[-1], ttl=ttl)
 
     yield another
     for c in clients:
         await c.aclose()
 
 
-async def test_lease_one_holder_at_a_time_and_only_the_owner_releases(leases):
+async def test_lease_one_holder_at_a_time_and_only_the_owner_releases(leases, redis_url):
+    from adiuva_server.cluster.redis import HeldLease
+
     one, two = leases(), leases()
-    token = await one.acquire("job", 5)
-    assert token is not None
-    assert await two.acquire("job", 5) is None
-    assert not await two.release("job", "not-the-token") and not await two.renew("job", "not-the-token", 5)
-    assert await two.acquire("job", 5) is None  # still held
-    assert await one.renew("job", token, 5)
-    assert await one.release("job", token)
-    assert not await one.release("job", token)  # once
-    assert await two.acquire("job", 5) is not None
+    held = await one.acquire("job", 0)  # interval 0: nothing kept after the run
+    assert held is not None and await two.acquire("job", 0) is None
+    await two.release(HeldLease("job", "not-the-token", 0, 0.0))  # a stranger's release changes nothing
+    assert await two.acquire("job", 0) is None
+    await one.release(held)
+    again = await two.acquire("job", 0)
+    assert again is not None
+    await one.release(held)  # the old holder's second release must not end the new holder's lease
+    assert await one.acquire("job", 0) is None
+    await two.release(again)
 
 
-async def test_lease_taken_over_after_it_expires(leases):
-    one, two = leases(), leases()
-    token = await one.acquire("job", 0.3)  # its holder dies: no renewal
-    assert await two.acquire("job", 0.3) is None
+async def test_lease_renewed_while_running_and_taken_over_after_its_holder_dies(leases):
+    one, two = leases(ttl=0.3), leases(ttl=0.3)
+    held = await one.acquire("job", 0)
+    await asyncio.sleep(0.6)  # twice its TTL: renewed meanwhile
+    assert await two.acquire("job", 0) is None and not held.lost.is_set()
+    held.renewer.cancel()  # its process dies: no more renewals
     await asyncio.sleep(0.4)
-    taken = await two.acquire("job", 5)
+    taken = await two.acquire("job", 0)
     assert taken is not None
-    assert not await one.renew("job", token, 5) and not await one.release("job", token)  # the old holder's token is void
-    assert await two.renew("job", taken, 5)
+    await one.release(held)  # too late, and not its lease any more: nothing changes
+    assert await one.acquire("job", 0) is None
+    await two.release(taken)
 
 
-async def test_jobs_run_once_per_cluster_and_move_when_the_holder_stops(leases):
-    from adiuva_server.jobs import Job, JobRunner
-
-    running, ran_by = 0, []
-
-    def job(node: str) -> Job:
-        async def run() -> None:
-            nonlocal running
-            running += 1
-            try:
-                assert running == 1, "two runs at once"
-                ran_by.append(node)
-                await asyncio.sleep(0.02)
-            finally:
-                running -= 1
-
-        return Job("test.job", run, every=0.02)
-
-    runners = {n: JobRunner(leases(), lease_seconds=0.6, retry_seconds=0.05) for n in ("a", "b")}
-    tasks = {n: asyncio.create_task(r.keep(job(n))) for n, r in runners.items()}
-    await asyncio.sleep(1.0)  # longer than a lease: renewed, not handed over
-    assert len(set(ran_by)) == 1 and len(ran_by) > 5
-    holder = ran_by[0]
-    tasks[holder].cancel()  # it stops (releases its lease): the other takes over
-    await asyncio.gather(tasks[holder], return_exceptions=True)
-    before = len(ran_by)
-    await asyncio.sleep(0.5)
-    assert set(ran_by[before:]) == {"a", "b"} - {holder} and len(ran_by) > before
-    for t in tasks.values():
-        t.cancel()
-    await asyncio.gather(*tasks.values(), return_exceptions=True)
+async def test_a_run_counts_for_the_rest_of_its_interval_in_the_cluster(leases):
+    one, two = leases(), leases()
+    held = await one.acquire("job", 0.5)
+    await one.release(held)  # done at once: no node runs it again for the next ~0.5 s
+    assert await two.acquire("job", 0.5) is None
+    await asyncio.sleep(0.6)
+    assert await two.acquire("job", 0.5) is not None
 
 
-async def test_a_holder_that_cannot_renew_stops_before_its_lease_runs_out(redis_url):
-    """Redis unreachable from the holder: it stops the job before anyone else could take it."""
-    from adiuva_server.cluster.redis import RedisLeases
-    from adiuva_server.jobs import Job, JobRunner
-    from redis.exceptions import ConnectionError as RedisConnectionError
+async def test_jobs_run_once_per_cluster(leases):
+    from adiuva_server.jobs import Jobs
 
-    class Cut(RedisLeases):
-        cut = False
-        renewed_at = 0.0
+    ran_by: list[str] = []
+    nodes_ = {n: Jobs(leases()) for n in ("a", "b", "c")}
+    for name, jobs in nodes_.items():
+        jobs.every("test-job", 0.3, lambda name=name: asyncio.sleep(0, ran_by.append(name)))
+    for jobs in nodes_.values():
+        jobs.start()
+    await asyncio.sleep(1.0)  # runs at ~0, 0.3, 0.6, 0.9 s: ~4, whichever node's turn
+    for jobs in nodes_.values():
+        await jobs.stop()
+    assert 2 <= len(ran_by) <= 5, ran_by  # once an interval for the cluster, not 3 times
 
-        async def renew(self, name, token, ttl):
-            if self.cut:
-                raise RedisConnectionError("cut off")
-            asked = time.monotonic()
-            ok = await super().renew(name, token, ttl)
-            self.renewed_at = asked
-            return ok
 
-    client = redis_client(redis_url)
-    stopped_at: list[float] = []
+async def test_a_run_whose_lease_is_lost_is_stopped(leases, redis_url):
+    """Its lease gone (Redis flushed, or this node cut off past its TTL): the run stops, so two
+    nodes never run the job at once."""
+    from adiuva_server.jobs import Jobs
+
+    stopped = asyncio.Event()
 
     async def run() -> None:
         try:
             await asyncio.sleep(3600)
         finally:
-            stopped_at.append(time.monotonic())
+            stopped.set()
 
-    leases = Cut(client)
-    task = asyncio.create_task(JobRunner(leases, lease_seconds=0.6, retry_seconds=10).keep(Job("test.cut", run, every=1)))
+    jobs = Jobs(leases(ttl=0.3))
+    jobs.every("test-lost", 3600, run)
+    jobs.start()
+    client = redis_client(redis_url)
     try:
-        await asyncio.sleep(0.5)
-        leases.cut = True
-        await asyncio.sleep(1.0)
-        assert stopped_at and stopped_at[0] < leases.renewed_at + 0.6  # before its lease could expire
+        await asyncio.sleep(0.2)
+        assert await client.delete("adiuva:lease:test-lost") == 1
+        await asyncio.wait_for(stopped.wait(), 2)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await jobs.stop()
+        await client.aclose()
+
+
+async def test_a_holder_that_cannot_renew_stops_before_its_lease_runs_out(redis_url):
+    from adiuva_server.cluster.redis import RedisLease
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class Cut(RedisLease):
+        cut = False
+
+    client = redis_client(redis_url)
+    lease = Cut(client, ttl=0.6)
+    renew = lease._renew
+    renewed_at = [0.0]
+
+    async def cut_or_renew(*args, **kwargs):
+        if lease.cut:
+            raise RedisConnectionError("cut off")
+        asked = time.monotonic()
+        ok = await renew(*args, **kwargs)
+        renewed_at[0] = asked
+        return ok
+
+    lease._renew = cut_or_renew
+    try:
+        held = await lease.acquire("job", 0)
+        await asyncio.sleep(0.5)
+        lease.cut = True
+        await asyncio.wait_for(held.lost.wait(), 2)
+        assert time.monotonic() < renewed_at[0] + 0.6  # set before the lease could have expired
+        assert await client.get("adiuva:lease:job") == held.token.encode()  # and it had not
+    finally:
+        held.renewer.cancel()
         await client.aclose()
 
 
@@ -337,7 +350,7 @@ async def test_two_nodes_run_the_storage_sweep_once(aiohttp_client, data_dir, re
     client = redis_client(redis_url)
     try:
         names = sorted([k.decode() async for k in client.scan_iter("adiuva:lease:*")])
-        assert names == ["adiuva:lease:auth.purge_sessions", "adiuva:lease:storage.sweep", "adiuva:lease:storage.tombstones"]
+        assert names == ["adiuva:lease:session-purge", "adiuva:lease:storage-sweep"]  # kept for their interval
     finally:
         await client.aclose()
 

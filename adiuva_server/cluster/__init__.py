@@ -7,7 +7,7 @@ in-process by default, Redis (or Valkey) when REDIS_URL is set (cluster/redis.py
   expire when their process dies. Caps that protect one process's own file descriptors
   (connections in all, per client address) stay in that process: http/protocol.py;
 - plans: `PlanStore` (chat/plans.py);
-- cluster jobs: `Leases`, one holder per name at a time (adiuva_server/jobs.py runs the jobs);
+- cluster jobs: a `jobs.Lease`, one holder per job at a time (adiuva_server/jobs.py runs them);
 - change notices: `Notifier`, publish a payload on a topic, every subscribed process hears it.
 """
 
@@ -17,10 +17,11 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
+
+from adiuva_server.jobs import Lease, LocalLease
 
 if TYPE_CHECKING:
     from adiuva_server.chat.plans import PlanStore
@@ -30,64 +31,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# -- leases (one holder of a name at a time) ------------------------------------------------------
-
-
-class Leases(Protocol):
-    """Named leases with a time to live: the holder renews while it works, and only the holder
-    (who knows the token) can renew or release; one that is not renewed expires on its own, so a
-    holder that died (kill -9) blocks nobody for longer than `ttl`."""
-
-    async def acquire(self, name: str, ttl: float) -> str | None:
-        """A token when the lease was free (it is now ours for `ttl` seconds), else None."""
-
-    async def renew(self, name: str, token: str, ttl: float) -> bool:
-        """Another `ttl` seconds; False when the lease is no longer ours (expired, taken)."""
-
-    async def release(self, name: str, token: str) -> bool:
-        """Give it up; False (and nothing changes) unless `token` holds it."""
-
-
 def lease_token() -> str:
-    """Names its holder, for an operator reading the lease: host, process, then randomness."""
+    """Names its holder, for an operator reading a lease or slot: host, process, randomness."""
     import os
     import socket
 
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
-
-
-class LocalLeases:
-    """One process: leases in a dict, with the same expiry rules as the shared ones."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._held: dict[str, tuple[str, float]] = {}
-        self._clock = clock
-
-    def _holder(self, name: str) -> str | None:
-        entry = self._held.get(name)
-        if entry is None or entry[1] <= self._clock():
-            self._held.pop(name, None)
-            return None
-        return entry[0]
-
-    async def acquire(self, name: str, ttl: float) -> str | None:
-        if self._holder(name) is not None:
-            return None
-        token = lease_token()
-        self._held[name] = (token, self._clock() + ttl)
-        return token
-
-    async def renew(self, name: str, token: str, ttl: float) -> bool:
-        if self._holder(name) != token:
-            return False
-        self._held[name] = (token, self._clock() + ttl)
-        return True
-
-    async def release(self, name: str, token: str) -> bool:
-        if self._holder(name) != token:
-            return False
-        del self._held[name]
-        return True
 
 
 # -- socket slots (a cap on open sockets per account, for the whole cluster) ----------------------
@@ -177,7 +126,7 @@ def deliver(topic: str, callback: Callable[[str], None], payload: str) -> None:
 class Shared:
     backend: str  # "memory" or "redis", for the admin status
     rate_limits: RateLimitStore
-    leases: Leases
+    lease: Lease  # for the cluster jobs
     sockets: SocketSlots
     notifier: Notifier
     # Builds the plan store: PlanCache's signature (builtins, per_user=...).
@@ -192,7 +141,7 @@ async def open_shared(settings: Settings) -> AsyncIterator[Shared]:
         from adiuva_server.chat.plans import PlanCache
         from adiuva_server.ratelimit import MemoryRateLimitStore
 
-        yield Shared("memory", MemoryRateLimitStore(), LocalLeases(), LocalSocketSlots(), LocalNotifier(), PlanCache)
+        yield Shared("memory", MemoryRateLimitStore(), LocalLease(), LocalSocketSlots(), LocalNotifier(), PlanCache)
         return
     from adiuva_server.cluster import redis as shared_redis  # imported only when used (~0.15 s)
 

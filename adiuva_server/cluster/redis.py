@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -140,18 +141,39 @@ class Coalesced:
 
 
 
-# -- leases -------------------------------------------------------------------------------------------
+# -- leases ---------------------------------------------------------------------------------------------
 
 _RENEW_LEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE_LEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# The end of a run: only the holder (its token) may end the lease. What is left of the job's
+# interval stays on the key, so no node runs the job again before the interval is over: once
+# per interval for the cluster, not once per node.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
+"""
 
 
-class RedisLeases:
-    """`SET key token NX PX ttl` to take a lease; renew and release compare the token first, in
-    one script, so only the holder can extend or end it."""
+@dataclasses.dataclass(eq=False)
+class HeldLease:
+    name: str
+    token: str
+    interval: float
+    started: float  # loop time
+    lost: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # jobs.py stops the run
+    renewer: asyncio.Task | None = None
+    ended: bool = False
 
-    def __init__(self, client: aioredis.Redis) -> None:
+
+class RedisLease:
+    """jobs.Lease on Redis: `SET key token NX PX ttl` takes it; while the run goes on, a task
+    renews it every ttl/3 (compare-and-PEXPIRE), so a holder killed mid-run frees it within
+    `ttl`; the end of the run (compare-and-PEXPIRE or DEL) keeps the key for what is left of
+    the interval. A holder that cannot renew sets `lost` before its lease could run out."""
+
+    def __init__(self, client: aioredis.Redis, ttl: float = 30.0) -> None:
         self._client = client
+        self.ttl = ttl
         self._renew = client.register_script(_RENEW_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
 
@@ -159,19 +181,49 @@ class RedisLeases:
     def key(name: str) -> str:
         return f"{PREFIX}lease:{name}"
 
-    async def acquire(self, name: str, ttl: float) -> str | None:
+    async def acquire(self, name: str, seconds: float) -> HeldLease | None:
         token = lease_token()
         with translated():
-            taken = await self._client.set(self.key(name), token, nx=True, px=max(1, math.ceil(ttl * 1000)))
-        return token if taken else None
+            if not await self._client.set(self.key(name), token, nx=True, px=max(1, math.ceil(self.ttl * 1000))):
+                return None
+        loop = asyncio.get_running_loop()
+        held = HeldLease(name, token, seconds, loop.time())
+        held.renewer = asyncio.create_task(self._keep(held), name=f"adiuva-lease-{name}")
+        return held
 
-    async def renew(self, name: str, token: str, ttl: float) -> bool:
-        with translated():
-            return bool(await self._renew(keys=[self.key(name)], args=[token, max(1, math.ceil(ttl * 1000))]))
+    async def _keep(self, held: HeldLease) -> None:
+        loop = asyncio.get_running_loop()
+        valid_until = loop.time() + self.ttl
+        while not held.ended:
+            await asyncio.sleep(self.ttl / 3)
+            asked = loop.time()
+            try:
+                if not await self._renew(keys=[self.key(held.name)], args=[held.token, math.ceil(self.ttl * 1000)]):
+                    log.warning("job %s: its lease was lost; stopping the run", held.name)
+                    held.lost.set()
+                    return
+                valid_until = asked + self.ttl
+            except RedisError as exc:
+                # Unknown whether it was renewed: stop while it surely still holds (the next
+                # attempt would come too close to its end).
+                if valid_until - loop.time() < self.ttl / 2:
+                    log.warning("job %s: cannot renew its lease (%s); stopping the run", held.name, exc)
+                    held.lost.set()
+                    return
 
-    async def release(self, name: str, token: str) -> bool:
-        with translated():
-            return bool(await self._release(keys=[self.key(name)], args=[token]))
+    async def release(self, held: object) -> None:
+        assert isinstance(held, HeldLease)
+        held.ended = True
+        if held.renewer is not None:
+            held.renewer.cancel()
+        left = held.interval - (asyncio.get_running_loop().time() - held.started)
+        # In a task of its own: a release runs when the server stops too, and a cancellation
+        # delivered inside redis-py's send was seen swallowed there (the stop then hung). Here
+        # it reaches this frame, and the release still finishes.
+        ending = asyncio.ensure_future(self._release(keys=[self.key(held.name)], args=[held.token, max(0, math.floor(left * 1000))]))
+        await asyncio.wait({ending}, timeout=SOCKET_TIMEOUT * 2)
+        if not ending.done() or ending.exception() is not None:  # it expires on its own
+            log.warning("job %s: could not end its lease (it expires within %.0f s)", held.name, self.ttl)
 
 
 # -- socket slots -------------------------------------------------------------------------------------
@@ -358,7 +410,7 @@ async def open_shared(settings: Settings) -> AsyncIterator[Shared]:
         assert settings.jwt_secret, "resolve the JWT secret first: it keys the plans kept in Redis"
         plans = functools.partial(RedisPlanStore, client, settings.jwt_secret)
         try:
-            yield Shared("redis", RedisRateLimitStore(client), RedisLeases(client), sockets, notifier, plans)
+            yield Shared("redis", RedisRateLimitStore(client), RedisLease(client), sockets, notifier, plans)
         finally:
             await sockets.close()
             await notifier.close()

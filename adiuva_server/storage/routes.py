@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from email.utils import format_datetime
 from pathlib import Path
 from typing import IO, Any
@@ -26,8 +26,7 @@ from adiuva_server import errors
 from adiuva_server.http.auth import principal
 from adiuva_server.http.problem import from_error
 from adiuva_server.http.routing import Api, validation_problem
-from adiuva_server.keys import DB, SETTINGS, STORAGE
-from adiuva_server.storage import maintenance
+from adiuva_server.keys import STORAGE
 from adiuva_server.storage.models import (
     MAX_BATCH_BODY_BYTES, BackupHistory, BackupMeta, ChangesPage, Change, ChangesQuery, RecordBatchRequest,
     RecordBatchResult, RecordCreateQuery, RecordListQuery, RecordMeta, RecordPage,
@@ -35,7 +34,7 @@ from adiuva_server.storage.models import (
 from adiuva_server.storage.service import (
     Body, StorageService, etag_of, none_match, parse_backup_headers, parse_checksum,
 )
-from adiuva_server.storage.store import Backup, Record, SQLiteStorageStore
+from adiuva_server.storage.store import Backup, Record
 
 log = logging.getLogger(__name__)
 api = Api("storage")
@@ -409,23 +408,3 @@ async def get_backup(request: web.Request) -> web.StreamResponse:
 @api.delete("/backup/{backup_id}", summary="Delete a backup", status=204, errors=(404, 429))
 async def delete_backup(request: web.Request) -> None:
     await _storage(request).delete_backup(principal(request), request.match_info["backup_id"])
-
-
-# -- services -----------------------------------------------------------------------------------------
-
-
-@api.cleanup_ctx
-async def storage_service(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    loop = asyncio.get_running_loop()
-    blobs = await loop.run_in_executor(None, maintenance.open_blob_store, settings)
-    # Nothing is uploading yet: every temporary file is a leftover of an earlier run.
-    removed = await blobs.sweep_temporary(float("inf"))
-    if removed:
-        log.info("removed %d abandoned upload(s)", removed)
-    service = StorageService(settings, SQLiteStorageStore(app[DB]), blobs)
-    app[STORAGE] = service  # its periodic sweeps are jobs (adiuva_server/jobs.py)
-    try:
-        yield
-    finally:
-        await service.keeper.drain()
