@@ -218,8 +218,8 @@ class RedisLease:
             held.renewer.cancel()
         left = held.interval - (asyncio.get_running_loop().time() - held.started)
         # In a task of its own: a release runs when the server stops too, and a cancellation
-        # delivered inside redis-py's send was seen swallowed there (the stop then hung). Here
-        # it reaches this frame, and the release still finishes.
+        # that lands as redis-py's send completes is swallowed by Python 3.11's asyncio.wait_for
+        # (gh-86296; Jobs.stop then hung). Here it reaches this frame, and the release finishes.
         ending = asyncio.ensure_future(self._release(keys=[self.key(held.name)], args=[held.token, max(0, math.floor(left * 1000))]))
         await asyncio.wait({ending}, timeout=SOCKET_TIMEOUT * 2)
         if not ending.done() or ending.exception() is not None:  # it expires on its own
