@@ -498,7 +498,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "max_connections": ("ADIUVA_MAX_CONNECTIONS",), "max_connections_per_address": ("ADIUVA_MAX_CONNECTIONS_PER_ADDRESS",),
     "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
     "doctor_interval": ("ADIUVA_DOCTOR_INTERVAL",),
-    "redis_url": ("REDIS_URL",),
+    "redis_url": ("REDIS_URL",), "database_url": ("DATABASE_URL",),
 }
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
@@ -33,9 +35,6 @@ log = logging.getLogger(__name__)
 
 def lease_token() -> str:
     """Names its holder, for an operator reading a lease or slot: host, process, randomness."""
-    import os
-    import socket
-
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
 
 
@@ -65,9 +64,6 @@ class LocalSocketSlots:
         self._open[key] -= 1
         if self._open[key] <= 0:
             del self._open[key]
-
-    def held(self, key: str) -> int:
-        return self._open[key]
 
 
 # -- change notices -------------------------------------------------------------------------------

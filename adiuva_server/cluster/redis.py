@@ -49,7 +49,7 @@ def connect(url: str) -> aioredis.Redis:
         url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=SOCKET_TIMEOUT, retry=Retry(NoBackoff(), 1), health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # closes its pool when it is closed
 
 
 def where(url: str) -> str:
