@@ -5,7 +5,9 @@ same run, because absolute times drift on shared machines.
    store is Redis (REDIS_URL, a local redis-server started here) against the same server with the
    in-memory store: two `adiuva serve` processes started the same way, driven by the same load
    generator, alternating M-R-M-R-M. 8 accounts per server, 4 connections each; every tier's
-   limit raised (ADIUVA_RATE_LIMITS) so that every request is counted and answered 200.
+   limit raised (ADIUVA_RATE_LIMITS) so that every request is counted and answered 200. Also
+   the CPU time spent per request (the server; with Redis, the server and redis-server), which
+   a loaded machine distorts less than requests/s.
 2. Publish-to-receive latency of a change notice over Redis pub/sub (two client connections, as
    two server processes), against a round trip (PING) on the same connection.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -51,8 +54,18 @@ def register(url: str, email: str) -> str:
         return json.load(resp)["access_token"]
 
 
-async def load(url: str, tokens: list[str], seconds: float) -> dict:
-    """loadgen.run's closed loop, with each connection on one of several accounts."""
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time the processes used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, tokens: list[str], seconds: float, pids: tuple[int, ...] = ()) -> dict:
+    """loadgen.run's closed loop, with each connection on one of several accounts; with `pids`,
+    also the CPU those processes spent per answered request."""
     ok, other, latencies = 0, 0, []
     deadline = time.perf_counter() + seconds
 
@@ -69,12 +82,12 @@ async def load(url: str, tokens: list[str], seconds: float) -> dict:
         finally:
             writer.close()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), [cpu_seconds(p) for p in pids]
     await asyncio.gather(*[worker(t) for t in tokens for _ in range(CONNECTIONS_EACH)])
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, [cpu_seconds(p) - c for p, c in zip(pids, cpu)]
     latencies.sort()
     return {"rps": ok / elapsed, "non_200": other, "p50_ms": latencies[len(latencies) // 2] * 1e3,
-            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3}
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3, "cpu_us": [c / max(ok, 1) * 1e6 for c in cpu]}
 
 
 async def notice_latency(redis_url: str, n: int = 500) -> tuple[list[float], list[float]]:
@@ -129,9 +142,9 @@ async def main() -> None:
                 await load(u, tokens[u], 1)  # warm-up
             base, ours = [], []
             for _ in range(args.rounds):
-                base.append(await load(memory_url, tokens[memory_url], args.seconds))
-                ours.append(await load(shared_url, tokens[shared_url], args.seconds))
-            base.append(await load(memory_url, tokens[memory_url], args.seconds))
+                base.append(await load(memory_url, tokens[memory_url], args.seconds, (memory.pid,)))
+                ours.append(await load(shared_url, tokens[shared_url], args.seconds, (shared.pid, redis.pid)))
+            base.append(await load(memory_url, tokens[memory_url], args.seconds, (memory.pid,)))
             assert all(r["non_200"] == 0 for r in base + ours), (base, ours)
             b, o = statistics.mean(r["rps"] for r in base), statistics.mean(r["rps"] for r in ours)
 
@@ -141,6 +154,10 @@ async def main() -> None:
             print(f"/auth/me, in-memory rate limits : {b:8.0f} req/s  runs: {runs(base)}")
             print(f"/auth/me, Redis rate limits     : {o:8.0f} req/s  runs: {runs(ours)}")
             print(f"ratio Redis vs in-memory        : {o / b:.2f}")
+            bc = statistics.mean(r["cpu_us"][0] for r in base)
+            oc, rc = (statistics.mean(r["cpu_us"][i] for r in ours) for i in (0, 1))
+            print(f"CPU per request                 : in-memory {bc:.0f} us (server); Redis {oc:.0f} us server + "
+                  f"{rc:.0f} us redis-server; ratio {bc / (oc + rc):.2f}")
             notices, pings = await notice_latency(redis_url)
             print(f"change notice publish->receive  : p50 {pct(notices, .5):.3f} ms  p99 {pct(notices, .99):.3f} ms  "
                   f"(a PING round trip: p50 {pct(pings, .5):.3f} ms; ratio {pct(notices, .5) / pct(pings, .5):.2f})")
