@@ -30,15 +30,17 @@ from adiuva_server.chat.batches import SQLiteBatchStore
 from adiuva_server.chat.llm import LLM
 from adiuva_server.chat.orchestrator import Orchestrator
 from adiuva_server.clock import Clock
+from adiuva_server.cluster import Shared, open_shared
 from adiuva_server.config import Settings
 from adiuva_server.console.store import SQLiteConsoleSessions
 from adiuva_server.db import Database
 from adiuva_server.jobs import Jobs
 from adiuva_server.keys import (
-    ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, RATE_LIMITS, SETTINGS, STORAGE, VECTORS,
+    ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, RATE_LIMITS, SETTINGS, SHARED,
+    STORAGE, VECTORS,
 )
 from adiuva_server.license.state import LicenseState
-from adiuva_server.ratelimit import MemoryRateLimitStore
+from adiuva_server.ratelimit import RateLimitStore
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.service import StorageService
 from adiuva_server.storage.store import SQLiteStorageStore
@@ -58,7 +60,7 @@ class Services:
     settings: Settings
     db: Database
     hasher: PasswordHasher
-    rate_limits: MemoryRateLimitStore
+    rate_limits: RateLimitStore
     auth: AuthService
     storage: StorageService
     vectors: VectorService
@@ -68,12 +70,17 @@ class Services:
     jobs: Jobs
     billing: BillingService
     license: LicenseState
+    shared: Shared
 
 
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Services]:
     """Build every backend and service from `settings`; close them all on exit."""
     async with contextlib.AsyncExitStack() as stack:
+        # What the processes of a cluster share (REDIS_URL; else in this process), first: an
+        # unreachable Redis stops the start before anything else opens.
+        shared = await stack.enter_async_context(open_shared(settings))
+
         # First: registration asks it (max_users, the default tier), and so do billing and plugins.
         license = LicenseState.for_settings(settings, clock)
         await license.check()
@@ -83,7 +90,7 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
 
         hasher = PasswordHasher(settings)
         stack.callback(hasher.close)
-        rate_limits = MemoryRateLimitStore()
+        rate_limits = shared.rate_limits
         auth = AuthService(settings, SQLiteAccountStore(db), hasher, rate_limits, license=license)
 
         blobs = await asyncio.get_running_loop().run_in_executor(None, maintenance.open_blob_store, settings)
@@ -106,7 +113,7 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
         interrupted = await batches.interrupt_running()
         if interrupted:
             log.info("marked %d batches left running by the previous process as interrupted", interrupted)
-        chat = Orchestrator(settings, llm, batches)
+        chat = Orchestrator(settings, llm, batches, plan_store=shared.plan_store)
 
         admin = AdminService(settings, db, auth.store, hasher, blobs, keeper=storage.keeper, mirror=mirror, auth=auth)
         stack.push_async_callback(admin.stop_background)  # server backups started from the console or API
@@ -117,14 +124,16 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
         gateway = await stack.enter_async_context(billing_service.stripe_gateway(settings))
         billing = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway, license)
 
-        jobs = Jobs()
-        jobs.every("housekeeping", HOUSEKEEPING_SECONDS, lambda: housekeeping(rate_limits, auth), cluster=False)
+        jobs = Jobs(shared.lease)
+        # Idle in-memory rate-limit windows are each process's own (a Redis store has none).
+        jobs.every("ratelimit-sweep", HOUSEKEEPING_SECONDS, rate_limits.sweep, cluster=False)
+        jobs.every("session-purge", HOUSEKEEPING_SECONDS, lambda: purge_sessions(auth))
         jobs.every("storage-sweep", SWEEP_SECONDS, lambda: storage_sweep(db, storage))
         jobs.every("server-backup", settings.backup_interval, lambda: server_backup.scheduled_backup(settings),
                    first=settings.backup_interval)
         jobs.every("billing", billing_service.JOB_SECONDS, billing.run_jobs, first=60.0)
         services = Services(settings, db, hasher, rate_limits, auth, storage, vectors, chat, admin,
-                            SQLiteConsoleSessions(db), jobs, billing, license)
+                            SQLiteConsoleSessions(db), jobs, billing, license, shared)
         yield services
 
 
@@ -134,7 +143,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     async with open_services(app[SETTINGS], app[CLOCK]) as s:
         app[DB], app[HASHER], app[RATE_LIMITS], app[AUTH] = s.db, s.hasher, s.rate_limits, s.auth
         app[STORAGE], app[VECTORS], app[CHAT], app[ADMIN] = s.storage, s.vectors, s.chat, s.admin
-        app[CONSOLE_SESSIONS], app[JOBS], app[BILLING], app[LICENSE] = s.console_sessions, s.jobs, s.billing, s.license
+        app[CONSOLE_SESSIONS], app[JOBS], app[BILLING] = s.console_sessions, s.jobs, s.billing
+        app[LICENSE], app[SHARED] = s.license, s.shared
         s.vectors.store.start_warm_up()  # in the background: searches never wait for it
         s.admin.doctor.start()
         s.jobs.start()
@@ -153,9 +163,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
 # -- the jobs ------------------------------------------------------------------------------------
 
 
-async def housekeeping(rate_limits: MemoryRateLimitStore, auth: AuthService) -> None:
-    """Forget idle rate-limit windows; drop expired refresh tokens."""
-    await rate_limits.sweep()
+async def purge_sessions(auth: AuthService) -> None:
+    """Drop expired refresh tokens."""
     purged = await auth.store.purge_expired_sessions(int(time.time()))
     if purged:
         log.debug("purged %d expired refresh tokens", purged)

@@ -150,6 +150,10 @@ class Settings:
     # Many machines (DESIGN "One box, or many"): PostgreSQL for metadata and vectors instead of
     # the SQLite file ("" = SQLite). The URL may carry a password: never printed.
     database_url: str = dataclasses.field(default="", repr=False)
+    # Redis or Valkey shared by several `adiuva serve` processes (rate limits, login throttles,
+    # chat socket caps, plans, cluster job leases, change notices); empty: all in this process.
+    # May carry a password: never printed.
+    redis_url: str = dataclasses.field(default="", repr=False)
     # Where each setting came from ("default", "environment", "flag"), for the admin console.
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -252,6 +256,7 @@ class Settings:
         values["license_file"] = _path(env.get("ADIUVA_LICENSE_FILE"))
         values["license_public_key"] = (env.get("ADIUVA_LICENSE_PUBLIC_KEY") or "").strip()
         values["database_url"] = r.database_url("DATABASE_URL")
+        values["redis_url"] = r.redis_url("REDIS_URL")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
@@ -475,6 +480,29 @@ class _Reader:
             raise ConfigError(f"{name} must be at least {min_bytes} bytes (e.g. `openssl rand -hex 32`)")
         return raw
 
+    def redis_url(self, name: str) -> str:
+        """redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path. The
+        value is never echoed back: it may hold a password."""
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        form = "use redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/redis.sock"
+        try:
+            parts = urllib.parse.urlsplit(raw)
+            parts.port
+        except ValueError:
+            raise ConfigError(f"{name} is not a valid URL; {form}") from None
+        if parts.scheme in ("redis", "rediss"):
+            db = parts.path.strip("/")
+            if not parts.hostname or (db and not db.isdigit()):
+                raise ConfigError(f"{name} needs a host and at most a database number as its path; {form}")
+        elif parts.scheme == "unix":
+            if not parts.path:
+                raise ConfigError(f"{name} needs the path of the socket; {form}")
+        else:
+            raise ConfigError(f"{name} must start with redis://, rediss:// or unix://; {form}")
+        return raw
+
     def price(self, name: str, default: str) -> str:
         """A Stripe price id (or lookup-key-like name): letters, digits and _ - . only."""
         raw = self._raw(name)
@@ -529,6 +557,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "billing_return_url": ("ADIUVA_BILLING_RETURN_URL",),
     "license_file": ("ADIUVA_LICENSE_FILE",), "license_public_key": ("ADIUVA_LICENSE_PUBLIC_KEY",),
     "database_url": ("DATABASE_URL",),
+    "redis_url": ("REDIS_URL",),
 }
 
 

@@ -304,3 +304,17 @@ class LicenseRefused(AdiuvaError):
     status = 422
     code = "license_refused"
     title = "This license file cannot be installed"
+
+
+class SharedStateUnavailable(ServiceUnavailable):
+    """The shared coordination store (REDIS_URL) did not answer: limits that must hold across
+    server processes cannot be checked, so the request is refused for now, never let through."""
+
+    code = "shared_state_unavailable"
+    title = "Shared state is unavailable"
+    retry_after = 5  # seconds: a Redis restart or failover usually takes about this long
+
+    def __init__(self, detail: str | None = None, **kw: Any) -> None:
+        headers = kw.pop("headers", {}) or {}
+        headers.setdefault("Retry-After", str(self.retry_after))
+        super().__init__(detail, headers=headers, **kw)

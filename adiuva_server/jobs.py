@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 class Lease(Protocol):
     """Who may run a cluster job now. `acquire` returns a held lease or None (someone else runs
-    it); `release` gives it back (only the holder's)."""
+    it); `release` gives it back (only the holder's). A held lease may carry `lost`, an
+    asyncio.Event set when the lease could not be kept (cluster/redis.py's RedisLease: renewals
+    failed): the run is then stopped, so two nodes never run a job at once."""
 
     async def acquire(self, name: str, seconds: float) -> object | None: ...
 
@@ -75,7 +77,11 @@ class Jobs:
         if held is None:
             return False
         try:
-            await job.run()
+            lost = getattr(held, "lost", None) if job.cluster else None
+            if lost is None:
+                await job.run()
+            else:
+                await _unless(lost, job.run())
         finally:
             if job.cluster:
                 await self.lease.release(held)
@@ -89,3 +95,18 @@ class Jobs:
             except Exception:
                 log.exception("background job %s failed; next attempt in %.0f s", job.name, job.interval)
             await asyncio.sleep(job.interval)
+
+
+async def _unless(lost: asyncio.Event, run: Awaitable[object]) -> None:
+    """Await `run`; cancel it when `lost` is set first."""
+    task = asyncio.ensure_future(run)
+    watcher = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # unlike `await task`, never swallows our own cancellation
+    if not task.cancelled():
+        task.result()

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from adiuva_server.auth.service import AuthService
     from adiuva_server.billing.service import BillingService
     from adiuva_server.chat.orchestrator import Orchestrator
+    from adiuva_server.cluster import Shared
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
     from adiuva_server.console.store import SQLiteConsoleSessions
@@ -42,6 +43,9 @@ CLOCK = web.AppKey("clock", "Clock")
 LICENSE = web.AppKey("license", "LicenseState")
 CONSOLE_SESSIONS = web.AppKey("console_sessions", "SQLiteConsoleSessions")
 JOBS = web.AppKey("jobs", "Jobs")
+# What several server processes share (in process, or Redis): rate limits, socket slots, plans,
+# job leases, change notices.
+SHARED = web.AppKey("shared", "Shared")
 
 INFLIGHT = web.AppKey("inflight", object)
 METRICS = web.AppKey("metrics", "Metrics")

@@ -942,31 +942,35 @@ def test_stream_sanitizer_holds_back_only_possible_prefixes():
     assert s.feed("[IN") == "" and s.flush() == "[IN"
 
 
-def test_plan_cache_evicts_least_recently_used():
+async def test_plan_cache_evicts_least_recently_used():
     from adiuva_server.chat.plans import ExecutionPlan, PlanCache
 
     cache = PlanCache([], maxsize=3)
     plans = [ExecutionPlan(plan_id=f"p{i}", name="x", steps=[]) for i in range(4)]
     for p in plans[:3]:
-        cache.put("u", p)
-    cache.get("u", "p0")
-    cache.put("u", plans[3])
-    assert [p.plan_id for p in cache.list("u")] == ["p2", "p0", "p3"]
+        await cache.put("u", p)
+    await cache.get("u", "p0")
+    await cache.put("u", plans[3])
+    assert [p.plan_id for p in await cache.list("u")] == ["p2", "p0", "p3"]
 
 
-def test_plan_cache_evicts_per_owner_first():
+async def test_plan_cache_evicts_per_owner_first():
     from adiuva_server.chat.plans import ExecutionPlan, PlanCache
 
     cache = PlanCache([], maxsize=4, per_user=2)
     plan = lambda i: ExecutionPlan(plan_id=f"p{i}", name="x", steps=[])  # noqa: E731
-    cache.put("a", plan(0))
+
+    async def ids(owner):
+        return [p.plan_id for p in await cache.list(owner)]
+
+    await cache.put("a", plan(0))
     for i in range(1, 5):
-        cache.put("b", plan(i))  # b only ever pushes out b's own plans
-    assert [p.plan_id for p in cache.list("a")] == ["p0"] and [p.plan_id for p in cache.list("b")] == ["p3", "p4"]
+        await cache.put("b", plan(i))  # b only ever pushes out b's own plans
+    assert await ids("a") == ["p0"] and await ids("b") == ["p3", "p4"]
     assert len(cache) == 3
-    cache.put("c", plan(5))
-    cache.put("c", plan(6))  # the total cap drops the least recently used of all
-    assert len(cache) == 4 and cache.list("a") == [] and [p.plan_id for p in cache.list("c")] == ["p5", "p6"]
+    await cache.put("c", plan(5))
+    await cache.put("c", plan(6))  # the total cap drops the least recently used of all
+    assert len(cache) == 4 and await ids("a") == [] and await ids("c") == ["p5", "p6"]
 
 
 @pytest.mark.parametrize("env,message", [

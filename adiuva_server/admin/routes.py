@@ -19,7 +19,7 @@ from adiuva_server.admin.service import AdminService
 from adiuva_server.doctor import FAIL, OK, WARN, iso_utc
 from adiuva_server.http.auth import principal
 from adiuva_server.chat.models import ModelAvailability
-from adiuva_server.keys import ADMIN, CHAT, LICENSE, SETTINGS
+from adiuva_server.keys import ADMIN, CHAT, LICENSE, SETTINGS, SHARED
 from adiuva_server.http.routing import Api
 from adiuva_server.license.state import SELLING, Evaluation
 
@@ -118,7 +118,7 @@ async def status(request: web.Request) -> Status:
     provider = "ollama" if settings.llm_model.startswith("ollama/") else "litellm"
     return Status(
         version=__version__, uptime_seconds=round(service.uptime(), 3),
-        backends=Backends(database="sqlite", blobs="files", rate_limits="memory"),
+        backends=Backends(database="sqlite", blobs="files", rate_limits=request.app[SHARED].backend),
         counts=StatusCounts(users=counts.users, records=counts.records, vectors=counts.vectors),
         storage_bytes=counts.storage_bytes, backup_bytes=counts.backup_bytes,
         database_bytes=service.database_bytes(), default_tier=request.app[LICENSE].default_tier,

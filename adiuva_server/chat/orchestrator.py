@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from adiuva_server import errors, tiers
@@ -15,7 +15,9 @@ from adiuva_server.chat.agents import AgentRegistry, AgentResult, ChatAgent, Emi
 from adiuva_server.chat.batches import BatchStore
 from adiuva_server.chat.llm import LLM, Availability
 from adiuva_server.chat.models import BatchResult, ChatRequest, ChatResponse, PlanRunRequest
-from adiuva_server.chat.plans import ExecutionPlan, ExecutionPlanBuilder, PlanCache, PlanSpec, builtin_playbooks, parse_items
+from adiuva_server.chat.plans import (
+    ExecutionPlan, ExecutionPlanBuilder, PlanCache, PlanSpec, PlanStore, builtin_playbooks, parse_items,
+)
 from adiuva_server.chat.prompts import ROUTER_PROMPT, SYNTHESIS_PROMPT, PromptTemplateRegistry
 from adiuva_server.chat.sanitizer import Sanitizer
 from adiuva_server.chat.tools import TOOLS
@@ -28,14 +30,15 @@ PIPELINE_RESULTS = "Results of earlier steps"
 
 
 class Orchestrator:
-    def __init__(self, settings: Settings, llm: LLM, batches: BatchStore, agents: AgentRegistry = registry) -> None:
+    def __init__(self, settings: Settings, llm: LLM, batches: BatchStore, agents: AgentRegistry = registry,
+                 plan_store: Callable[..., PlanStore] = PlanCache) -> None:
         self.settings = settings
         self.llm = llm
         self.batches = batches
         self.registry = agents
         self.prompts = PromptTemplateRegistry()
         self.sanitizer = Sanitizer(self.prompts.fingerprints(), [a.name for a in agents] + [PIPELINE_RESULTS])
-        self.plans = PlanCache(builtin_playbooks(self.prompts), per_user=settings.chat_max_plans_per_user)
+        self.plans = plan_store(builtin_playbooks(self.prompts), per_user=settings.chat_max_plans_per_user)
         self._agent_names = re.compile(r"\b(" + "|".join(re.escape(a.name) for a in agents) + r")\b")
 
     # -- tier gates ------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class Orchestrator:
             for name in names:
                 builder.add_llm_step(self.registry.get(name).template_id, {"message": request.message})
             plan = builder.build()
-            self.plans.put(who.id, plan)
+            await self.plans.put(who.id, plan)
             return plan
         guarded = self.sanitizer.stream() if emit is not None else None
 
@@ -145,20 +148,20 @@ class Orchestrator:
 
     # -- plans and batches -----------------------------------------------------------------------
 
-    def build_plan(self, who: Any, spec: PlanSpec) -> ExecutionPlan:
+    async def build_plan(self, who: Any, spec: PlanSpec) -> ExecutionPlan:
         tiers.require_feature(who, "batch_builder")
         builder = ExecutionPlanBuilder(self.prompts, spec.name, spec.description)
         for step in spec.steps:
             builder.add_step(step)
         plan = builder.build()
-        self.plans.put(who.id, plan)
+        await self.plans.put(who.id, plan)
         return plan
 
     def _agent_of(self, template_id: str | None) -> ChatAgent | None:
         return next((a for a in self.registry if a.template_id == template_id), None)
 
     async def run_plan(self, who: Any, plan_id: str, body: PlanRunRequest) -> BatchResult:
-        plan = self.plans.get(who.id, plan_id)
+        plan = await self.plans.get(who.id, plan_id)
         model = self.pick_model(who.tier, body.model)
         self.check_agents(who.tier, [a.name for s in plan.steps if (a := self._agent_of(s.template_id))])
         batch_id = await self.batches.start(who.id, plan.plan_id, tiers.limit(who, "active_batches"))

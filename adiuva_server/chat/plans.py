@@ -1,12 +1,13 @@
 """Execution plans: steps naming server-side templates (clients see ids only), a builder that
-validates them, an LRU cache of plans and the built-in playbooks."""
+validates them, the store of users' plans (an LRU cache in memory here) and the built-in
+playbooks."""
 
 from __future__ import annotations
 
 import json
 import secrets
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import pydantic
 
@@ -150,11 +151,45 @@ def builtin_playbooks(templates: PromptTemplateRegistry) -> list[ExecutionPlan]:
     ]
 
 
+class PlanStore(Protocol):
+    """Where users' plans (plan-mode answers, built plans) are kept, and the built-in playbooks
+    beside them. In memory (`PlanCache`, one process) or in Redis (chat/redis_plans.py), so a
+    plan built on one server process can be run on another."""
+
+    builtins: dict[str, ExecutionPlan]
+
+    async def put(self, owner: str, plan: ExecutionPlan) -> None:
+        """Raises PayloadTooLarge when the plan is over the size limit (nothing is stored)."""
+
+    async def get(self, owner: str, plan_id: str) -> ExecutionPlan:
+        """A built-in or the owner's plan; NotFound otherwise (someone else's plan included)."""
+
+    async def list(self, owner: str) -> list[ExecutionPlan]:
+        """The built-ins, then the owner's plans, least recently used first."""
+
+
+def check_plan_size(plan: ExecutionPlan, max_bytes: int) -> str:
+    """The plan's JSON, or PayloadTooLarge."""
+    data = plan.model_dump_json()
+    size = len(data.encode())
+    if size > max_bytes:
+        raise errors.PayloadTooLarge(
+            f"a plan may take at most {max_bytes // 1024} KiB (name, description, steps and their vars); "
+            f"this one takes {size // 1024 + 1} KiB"
+        )
+    return data
+
+
+def no_such_plan(plan_id: str) -> errors.NotFound:
+    return errors.NotFound(f"no playbook {plan_id!r}")
+
+
 class PlanCache:
     """Plans built by users (and plan-mode answers). Kept in memory only: plan variables may hold
     user content, which is never persisted. Each plan is at most MAX_PLAN_BYTES; each owner keeps
     at most `per_user` plans (their own least recently used is dropped first, so one account
-    cannot push out everyone else's), and `maxsize` bounds them all (least recently used first)."""
+    cannot push out everyone else's), and `maxsize` bounds them all (least recently used first).
+    One event loop and no await inside: each method is atomic."""
 
     def __init__(self, builtins: list[ExecutionPlan], maxsize: int = PLAN_CACHE_SIZE,
                  per_user: int = PLANS_PER_USER, max_bytes: int = MAX_PLAN_BYTES) -> None:
@@ -168,14 +203,8 @@ class PlanCache:
     def __len__(self) -> int:
         return len(self._plans)
 
-    def put(self, owner: str, plan: ExecutionPlan) -> None:
-        """Raises PayloadTooLarge when the plan is over the size limit (nothing is stored)."""
-        size = len(plan.model_dump_json().encode())
-        if size > self.max_bytes:
-            raise errors.PayloadTooLarge(
-                f"a plan may take at most {self.max_bytes // 1024} KiB (name, description, steps and their vars); "
-                f"this one takes {size // 1024 + 1} KiB"
-            )
+    async def put(self, owner: str, plan: ExecutionPlan) -> None:
+        check_plan_size(plan, self.max_bytes)
         self._discard(plan.plan_id)
         while len(self._owned.get(owner, ())) >= self.per_user:
             self._discard(next(iter(self._owned[owner])))
@@ -193,17 +222,17 @@ class PlanCache:
         if not owned:
             del self._owned[entry[0]]
 
-    def get(self, owner: str, plan_id: str) -> ExecutionPlan:
+    async def get(self, owner: str, plan_id: str) -> ExecutionPlan:
         if plan_id in self.builtins:
             return self.builtins[plan_id]
         entry = self._plans.get(plan_id)
         if entry is None or entry[0] != owner:  # someone else's plan does not exist for you
-            raise errors.NotFound(f"no playbook {plan_id!r}")
+            raise no_such_plan(plan_id)
         self._plans.move_to_end(plan_id)
         self._owned[owner].move_to_end(plan_id)
         return entry[1]
 
-    def list(self, owner: str) -> list[ExecutionPlan]:
+    async def list(self, owner: str) -> list[ExecutionPlan]:
         return [*self.builtins.values(), *(self._plans[i][1] for i in self._owned.get(owner, ()))]
 
 

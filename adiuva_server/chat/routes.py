@@ -23,7 +23,7 @@ from adiuva_server.chat.plans import ExecutionPlan, PlanSpec, PlaybookSummary
 from adiuva_server.http.auth import principal
 from adiuva_server.http.disconnect import cancel_on_disconnect
 from adiuva_server.http.routing import Api, validation_problem
-from adiuva_server.keys import AUTH, CHAT, RATE_LIMITS, SETTINGS
+from adiuva_server.keys import AUTH, CHAT, RATE_LIMITS, SETTINGS, SHARED
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,8 @@ WS_QUEUE_LIMIT = 2
 WS_MAX_REFUSALS = 8
 WS_RETRY_AFTER = 5  # seconds, when an account has all its sockets open
 _CLOSING = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-# Chat sockets open per user id (Settings.chat_max_sockets caps them), and the sockets
-# themselves, to close when the server stops.
-WS_OPEN = web.AppKey("chat_ws_open", collections.Counter)
+# The chat sockets open in this process, to close when the server stops. How many one account
+# holds (Settings.chat_max_sockets caps them) is counted for the whole cluster: app[SHARED].sockets.
 WS_SOCKETS = web.AppKey("chat_ws_sockets", weakref.WeakSet)
 
 
@@ -49,7 +48,6 @@ async def _chat_sockets(app: web.Application) -> AsyncIterator[None]:
     # and LLM_API_BASE may carry credentials, so only its warnings reach our log.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    app[WS_OPEN] = collections.Counter()
     app[WS_SOCKETS] = weakref.WeakSet()
     yield
 
@@ -78,19 +76,17 @@ async def chat_stream(request: web.Request, query: StreamQuery) -> web.WebSocket
     # limit middleware does not see this route: its token may come in the query).
     who = request.app[AUTH].authenticate_token(token)
     await _count(request, who)
-    limit, sockets = request.app[SETTINGS].chat_max_sockets, request.app[WS_OPEN]
-    if sockets[who.id] >= limit:
+    limit, sockets, key = request.app[SETTINGS].chat_max_sockets, request.app[SHARED].sockets, f"chat:{who.id}"
+    slot = await sockets.acquire(key, limit)
+    if slot is None:
         raise errors.TooManyConnections(WS_RETRY_AFTER, f"at most {limit} chat streams may be open per account; close one first")
-    sockets[who.id] += 1
     try:
         ws = web.WebSocketResponse(heartbeat=request.app[SETTINGS].chat_heartbeat_seconds, max_msg_size=WS_MESSAGE_LIMIT)
         await ws.prepare(request)
         request.app[WS_SOCKETS].add(ws)
         await _converse(request, ws, token)
     finally:
-        sockets[who.id] -= 1
-        if sockets[who.id] <= 0:
-            del sockets[who.id]
+        await sockets.release(key, slot)
     return ws
 
 
@@ -128,7 +124,7 @@ class _Inbox:
         else:
             try:
                 await _count(self.request, self.request.app[AUTH].authenticate_token(self.token))
-            except errors.RateLimited as exc:
+            except (errors.RateLimited, errors.ServiceUnavailable) as exc:  # over the limit, or it cannot be checked
                 refusal = exc
             except errors.AdiuvaError:
                 pass  # a bad token is answered when the frame's turn comes, as before
@@ -270,18 +266,18 @@ async def _send_error(ws: web.WebSocketResponse, exc: errors.AdiuvaError) -> Non
 
 @plans_api.get("/plans/playbook", summary="Built-in playbooks and your own plans", response=PlaybookList, errors=(401,))
 async def list_playbooks(request: web.Request) -> PlaybookList:
-    return PlaybookList(items=[PlaybookSummary.of(p) for p in request.app[CHAT].plans.list(principal(request).id)])
+    return PlaybookList(items=[PlaybookSummary.of(p) for p in await request.app[CHAT].plans.list(principal(request).id)])
 
 
 @plans_api.get("/plans/playbook/{plan_id}", summary="One playbook or plan, with its steps' vars", response=ExecutionPlan, errors=(401, 404))
 async def get_playbook(request: web.Request) -> ExecutionPlan:
-    return request.app[CHAT].plans.get(principal(request).id, request.match_info["plan_id"])
+    return await request.app[CHAT].plans.get(principal(request).id, request.match_info["plan_id"])
 
 
 @plans_api.post("/plans", summary="Build a plan from template steps (batch builder: power and team)", body=PlanSpec,
                 response=ExecutionPlan, status=201, errors=(401, 403, 413, 422))
 async def build_plan(request: web.Request, body: PlanSpec) -> ExecutionPlan:
-    return request.app[CHAT].build_plan(principal(request), body)
+    return await request.app[CHAT].build_plan(principal(request), body)
 
 
 @plans_api.post("/plans/{plan_id}/run", summary="Run a playbook or plan as a batch (capped per tier)",
