@@ -29,6 +29,7 @@ from adiuva_server.http.metrics import api as metrics_api, setup_metrics
 from adiuva_server.http.problem import setup_problems
 from adiuva_server.http.protocol import handler_args
 from adiuva_server.http.ratelimit import setup_rate_limits
+from adiuva_server.marketplace import routes as marketplace_routes
 from adiuva_server.keys import AUTH, DB, HASHER, RATE_LIMITS, ROUTES, SETTINGS
 from adiuva_server.ratelimit import MemoryRateLimitStore
 from adiuva_server.server_backup import scheduled_backups
@@ -44,7 +45,7 @@ HOUSEKEEPING_SECONDS = 60.0
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
 FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
-            admin_routes.api, metrics_api)
+            admin_routes.api, metrics_api, marketplace_routes.api, marketplace_routes.admin_api)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from adiuva_server.db import Database
     from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
+    from adiuva_server.marketplace.service import MarketplaceService
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
     from adiuva_server.storage.service import StorageService
@@ -31,6 +32,7 @@ STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
+MARKETPLACE = web.AppKey("marketplace", "MarketplaceService")
 
 INFLIGHT = web.AppKey("inflight", object)
 METRICS = web.AppKey("metrics", "Metrics")
