@@ -15,6 +15,7 @@ from adiuva_server import __version__, errors
 from adiuva_server.cli.common import DataDirOption, fail, load_settings
 from adiuva_server.cli.backup import app as backup_app
 from adiuva_server.cli.user import app as user_app
+from adiuva_server.cli.plugin import app as plugin_app
 
 app = typer.Typer(
     name="adiuva",
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(user_app, name="user")
 app.add_typer(backup_app, name="backup")
+app.add_typer(plugin_app, name="plugin")
 
 
 def _version(value: bool) -> None:

@@ -56,7 +56,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 # field: (type, min length, max length) for strings; lists and ints are checked below.
-_STRINGS = {"id": (2, 64), "name": (1, 64), "description": (1, 2000), "version": (5, 64), "author": (1, 100),
+_STRINGS = {"id": (2, 64), "name": (1, 64), "description": (1, 2000), "version": (1, 64), "author": (1, 100),
             "category": (1, 40), "currency": (3, 3)}
 REQUIRED = (*_STRINGS, "price_cents", "permissions")
 OPTIONAL_STRINGS = {"main": (1, MAX_PATH_CHARS), "homepage": (1, 300), "license": (1, 64)}
@@ -109,7 +109,7 @@ def check_package(data: bytes, limits: Limits) -> tuple[Package, list[Failure]]:
         return package, failures
     manifest_raw = _read_tar(tar_bytes, limits, package, failures)
     if manifest_raw is None:
-        if not any(f.check == "package_archive" for f in failures):
+        if not failures:  # (when the walk stopped early, its own failure says why)
             failures.append(Failure("package_archive", f"no {MANIFEST} at the root of the package"))
         return package, failures
     if len(manifest_raw) > MAX_MANIFEST_BYTES:
@@ -259,11 +259,10 @@ def _read_tar(tar_bytes: bytes, limits: Limits, package: Package, failures: list
                 if name == MANIFEST:
                     manifest_raw = data
                     continue
+                package.files.append(name)
                 problem = _file_type_problem(name, data)
                 if problem:
                     failures.append(Failure("package_file_types", f"{name[:80]!r}: {problem}"))
-                    continue
-                package.files.append(name)
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as exc:
         failures.append(Failure("package_archive", f"not a readable tar archive ({type(exc).__name__})"))
         return None

@@ -88,7 +88,7 @@ class InstalledList(BaseModel):
 
 class RatingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    stars: int = Field(ge=1, le=5)
+    stars: int = Field(ge=1, le=5, strict=True)
 
 
 class RatingOut(BaseModel):
