@@ -72,4 +72,4 @@ def readme_verify(public_key_b64: str, plugin_id: str, version: str, package_byt
 
 
 async def submit(client, headers: dict, data: bytes, path: str = "/admin/plugins"):
-    return await client.post(API + path, data=data, headers={**headers, "Content-Type": "application/gzip"})
+    return await client.post(API + path, data=data, headers={**headers, "Content-Type": "application/octet-stream"})

@@ -25,7 +25,9 @@ api = Api("plugins")
 admin_api = AdminApi("admin")
 
 PACKAGE_TYPE = "application/gzip"
-_PACKAGE_BODY = {PACKAGE_TYPE: "the plugin package: a .tar.gz with manifest.json at its root (README 'Plugins')"}
+# Uploads are declared as plain bytes (what clients and tools send); the bytes are a .tar.gz.
+_PACKAGE_BODY = {"application/octet-stream": "the plugin package: a .tar.gz with manifest.json at its root "
+                 "(README 'Plugins')"}
 _PACKAGE_HEADERS = {
     "X-Checksum": "SHA-256 of the body, hex",
     "X-Signature": "Ed25519 signature (base64) of the message README 'Plugins' defines",
