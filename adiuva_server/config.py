@@ -137,6 +137,9 @@ class Settings:
     plugin_max_package_bytes: int = 5 * 1024**2
     plugin_max_unpacked_bytes: int = 20 * 1024**2
     plugin_max_files: int = 200
+    # Many machines (DESIGN "One box, or many"): PostgreSQL for metadata and vectors instead of
+    # the SQLite file ("" = SQLite). The URL may carry a password: never printed.
+    database_url: str = dataclasses.field(default="", repr=False)
     # Where each setting came from ("default", "environment", "flag"), for the admin console.
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -147,6 +150,11 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "adiuva.db"
+
+    @property
+    def backend(self) -> str:
+        """Which metadata backend: "sqlite" (the data dir's file) or "postgresql"."""
+        return "postgresql" if self.database_url else "sqlite"
 
     @property
     def dev(self) -> bool:
@@ -227,6 +235,7 @@ class Settings:
         values["plugin_max_package_bytes"] = r.int("ADIUVA_PLUGIN_MAX_PACKAGE_BYTES", cls.plugin_max_package_bytes, 1024, 1024**3)
         values["plugin_max_unpacked_bytes"] = r.int("ADIUVA_PLUGIN_MAX_UNPACKED_BYTES", cls.plugin_max_unpacked_bytes, 1024, 4 * 1024**3)
         values["plugin_max_files"] = r.int("ADIUVA_PLUGIN_MAX_FILES", cls.plugin_max_files, 1, 100_000)
+        values["database_url"] = r.database_url("DATABASE_URL")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
@@ -358,6 +367,16 @@ class _Reader:
         except ValueError:
             raise ConfigError(f"{name} has an invalid port: {raw!r}") from None
         return raw.rstrip("/")
+
+    def database_url(self, name: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        parsed = urllib.parse.urlsplit(raw)
+        if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or "host=" in parsed.query):
+            # Never echo the value: it may hold a password.
+            raise ConfigError(f"{name} must be a PostgreSQL URL: postgresql://user:password@host:5432/dbname")
+        return raw
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         raw = self._raw(name)

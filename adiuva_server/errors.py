@@ -171,6 +171,20 @@ class ServiceUnavailable(AdiuvaError):
     title = "Service unavailable"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The shared database (PostgreSQL) cannot be reached right now: a restart, a failover.
+    Nothing was changed; the client retries after `Retry-After` seconds."""
+
+    code = "database_unavailable"
+    title = "The database is unavailable"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 2, **kw: Any) -> None:
+        headers = kw.pop("headers", {}) or {}
+        headers["Retry-After"] = str(retry_after)
+        super().__init__(detail or "The database cannot be reached right now; nothing was changed. Try again shortly.",
+                         headers=headers, **kw)
+
+
 class InvalidVector(AdiuvaError):
     status = 400
     code = "invalid_vector"

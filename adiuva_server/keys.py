@@ -13,10 +13,12 @@ if TYPE_CHECKING:
     from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
+    from adiuva_server.console.store import SQLiteConsoleSessions
     from adiuva_server.db import Database
     from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.marketplace.service import MarketplaceService
+    from adiuva_server.jobs import Jobs
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
     from adiuva_server.storage.service import StorageService
@@ -33,6 +35,8 @@ CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
 MARKETPLACE = web.AppKey("marketplace", "MarketplaceService")
+CONSOLE_SESSIONS = web.AppKey("console_sessions", "SQLiteConsoleSessions")
+JOBS = web.AppKey("jobs", "Jobs")
 
 INFLIGHT = web.AppKey("inflight", object)
 METRICS = web.AppKey("metrics", "Metrics")

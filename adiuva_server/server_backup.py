@@ -322,30 +322,13 @@ class _HashingReader:
 # -- schedule -------------------------------------------------------------------------------
 
 
-async def scheduled_backups(app) -> object:
-    """cleanup_ctx: every `backup_interval` seconds, a backup into the backup folder, then
-    prune to `backup_keep`. A failure is logged and retried at the next interval."""
-    from adiuva_server.keys import SETTINGS
-
-    settings = app[SETTINGS]
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(settings.backup_interval)
-            try:
-                path, manifest = await create_backup(settings, scheduled=True)
-                pruned = await asyncio.to_thread(prune_backups, settings, settings.backup_keep)
-                log.info("scheduled backup %s written (%d bytes); %d old archive(s) pruned",
-                         path.name, path.stat().st_size, len(pruned))
-            except Exception:
-                log.exception("scheduled backup failed; next attempt in %.0f s", settings.backup_interval)
-
-    task = asyncio.create_task(loop()) if settings.backup_interval > 0 else None
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+async def scheduled_backup(settings: Settings) -> None:
+    """One scheduled backup into the backup folder, then prune to `backup_keep` (a job of
+    `compose.py`, every `backup_interval` seconds; a failure is logged and retried then)."""
+    path, manifest = await create_backup(settings, scheduled=True)
+    pruned = await asyncio.to_thread(prune_backups, settings, settings.backup_keep)
+    log.info("scheduled backup %s written (%d bytes); %d old archive(s) pruned",
+             path.name, path.stat().st_size, len(pruned))
 
 
 # -- verify, list ---------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from adiuva_server.http.protocol import Runner
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The real servers the tests start (one module each; each server once per session).
+pytest_plugins = ["tests.servers_postgres"]
+
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings.from_env({}, data_dir=data_dir, env="test", **overrides)

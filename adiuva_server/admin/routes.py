@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +19,7 @@ from adiuva_server.admin.service import AdminService
 from adiuva_server.doctor import FAIL, OK, WARN, iso_utc
 from adiuva_server.http.auth import principal
 from adiuva_server.chat.models import ModelAvailability
-from adiuva_server.keys import ADMIN, AUTH, CHAT, DB, HASHER, SETTINGS, STORAGE, VECTORS
+from adiuva_server.keys import ADMIN, CHAT, SETTINGS
 from adiuva_server.http.routing import Api
 
 
@@ -58,17 +58,6 @@ class AdminApi(Api):
 
 
 api = AdminApi("admin")
-
-
-@api.cleanup_ctx
-async def _admin(app: web.Application) -> AsyncIterator[None]:
-    storage = app[STORAGE]
-    mirror = getattr(app[VECTORS].store, "mirror", None)
-    app[ADMIN] = AdminService(app[SETTINGS], app[DB], app[AUTH].store, app[HASHER], storage.blobs,
-                              keeper=storage.keeper, mirror=mirror, auth=app[AUTH])
-    app[ADMIN].doctor.start()
-    yield
-    await app[ADMIN].doctor.stop()  # before the database closes under it
 
 
 def _admin_service(request: web.Request) -> AdminService:

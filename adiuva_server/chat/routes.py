@@ -15,18 +15,15 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from adiuva_server import errors
-from adiuva_server.chat.batches import SQLiteBatchStore
-from adiuva_server.chat.llm import LLM
 from adiuva_server.chat.models import (
     BatchInfo, BatchList, BatchResult, ChatModels, ChatReply, ChatRequest, ChatResponse, ModelAvailability, PlanRunRequest,
     PlaybookList, StreamQuery,
 )
-from adiuva_server.chat.orchestrator import Orchestrator
 from adiuva_server.chat.plans import ExecutionPlan, PlanSpec, PlaybookSummary
 from adiuva_server.http.auth import principal
 from adiuva_server.http.disconnect import cancel_on_disconnect
 from adiuva_server.http.routing import Api, validation_problem
-from adiuva_server.keys import AUTH, CHAT, DB, RATE_LIMITS, SETTINGS
+from adiuva_server.keys import AUTH, CHAT, RATE_LIMITS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +44,14 @@ WS_SOCKETS = web.AppKey("chat_ws_sockets", weakref.WeakSet)
 
 
 @api.cleanup_ctx
-async def _chat_service(app: web.Application) -> AsyncIterator[None]:
+async def _chat_sockets(app: web.Application) -> AsyncIterator[None]:
     # httpx (under the ollama and litellm clients) logs every request URL at INFO; OLLAMA_HOST
     # and LLM_API_BASE may carry credentials, so only its warnings reach our log.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     app[WS_OPEN] = collections.Counter()
     app[WS_SOCKETS] = weakref.WeakSet()
-    llm = LLM(app[SETTINGS])
-    batches = SQLiteBatchStore(app[DB])
-    interrupted = await batches.interrupt_running()
-    if interrupted:
-        log.info("marked %d batches left running by the previous process as interrupted", interrupted)
-    app[CHAT] = Orchestrator(app[SETTINGS], llm, batches)
-    try:
-        yield
-    finally:
-        await llm.close()
+    yield
 
 
 @api.post("/chat", summary="Send a message to the assistant (plan mode: get the plan instead)", body=ChatRequest,

@@ -35,7 +35,7 @@ from adiuva_server.console.render import Asset, Safe, Templates, esc, join, load
 from adiuva_server.console.settings_view import setting_rows
 from adiuva_server.console.store import ConsoleSession, SQLiteConsoleSessions
 from adiuva_server.http.forwarded import client_address
-from adiuva_server.keys import ADMIN, AUTH, CONSOLE, DB, SETTINGS
+from adiuva_server.keys import ADMIN, AUTH, CONSOLE, CONSOLE_SESSIONS, SETTINGS
 
 COOKIE = "adiuva_console"
 PRE_COOKIE = "adiuva_console_csrf"  # before sign-in: the CSRF token of the sign-in and setup forms
@@ -108,12 +108,11 @@ def setup_console(app: web.Application) -> None:
 
 async def _console(app: web.Application):
     # After the admin feature's context: the AdminService exists.
-    state = ConsoleState(SQLiteConsoleSessions(app[DB]), Templates(), load_assets())
+    state = ConsoleState(app[CONSOLE_SESSIONS], Templates(), load_assets())
     if (await app[ADMIN].counts()).users == 0:
         state.setup_token = secrets.token_urlsafe(32)
     app[CONSOLE] = state
     yield
-    await app[ADMIN].stop_background()
 
 
 # -- the wrapper: session, CSRF, errors, headers --------------------------------------------------

@@ -4,7 +4,6 @@ Thin: read the request, call MarketplaceService, shape the answer."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -12,14 +11,13 @@ from adiuva_server.admin.routes import AdminApi
 from adiuva_server.http.auth import principal
 from adiuva_server.http.bodies import read_body
 from adiuva_server.http.routing import Api
-from adiuva_server.keys import DB, MARKETPLACE, SETTINGS
+from adiuva_server.keys import MARKETPLACE
 from adiuva_server.marketplace import signing
 from adiuva_server.marketplace.models import (
     AdminPluginOut, ApproveIn, InstallationOut, InstalledList, PackageInfo, PluginDetail, PluginOut, PluginPage,
     PluginQuery, RatingIn, RatingOut, RejectIn, ReviewOut, RevokeIn, SigningKeyOut, SubmissionList, SubmissionOut,
 )
 from adiuva_server.marketplace.service import MarketplaceService
-from adiuva_server.marketplace.sqlite import SQLiteMarketplaceStore
 
 api = Api("plugins")
 admin_api = AdminApi("admin")
@@ -36,14 +34,6 @@ _PACKAGE_HEADERS = {
     "X-Plugin-Version": "the package's version (part of the signed message)",
     "ETag": "the checksum, quoted",
 }
-
-
-@api.cleanup_ctx
-async def _marketplace(app: web.Application) -> AsyncIterator[None]:
-    service = MarketplaceService(app[SETTINGS], SQLiteMarketplaceStore(app[DB]))
-    await service.import_bundled()  # idempotent: a restart writes nothing
-    app[MARKETPLACE] = service
-    yield
 
 
 def _service(request: web.Request) -> MarketplaceService:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime as dt
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from email.utils import format_datetime
 from pathlib import Path
 from typing import IO, Any
@@ -24,12 +23,10 @@ from aiohttp import web
 from ijson.backends import yajl2_c as json_events
 
 from adiuva_server import errors
-from adiuva_server.db import Database
 from adiuva_server.http.auth import principal
 from adiuva_server.http.problem import from_error
 from adiuva_server.http.routing import Api, validation_problem
-from adiuva_server.keys import DB, SETTINGS, STORAGE
-from adiuva_server.storage import maintenance
+from adiuva_server.keys import STORAGE
 from adiuva_server.storage.models import (
     MAX_BATCH_BODY_BYTES, BackupHistory, BackupMeta, ChangesPage, Change, ChangesQuery, RecordBatchRequest,
     RecordBatchResult, RecordCreateQuery, RecordListQuery, RecordMeta, RecordPage,
@@ -37,13 +34,12 @@ from adiuva_server.storage.models import (
 from adiuva_server.storage.service import (
     Body, StorageService, etag_of, none_match, parse_backup_headers, parse_checksum,
 )
-from adiuva_server.storage.store import Backup, Record, SQLiteStorageStore
+from adiuva_server.storage.store import Backup, Record
 
 log = logging.getLogger(__name__)
 api = Api("storage")
 
 OCTETS = "application/octet-stream"
-SWEEP_SECONDS = 6 * 3600.0
 JSON_SLICE = 64 * 1024  # bytes of a batch body parsed between two turns of the event loop
 _BYTES = {OCTETS: "the encrypted bytes, as the client encrypted them"}
 _CHECKSUM_HEADER = {"X-Checksum": "SHA-256 of the body, hex (required)"}
@@ -412,46 +408,3 @@ async def get_backup(request: web.Request) -> web.StreamResponse:
 @api.delete("/backup/{backup_id}", summary="Delete a backup", status=204, errors=(404, 429))
 async def delete_backup(request: web.Request) -> None:
     await _storage(request).delete_backup(principal(request), request.match_info["backup_id"])
-
-
-# -- services -----------------------------------------------------------------------------------------
-
-
-@api.cleanup_ctx
-async def storage_service(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    loop = asyncio.get_running_loop()
-    blobs = await loop.run_in_executor(None, maintenance.open_blob_store, settings)
-    # Nothing is uploading yet: every temporary file is a leftover of an earlier run.
-    removed = await blobs.sweep_temporary(float("inf"))
-    if removed:
-        log.info("removed %d abandoned upload(s)", removed)
-    service = StorageService(settings, SQLiteStorageStore(app[DB]), blobs)
-    app[STORAGE] = service
-    task = asyncio.create_task(_sweep_forever(app[DB], service))
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await service.keeper.drain()
-
-
-async def _sweep_forever(db: Database, service: StorageService) -> None:
-    """Unreferenced objects (a crash, a deleted user), abandoned temporary files and tombstones
-    past their retention: at start, then every few hours. The keeper's pins protect objects
-    whose rows are being written; the grace period spares temporary files of uploads still
-    being received."""
-    while True:
-        try:
-            report = await maintenance.sweep(db, service.blobs, object_grace_seconds=0, keeper=service.keeper)
-            if report.objects_removed or report.temporary_removed:
-                log.info("storage sweep removed %d object(s), %d temporary file(s)",
-                         report.objects_removed, report.temporary_removed)
-            forgotten = await service.purge_tombstones()
-            if forgotten:
-                log.info("forgot %d deleted record(s) older than the tombstone retention", forgotten)
-        except Exception:
-            log.exception("storage sweep failed; will retry")
-        await asyncio.sleep(SWEEP_SECONDS)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from adiuva_server.http.auth import principal
 from adiuva_server.http.routing import Api
-from adiuva_server.keys import DB, SETTINGS, VECTORS
+from adiuva_server.keys import VECTORS
 from adiuva_server.vectors.models import (
     DeleteRequest,
     DeleteResponse,
@@ -19,24 +18,8 @@ from adiuva_server.vectors.models import (
     UpsertRequest,
     UpsertResponse,
 )
-from adiuva_server.vectors import snapshots
-from adiuva_server.vectors.mirror import VectorMirror
-from adiuva_server.vectors.service import VectorService
-from adiuva_server.vectors.store import SQLiteVectorStore, upgrade_legacy_layout
 
 api = Api("vectors")
-
-
-@api.cleanup_ctx
-async def _vectors(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    await upgrade_legacy_layout(app[DB])  # migration 0009's data step, before anything is served
-    mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
-    store = SQLiteVectorStore(app[DB], mirror, settings.data_dir / snapshots.DIRNAME)
-    app[VECTORS] = VectorService(settings, store)
-    store.start_warm_up()  # in the background: searches never wait for it
-    yield
-    await store.close()
 
 
 @api.post(

@@ -1,0 +1,157 @@
+"""The composition root: the one place that picks each backend from the settings and wires
+every store, service and background job. Handlers and services never know which backend
+they run on; they find what they need on the app under the typed keys of `keys.py`.
+
+`services(app)` is the app's cleanup context (created first, closed last). The order below is
+the order of dependencies; an AsyncExitStack closes them in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from adiuva_server import server_backup
+from adiuva_server.admin.service import AdminService
+from adiuva_server.auth.passwords import PasswordHasher
+from adiuva_server.auth.service import AuthService
+from adiuva_server.auth.store import SQLiteAccountStore
+from adiuva_server.chat.batches import SQLiteBatchStore
+from adiuva_server.chat.llm import LLM
+from adiuva_server.chat.orchestrator import Orchestrator
+from adiuva_server.config import Settings
+from adiuva_server.console.store import SQLiteConsoleSessions
+from adiuva_server.db import Database
+from adiuva_server.jobs import Jobs
+from adiuva_server.keys import (
+    ADMIN, AUTH, CHAT, CONSOLE_SESSIONS, DB, HASHER, JOBS, MARKETPLACE, RATE_LIMITS, SETTINGS, STORAGE, VECTORS,
+)
+from adiuva_server.marketplace.service import MarketplaceService
+from adiuva_server.marketplace.sqlite import SQLiteMarketplaceStore
+from adiuva_server.ratelimit import MemoryRateLimitStore
+from adiuva_server.storage import maintenance
+from adiuva_server.storage.service import StorageService
+from adiuva_server.storage.store import SQLiteStorageStore
+from adiuva_server.vectors import snapshots
+from adiuva_server.vectors.mirror import VectorMirror
+from adiuva_server.vectors.service import VectorService
+from adiuva_server.vectors.store import SQLiteVectorStore, upgrade_legacy_layout
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_SECONDS = 60.0
+SWEEP_SECONDS = 6 * 3600.0
+
+
+@dataclasses.dataclass
+class Services:
+    settings: Settings
+    db: Database
+    hasher: PasswordHasher
+    rate_limits: MemoryRateLimitStore
+    auth: AuthService
+    storage: StorageService
+    vectors: VectorService
+    chat: Orchestrator
+    admin: AdminService
+    console_sessions: SQLiteConsoleSessions
+    jobs: Jobs
+    marketplace: MarketplaceService
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Build every backend and service from `settings`; close them all on exit."""
+    async with contextlib.AsyncExitStack() as stack:
+        db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, watch_commits=True)
+        stack.push_async_callback(db.close)
+
+        hasher = PasswordHasher(settings)
+        stack.callback(hasher.close)
+        rate_limits = MemoryRateLimitStore()
+        auth = AuthService(settings, SQLiteAccountStore(db), hasher, rate_limits)
+
+        blobs = await asyncio.get_running_loop().run_in_executor(None, maintenance.open_blob_store, settings)
+        # Nothing is uploading yet: every temporary file is a leftover of an earlier run.
+        removed = await blobs.sweep_temporary(float("inf"))
+        if removed:
+            log.info("removed %d abandoned upload(s)", removed)
+        storage = StorageService(settings, SQLiteStorageStore(db), blobs)
+        stack.push_async_callback(storage.keeper.drain)
+
+        await upgrade_legacy_layout(db)  # migration 0009's data step, before anything is served
+        mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
+        vector_store = SQLiteVectorStore(db, mirror, settings.data_dir / snapshots.DIRNAME)
+        vectors = VectorService(settings, vector_store)
+        stack.push_async_callback(vector_store.close)
+
+        llm = LLM(settings)
+        stack.push_async_callback(llm.close)
+        batches = SQLiteBatchStore(db)
+        interrupted = await batches.interrupt_running()
+        if interrupted:
+            log.info("marked %d batches left running by the previous process as interrupted", interrupted)
+        chat = Orchestrator(settings, llm, batches)
+
+        admin = AdminService(settings, db, auth.store, hasher, blobs, keeper=storage.keeper, mirror=mirror, auth=auth)
+        stack.push_async_callback(admin.stop_background)  # server backups started from the console or API
+        stack.push_async_callback(admin.doctor.stop)  # before the database closes under it
+
+        marketplace = MarketplaceService(settings, SQLiteMarketplaceStore(db))
+        await marketplace.import_bundled()  # idempotent: a restart writes nothing
+
+        jobs = Jobs()
+        jobs.every("housekeeping", HOUSEKEEPING_SECONDS, lambda: housekeeping(rate_limits, auth), cluster=False)
+        jobs.every("storage-sweep", SWEEP_SECONDS, lambda: storage_sweep(db, storage))
+        jobs.every("server-backup", settings.backup_interval, lambda: server_backup.scheduled_backup(settings),
+                   first=settings.backup_interval)
+        services = Services(settings, db, hasher, rate_limits, auth, storage, vectors, chat, admin,
+                            SQLiteConsoleSessions(db), jobs, marketplace)
+        yield services
+
+
+async def services(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: every service on the app under its key; background work started once the
+    app's own contexts are up, stopped before they close."""
+    async with open_services(app[SETTINGS]) as s:
+        app[DB], app[HASHER], app[RATE_LIMITS], app[AUTH] = s.db, s.hasher, s.rate_limits, s.auth
+        app[STORAGE], app[VECTORS], app[CHAT], app[ADMIN] = s.storage, s.vectors, s.chat, s.admin
+        app[CONSOLE_SESSIONS], app[JOBS], app[MARKETPLACE] = s.console_sessions, s.jobs, s.marketplace
+        s.vectors.store.start_warm_up()  # in the background: searches never wait for it
+        s.admin.doctor.start()
+        s.jobs.start()
+        try:
+            yield
+        finally:
+            await s.jobs.stop()
+
+
+# -- the jobs ------------------------------------------------------------------------------------
+
+
+async def housekeeping(rate_limits: MemoryRateLimitStore, auth: AuthService) -> None:
+    """Forget idle rate-limit windows; drop expired refresh tokens."""
+    await rate_limits.sweep()
+    purged = await auth.store.purge_expired_sessions(int(time.time()))
+    if purged:
+        log.debug("purged %d expired refresh tokens", purged)
+
+
+async def storage_sweep(db: Database, storage: StorageService) -> None:
+    """Unreferenced objects (a crash, a deleted user), abandoned temporary files and tombstones
+    past their retention: at start, then every few hours. The keeper's pins protect objects
+    whose rows are being written; the grace period spares temporary files of uploads still
+    being received."""
+    report = await maintenance.sweep(db, storage.blobs, object_grace_seconds=0, keeper=storage.keeper)
+    if report.objects_removed or report.temporary_removed:
+        log.info("storage sweep removed %d object(s), %d temporary file(s)",
+                 report.objects_removed, report.temporary_removed)
+    forgotten = await storage.purge_tombstones()
+    if forgotten:
+        log.info("forgot %d deleted record(s) older than the tombstone retention", forgotten)

@@ -1,0 +1,3 @@
+from adiuva_server.db.postgres.database import PgDatabase, pg_unavailable
+
+__all__ = ["PgDatabase", "pg_unavailable"]
