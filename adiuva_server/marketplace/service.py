@@ -85,7 +85,7 @@ class MarketplaceService:
     async def signing_key(self) -> SigningKey:
         if self._key is None:
             # Generated here, kept only if no process stored one first (the store decides).
-            self._key = await self.store.signing_key(SigningKey.generate())
+            self._key = await self.store.signing_key(SigningKey.generate(), now_iso())
         return self._key
 
     # -- users ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from adiuva_server.db import Database
 from adiuva_server.marketplace.checks import Failure, semver_key
 from adiuva_server.marketplace.signing import SigningKey
 from adiuva_server.marketplace.store import (
-    Installation, NewVersion, PackageBytes, Plugin, Review, UserView, Version,
+    Installation, NewVersion, PackageBytes, Plugin, PluginNotInstalled, Review, UserView, Version, catalog_failures,
 )
 
 _PLUGIN_COLUMNS = ("id, name, status, version, description, author, category, price_cents, currency, permissions, "
@@ -277,50 +277,31 @@ class SQLiteMarketplaceStore:
             raise PluginNotInstalled("rate a plugin you have installed")
         return _plugin(row)
 
-    async def signing_key(self, candidate: SigningKey) -> SigningKey:
+    async def signing_key(self, candidate: SigningKey, now: str) -> SigningKey:
         row = await self.db.fetchone("SELECT key_id, private_key, public_key FROM plugin_signing_key")
         if row is None:
             async with self.db.write() as conn:
                 await conn.execute("INSERT INTO plugin_signing_key (singleton, key_id, private_key, public_key, created_at) "
-                                   "VALUES (1, ?, ?, ?, datetime('now')) ON CONFLICT (singleton) DO NOTHING",
-                                   (candidate.key_id, candidate.private_raw, candidate.public_raw))
+                                   "VALUES (1, ?, ?, ?, ?) ON CONFLICT (singleton) DO NOTHING",
+                                   (candidate.key_id, candidate.private_raw, candidate.public_raw, now))
                 async with conn.execute("SELECT key_id, private_key, public_key FROM plugin_signing_key") as c:
                     row = await c.fetchone()
         return SigningKey(row[0], bytes(row[1]), bytes(row[2]))
 
 
-class PluginNotInstalled(errors.Conflict):
-    code = "plugin_not_installed"
-    title = "The plugin is not installed"
-
-
 async def _catalog_failures(conn: Any, new: NewVersion) -> list[Failure]:
     m = new.manifest
-    failures = []
-    async with conn.execute("SELECT owner_id, status, version, bundled FROM plugins WHERE id = ?", (m["id"],)) as c:
+    async with conn.execute("SELECT owner_id, status, version FROM plugins WHERE id = ?", (m["id"],)) as c:
         plugin = await c.fetchone()
-    if plugin is not None:
-        if plugin["status"] == "revoked":
-            failures.append(Failure("plugin_revoked", f"{m['id']} was revoked; it takes no new versions"))
-        elif not new.may_update_any and (plugin["owner_id"] is None or plugin["owner_id"] != new.owner_id):
-            failures.append(Failure("id_unique", f"the id {m['id']!r} belongs to another plugin"))
-        if plugin["version"] is not None and semver_key(m["version"]) <= semver_key(plugin["version"]):
-            failures.append(Failure("version_newer", f"version {m['version']} is not newer than the approved "
-                                    f"{plugin['version']}"))
     async with conn.execute("SELECT version FROM plugin_versions WHERE plugin_id = ? AND status = 'pending_review'",
                             (m["id"],)) as c:
         pending = await c.fetchone()
-    if pending is not None:
-        failures.append(Failure("review_pending", f"version {pending[0]} of {m['id']} is waiting for review; "
-                                "submit the next one after its decision"))
     async with conn.execute("SELECT 1 FROM plugin_versions WHERE plugin_id = ? AND version = ? AND status = 'approved'",
                             (m["id"], m["version"])) as c:
-        if await c.fetchone() is not None and not any(f.check == "version_newer" for f in failures):
-            failures.append(Failure("version_newer", f"version {m['version']} was approved already"))
-    async with conn.execute("SELECT id FROM plugins WHERE name_key = ? AND id != ?", (m["name"].lower(), m["id"])) as c:
-        if await c.fetchone() is not None:
-            failures.append(Failure("name_unique", f"another plugin is called {m['name']!r}"))
-    return failures
+        approved = await c.fetchone() is not None
+    async with conn.execute("SELECT 1 FROM plugins WHERE name_key = ? AND id != ?", (m["name"].lower(), m["id"])) as c:
+        name_taken = await c.fetchone() is not None
+    return catalog_failures(new, plugin, pending[0] if pending else None, approved, name_taken)
 
 
 async def _insert_version(conn: Any, new: NewVersion, status: str, *, signature: str | None = None,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adiuva_server.marketplace.checks import Failure
+from adiuva_server import errors
+from adiuva_server.marketplace.checks import Failure, semver_key
 from adiuva_server.marketplace.signing import SigningKey
 
 SORTS = ("rating", "installs", "newest")
@@ -156,5 +157,35 @@ class MarketplaceStore(Protocol):
     async def package(self, plugin_id: str) -> PackageBytes | None:
         """The approved version's package of a listed plugin."""
 
-    async def signing_key(self, candidate: SigningKey) -> SigningKey:
+    async def signing_key(self, candidate: SigningKey, now: str) -> SigningKey:
         """The server's key; `candidate` becomes it when there is none yet (first use wins)."""
+
+
+class PluginNotInstalled(errors.Conflict):
+    code = "plugin_not_installed"
+    title = "The plugin is not installed"
+
+
+def catalog_failures(new: NewVersion, plugin: Any, pending_version: str | None, version_approved: bool,
+                     name_taken: bool) -> list[Failure]:
+    """The catalog rules, from what the store read in its transaction: `plugin` (owner_id,
+    status, version of the id's row, or None), the version waiting for review, whether this
+    version was approved already, whether another plugin has the name."""
+    m = new.manifest
+    failures = []
+    if plugin is not None:
+        if plugin["status"] == "revoked":
+            failures.append(Failure("plugin_revoked", f"{m['id']} was revoked; it takes no new versions"))
+        elif not new.may_update_any and (plugin["owner_id"] is None or plugin["owner_id"] != new.owner_id):
+            failures.append(Failure("id_unique", f"the id {m['id']!r} belongs to another plugin"))
+        if plugin["version"] is not None and semver_key(m["version"]) <= semver_key(plugin["version"]):
+            failures.append(Failure("version_newer", f"version {m['version']} is not newer than the approved "
+                                    f"{plugin['version']}"))
+    if pending_version is not None:
+        failures.append(Failure("review_pending", f"version {pending_version} of {m['id']} is waiting for review; "
+                                "submit the next one after its decision"))
+    if version_approved and not any(f.check == "version_newer" for f in failures):
+        failures.append(Failure("version_newer", f"version {m['version']} was approved already"))
+    if name_taken:
+        failures.append(Failure("name_unique", f"another plugin is called {m['name']!r}"))
+    return failures
