@@ -22,7 +22,7 @@ from pathlib import Path
 from adiuva_server import errors, tiers
 from adiuva_server.config import Settings
 from adiuva_server.marketplace import checks
-from adiuva_server.marketplace.checks import Failure, Limits
+from adiuva_server.marketplace.checks import Limits
 from adiuva_server.marketplace.signing import SigningKey
 from adiuva_server.marketplace.store import (
     Installation, MarketplaceStore, NewVersion, PackageBytes, Plugin, Review, UserView, Version,
@@ -241,5 +241,3 @@ def _identifiable(manifest: dict) -> bool:
             and isinstance(manifest.get("name"), str) and bool(manifest["name"].strip())
             and isinstance(manifest.get("version"), str) and bool(checks.SEMVER.match(manifest["version"])))
 
-
-__all__ = ["Failure", "MarketplaceService", "licensed_mode", "bundled_dir", "PAGE_SIZE"]
