@@ -310,6 +310,9 @@ async def test_the_cli_submits_lists_and_decides_while_the_server_runs(client, a
     assert done.returncode == 0 and "waits for review" in done.stdout, done.stderr
     listed = await cli("pending", "--json")
     assert [json.loads(line)["plugin_id"] for line in listed.stdout.splitlines()] == ["focus-timer"]
+    # The server's cached catalog page (before the approval) must not outlive another process's commit.
+    before = await (await client.get(f"{API}/plugins", headers=account.headers, params={"q": "pomodoro"})).json()
+    assert before["items"] == []
     approved = await cli("approve", "focus-timer", "--notes", "looks fine")
     assert approved.returncode == 0 and "approved and signed" in approved.stdout, approved.stderr
     browse = await (await client.get(f"{API}/plugins", headers=account.headers, params={"q": "pomodoro"})).json()
@@ -333,5 +336,7 @@ async def test_the_cli_submits_lists_and_decides_while_the_server_runs(client, a
     assert revoked.returncode == 0 and "1 installation(s)" in revoked.stdout, revoked.stderr
     installed = await (await client.get(f"{API}/plugins/installed", headers=account.headers)).json()
     assert [(i["plugin_id"], i["status"]) for i in installed["items"]] == [("focus-timer", "revoked")]
+    browse = await (await client.get(f"{API}/plugins", headers=account.headers, params={"q": "pomodoro"})).json()
+    assert browse["items"] == []
     unknown = await cli("approve", "nope")
     assert unknown.returncode == 1 and "no version of nope" in unknown.stderr

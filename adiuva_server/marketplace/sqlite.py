@@ -4,6 +4,7 @@ schema's triggers; every write is one BEGIN IMMEDIATE transaction on the writer.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from typing import Any
 
 import sqlean
@@ -50,9 +51,14 @@ def _catalog_values(m: dict[str, Any]) -> tuple:
             m["currency"], json.dumps(m["permissions"]))
 
 
+# Catalog pages kept in memory, each with the commit marker it was read under (see browse).
+PAGE_CACHE_ENTRIES = 256
+
+
 class SQLiteMarketplaceStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._pages: OrderedDict[tuple, tuple[object, tuple[list[Plugin], int]]] = OrderedDict()
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -74,7 +80,22 @@ class SQLiteMarketplaceStore:
             (total,) = conn.execute(f"SELECT count(*) FROM plugins WHERE {sql_where}", params).fetchone()
             return [_plugin(r) for r in rows], total
 
-        return await self.db.run_read(read)
+        # Browsing is most of the catalog's traffic and changes rarely: a page read under the
+        # current commit marker is still exact (nobody, this server, the CLI or another process,
+        # has committed since), so it is answered without a thread hand-off. The marker is read
+        # before the page, so a commit racing the read only costs a re-read next time.
+        key = (category.lower() if category else None, q, sort, offset, limit)
+        marker = self.db.commit_marker()
+        hit = self._pages.get(key)
+        if hit is not None and hit[0] == marker:
+            self._pages.move_to_end(key)
+            return hit[1]
+        page = await self.db.run_read(read)
+        self._pages[key] = (marker, page)
+        self._pages.move_to_end(key)
+        while len(self._pages) > PAGE_CACHE_ENTRIES:
+            self._pages.popitem(last=False)
+        return page
 
     async def plugin(self, plugin_id: str) -> Plugin | None:
         row = await self.db.fetchone(f"SELECT {_PLUGIN_COLUMNS} FROM plugins WHERE id = ?", (plugin_id,))

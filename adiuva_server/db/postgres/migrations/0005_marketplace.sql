@@ -25,6 +25,11 @@ CREATE TABLE plugins (
 );
 CREATE UNIQUE INDEX plugins_name ON plugins (name_key);
 CREATE INDEX plugins_listed ON plugins (status, category);
+-- One index per sort order (postgres.py's ORDER BY expressions, exactly), as on SQLite.
+CREATE INDEX plugins_by_rating ON plugins (status, (rating_count = 0), (rating_sum::float8 / GREATEST(rating_count, 1)) DESC,
+                                           rating_count DESC, name_key COLLATE "C", id COLLATE "C");
+CREATE INDEX plugins_by_installs ON plugins (status, install_count DESC, name_key COLLATE "C", id COLLATE "C");
+CREATE INDEX plugins_by_newest ON plugins (status, listed_at COLLATE "C" DESC, id COLLATE "C");
 
 CREATE TABLE plugin_versions (
     id           text PRIMARY KEY,
