@@ -24,6 +24,7 @@ from adiuva_server.http.protocol import handler_args
 from adiuva_server.clock import SystemClock
 from adiuva_server.keys import CLOCK, ROUTES, SETTINGS
 from adiuva_server.http.ratelimit import setup_rate_limits
+from adiuva_server.marketplace import routes as marketplace_routes
 from adiuva_server.vectors import routes as vector_routes
 from adiuva_server.storage import routes as storage_routes
 
@@ -35,7 +36,7 @@ JSON_BODY_LIMIT = 1024 * 1024
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
 FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
-            admin_routes.api, metrics_api, billing_routes.api)
+            admin_routes.api, metrics_api, billing_routes.api, marketplace_routes.api, marketplace_routes.admin_api)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -36,10 +36,12 @@ from adiuva_server.console.store import SQLiteConsoleSessions
 from adiuva_server.db import Database
 from adiuva_server.jobs import Jobs
 from adiuva_server.keys import (
-    ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, RATE_LIMITS, SETTINGS, SHARED,
-    STORAGE, VECTORS,
+    ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, MARKETPLACE, RATE_LIMITS, SETTINGS,
+    SHARED, STORAGE, VECTORS,
 )
 from adiuva_server.license.state import LicenseState
+from adiuva_server.marketplace.service import MarketplaceService
+from adiuva_server.marketplace.sqlite import SQLiteMarketplaceStore
 from adiuva_server.ratelimit import RateLimitStore
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.service import StorageService
@@ -71,6 +73,7 @@ class Services:
     billing: BillingService
     license: LicenseState
     shared: Shared
+    marketplace: MarketplaceService
 
 
 @contextlib.asynccontextmanager
@@ -123,6 +126,8 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
         # the server runs; the routes and the job ask billing.mode each time.
         gateway = await stack.enter_async_context(billing_service.stripe_gateway(settings))
         billing = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway, license)
+        marketplace = MarketplaceService(settings, SQLiteMarketplaceStore(db), license)
+        await marketplace.import_bundled()  # idempotent: a restart writes nothing
 
         jobs = Jobs(shared.lease)
         # Idle in-memory rate-limit windows are each process's own (a Redis store has none).
@@ -133,7 +138,7 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
                    first=settings.backup_interval)
         jobs.every("billing", billing_service.JOB_SECONDS, billing.run_jobs, first=60.0)
         services = Services(settings, db, hasher, rate_limits, auth, storage, vectors, chat, admin,
-                            SQLiteConsoleSessions(db), jobs, billing, license, shared)
+                            SQLiteConsoleSessions(db), jobs, billing, license, shared, marketplace)
         yield services
 
 
@@ -144,7 +149,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         app[DB], app[HASHER], app[RATE_LIMITS], app[AUTH] = s.db, s.hasher, s.rate_limits, s.auth
         app[STORAGE], app[VECTORS], app[CHAT], app[ADMIN] = s.storage, s.vectors, s.chat, s.admin
         app[CONSOLE_SESSIONS], app[JOBS], app[BILLING] = s.console_sessions, s.jobs, s.billing
-        app[LICENSE], app[SHARED] = s.license, s.shared
+        app[LICENSE], app[SHARED], app[MARKETPLACE] = s.license, s.shared, s.marketplace
         s.vectors.store.start_warm_up()  # in the background: searches never wait for it
         s.admin.doctor.start()
         s.jobs.start()

@@ -147,6 +147,12 @@ class Settings:
     # The doctor's checks (as `adiuva doctor`, never --fix) in the background for the admin
     # status: a minute after start, then every N seconds (0: only when an admin asks).
     doctor_interval: float = 86400.0
+    # The plugin marketplace: its bundled plugins' folder (None: the one shipped with the server;
+    # "": none), and the bounds of a submitted package (the .tar.gz, what it unpacks to, entries).
+    plugins_dir: str | None = None
+    plugin_max_package_bytes: int = 5 * 1024**2
+    plugin_max_unpacked_bytes: int = 20 * 1024**2
+    plugin_max_files: int = 200
     # Many machines (DESIGN "One box, or many"): PostgreSQL for metadata and vectors instead of
     # the SQLite file ("" = SQLite). The URL may carry a password: never printed.
     database_url: str = dataclasses.field(default="", repr=False)
@@ -250,6 +256,11 @@ class Settings:
         values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
         values["doctor_interval"] = r.duration("ADIUVA_DOCTOR_INTERVAL", cls.doctor_interval)
+        plugins_dir = env.get("ADIUVA_PLUGINS_DIR")
+        values["plugins_dir"] = None if plugins_dir is None else ("" if plugins_dir.strip().lower() in ("", "off") else plugins_dir)
+        values["plugin_max_package_bytes"] = r.int("ADIUVA_PLUGIN_MAX_PACKAGE_BYTES", cls.plugin_max_package_bytes, 1024, 1024**3)
+        values["plugin_max_unpacked_bytes"] = r.int("ADIUVA_PLUGIN_MAX_UNPACKED_BYTES", cls.plugin_max_unpacked_bytes, 1024, 4 * 1024**3)
+        values["plugin_max_files"] = r.int("ADIUVA_PLUGIN_MAX_FILES", cls.plugin_max_files, 1, 100_000)
         values["billing_past_due_grace"] = r.duration("ADIUVA_BILLING_PAST_DUE_GRACE", cls.billing_past_due_grace)
         values["billing_reconcile_interval"] = r.duration("ADIUVA_BILLING_RECONCILE_INTERVAL",
                                                           cls.billing_reconcile_interval)
@@ -550,6 +561,8 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "max_connections": ("ADIUVA_MAX_CONNECTIONS",), "max_connections_per_address": ("ADIUVA_MAX_CONNECTIONS_PER_ADDRESS",),
     "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
     "doctor_interval": ("ADIUVA_DOCTOR_INTERVAL",),
+    "plugins_dir": ("ADIUVA_PLUGINS_DIR",), "plugin_max_package_bytes": ("ADIUVA_PLUGIN_MAX_PACKAGE_BYTES",),
+    "plugin_max_unpacked_bytes": ("ADIUVA_PLUGIN_MAX_UNPACKED_BYTES",), "plugin_max_files": ("ADIUVA_PLUGIN_MAX_FILES",),
     "stripe_api_base": ("STRIPE_API_BASE",), "stripe_price_pro": ("STRIPE_PRICE_PRO",),
     "stripe_price_power": ("STRIPE_PRICE_POWER",), "stripe_price_team": ("STRIPE_PRICE_TEAM",),
     "billing_past_due_grace": ("ADIUVA_BILLING_PAST_DUE_GRACE",),

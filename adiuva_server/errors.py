@@ -255,6 +255,32 @@ class RequestTimeout(AdiuvaError):
     title = "Request timeout"
 
 
+class LicensedModeRequired(Forbidden):
+    """Paid plugins and plugin submissions from developers exist in licensed mode only."""
+
+    code = "licensed_mode_required"
+    title = "This needs a licensed server"
+
+
+class PaymentNotAvailable(AdiuvaError):
+    status = 402
+    code = "payment_not_available"
+    title = "Paid installs are not available on this server yet"
+
+
+class PluginChecksFailed(ValidationError):
+    """A plugin submission failed the automated review: `failed` names each rule and why."""
+
+    code = "plugin_checks_failed"
+    title = "The plugin failed the automated checks"
+
+    def __init__(self, failures: list, **kw: Any) -> None:
+        failed = [{"check": f.check, "detail": f.detail} for f in failures]
+        checks = ", ".join(dict.fromkeys(f["check"] for f in failed))
+        super().__init__(f"failed checks: {checks}", extra={"failed": failed}, **kw)
+        self.failures = failures
+
+
 class BillingNotEnabled(NotFound):
     """Homelab mode (no license allowing billing): every billing route answers this."""
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from adiuva_server.db import Database
     from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
+    from adiuva_server.marketplace.service import MarketplaceService
     from adiuva_server.jobs import Jobs
     from adiuva_server.ratelimit import RateLimitStore
     from adiuva_server.vectors.service import VectorService
@@ -37,6 +38,7 @@ STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
+MARKETPLACE = web.AppKey("marketplace", "MarketplaceService")
 BILLING = web.AppKey("billing", "BillingService")
 # The server's clock (tests put a movable one here before start-up) and the license's live state.
 CLOCK = web.AppKey("clock", "Clock")

@@ -30,6 +30,26 @@ BACKUP_BYTES = b"\x01encrypted backup\xfe" * 8
 PROBLEM = "application/problem+json"
 
 
+def _plugin_package() -> bytes:
+    import gzip
+    import io
+    import tarfile
+
+    manifest = json.dumps({"id": "matrix-plugin", "name": "Matrix", "description": "d", "version": "1.0.0",
+                           "author": "a", "category": "Utilities", "price_cents": 0, "currency": "EUR",
+                           "permissions": []}).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("manifest.json", manifest), ("index.js", b"export default {};")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue())
+
+
+PLUGIN_PACKAGE = _plugin_package()
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -110,14 +130,33 @@ REQUESTS: dict[tuple[str, str], Req] = {
     ("POST", "/billing/portal"): Req(),
     ("POST", "/billing/webhook"): Req(data=b'{"id": "evt_1"}', headers={"Stripe-Signature": "t=1,v1=00",
                                                                        "Content-Type": "application/json"}),
+    # The marketplace: {plugin_id} is a bundled plugin (shared, not owned).
+    ("GET", "/plugins"): Req(params={"category": "Productivity", "q": "sync", "sort": "installs"}),
+    ("GET", "/plugins/installed"): Req(),
+    ("GET", "/plugins/signing-key"): Req(),
+    ("GET", "/plugins/submissions"): Req(),
+    ("POST", "/plugins/submissions"): Req(data=PLUGIN_PACKAGE, headers={"Content-Type": "application/octet-stream"}),
+    ("GET", "/plugins/{plugin_id}"): Req(),
+    ("POST", "/plugins/{plugin_id}/install"): Req(),
+    ("DELETE", "/plugins/{plugin_id}/install"): Req(),
+    ("PUT", "/plugins/{plugin_id}/rating"): Req(json={"stars": 4}),
+    ("GET", "/plugins/{plugin_id}/package"): Req(),
+    ("GET", "/admin/plugins/pending"): Req(),
+    ("POST", "/admin/plugins"): Req(data=PLUGIN_PACKAGE, headers={"Content-Type": "application/octet-stream"}),
+    ("GET", "/admin/plugins/{plugin_id}"): Req(),
+    ("POST", "/admin/plugins/{plugin_id}/approve"): Req(json={"notes": "ok"}),
+    ("POST", "/admin/plugins/{plugin_id}/reject"): Req(json={"reason": "no"}),
+    ("POST", "/admin/plugins/{plugin_id}/revoke"): Req(json={"notes": "gone"}),
 }
 
 # Routes that answer without a bearer token on purpose.
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json"), ("POST", "/auth/register"), ("POST", "/auth/login"),
-          ("POST", "/auth/refresh"), ("GET", "/chat/stream"), ("GET", "/metrics"),
+          ("POST", "/auth/refresh"), ("GET", "/chat/stream"), ("GET", "/metrics"), ("GET", "/plugins/signing-key"),
           ("POST", "/billing/webhook")}  # Stripe signs it instead
 # Ids that are global, not owned (the built-in playbook): another user may read them.
-SHARED_IDS = {("GET", "/plans/playbook/{plan_id}")}
+SHARED_IDS = {("GET", "/plans/playbook/{plan_id}"), ("GET", "/plugins/{plugin_id}"), ("POST", "/plugins/{plugin_id}/install"),
+              ("DELETE", "/plugins/{plugin_id}/install"), ("PUT", "/plugins/{plugin_id}/rating"),
+              ("GET", "/plugins/{plugin_id}/package")}
 
 JUNK_IDS = ["../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%00", "%0a%0dX-Injected:1", "' OR '1'='1",
             "a" * 2000, "%E2%80%AE", "\\..\\..\\windows", "00000000-0000-0000-0000-000000000000", "%ff%fe"]
@@ -163,11 +202,15 @@ async def _owner(client) -> Owner:
     plan = await client.post(f"{API}/plans", headers=acct.headers,
                              json={"name": "ada's", "steps": [{"id": "s1", "kind": "llm", "template_id": template_id}]})
     assert plan.status in (200, 201), await plan.text()
+    installed = await client.post(f"{API}/plugins/github-sync/install", headers=acct.headers)
+    assert installed.status == 200, await installed.text()
+    rated = await client.put(f"{API}/plugins/github-sync/rating", headers=acct.headers, json={"stars": 5})
+    assert rated.status == 200, await rated.text()
     victim = await register(client, "victim@example.org")
     victim_me = await (await client.get(f"{API}/auth/me", headers=victim.headers)).json()
     ids = {"user_id": victim_me["id"], "record_id": (await rec.json())["id"], "backup_id": (await bak.json())["id"], "vector_id": "ada-v1",
            "plan_id": (await plan.json())["plan_id"], "template_id": template_id,
-           "refresh_token": acct.refresh_token, "playbook_id": playbook_id}
+           "refresh_token": acct.refresh_token, "playbook_id": playbook_id, "plugin_id": "github-sync"}
     return Owner(acct.headers, me["id"], ids)
 
 
@@ -180,9 +223,14 @@ async def _snapshot(client, owner: Owner) -> dict:
     listing = await (await client.get(f"{API}/storage/records", headers=h)).json()
     history = await (await client.get(f"{API}/backup/history", headers=h)).json()
     users = await (await client.get(f"{API}/admin/users", headers=h)).json()
+    plugins = await (await client.get(f"{API}/admin/plugins/github-sync", headers=h)).json()
+    installed = await (await client.get(f"{API}/plugins/installed", headers=h)).json()
+    pending = await (await client.get(f"{API}/admin/plugins/pending", headers=h)).json()
     return {"users": sorted((u["email"], u["tier"], u["disabled"], u["admin"]) for u in users["items"]),"record": (rec.status, await rec.read()), "backup": (bak.status, await bak.read()),
             "vectors": sorted(m["id"] for m in hits["matches"]), "records": listing["total"],
-            "backups": len(history["items"])}
+            "backups": len(history["items"]),
+            "plugins": (plugins["status"], plugins["install_count"], plugins["rating_count"], len(plugins["versions"]),
+                        [i["plugin_id"] for i in installed["items"]], len(pending["items"]))}
 
 
 def _fill(text: str, ids: dict[str, str]) -> str:
@@ -345,6 +393,11 @@ async def test_the_wrong_tier_is_refused_and_stores_nothing(client):
         ("PUT", "/backup"): ({402}, {"quota_exceeded"}),
         ("POST", "/storage/vectors/upsert"): ({402}, {"quota_exceeded"}),
         ("POST", "/plans"): ({403}, {"feature_not_in_tier"}),
+        ("GET", "/plugins"): ({403}, {"feature_not_in_tier"}),
+        ("GET", "/plugins/{plugin_id}"): ({403}, {"feature_not_in_tier"}),
+        ("POST", "/plugins/{plugin_id}/install"): ({403}, {"feature_not_in_tier"}),
+        ("PUT", "/plugins/{plugin_id}/rating"): ({403}, {"feature_not_in_tier"}),
+        ("GET", "/plugins/{plugin_id}/package"): ({403}, {"feature_not_in_tier"}),
     }
     for (method, path), (statuses, codes) in refused.items():
         url, kw = _request(method, path, owner.ids)
@@ -356,6 +409,7 @@ async def test_the_wrong_tier_is_refused_and_stores_nothing(client):
     await assert_problem(resp, {403}, {"feature_not_in_tier"})
     assert (await (await client.get(f"{API}/storage/records", headers=free.headers)).json())["total"] == 0
     assert (await client.get(f"{API}/backup", headers=free.headers)).status == 404
+    assert (await (await client.get(f"{API}/plugins/installed", headers=free.headers)).json())["items"] == []
     hits = await (await client.post(f"{API}/storage/vectors/search", headers=free.headers,
                                     json={"values": vector(5), "top_k": 5})).json()
     assert hits["matches"] == []

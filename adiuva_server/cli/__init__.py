@@ -17,6 +17,7 @@ from adiuva_server.cli.backup import app as backup_app
 from adiuva_server.cli.billing import app as billing_app
 from adiuva_server.cli.license import app as license_app
 from adiuva_server.cli.user import app as user_app
+from adiuva_server.cli.plugin import app as plugin_app
 
 app = typer.Typer(
     name="adiuva",
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(user_app, name="user")
 app.add_typer(backup_app, name="backup")
+app.add_typer(plugin_app, name="plugin")
 app.add_typer(billing_app, name="billing")
 app.add_typer(license_app, name="license")
 
