@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,10 @@ _U32 = 2.0**-24  # unit roundoff of float32
 LOAD_BLOCK = 4096
 # A copy searched on the event loop up to this many values (~1 ms); larger ones in a thread.
 INLINE_VALUES = 1 << 22
+# After a load that took t seconds, the same collection is not loaded again for this many t: a
+# collection that other nodes write all the time costs this node at most ~1/4 of a core in
+# reloads (its searches meanwhile scan, exact and slower).
+RELOAD_BACKOFF = 4.0
 
 
 def encode_vector(value: Any) -> bytes:
@@ -116,6 +121,7 @@ class PostgresVectorStore:
         self.db = db
         self.mirror = mirror if mirror is not None and mirror.enabled else None
         self._loading: dict[Key, asyncio.Task[bool]] = {}
+        self._next_load: dict[Key, float] = {}  # monotonic time before which a key is not reloaded
         self._load_slot: asyncio.Semaphore | None = None  # one load at a time (made in the loop)
         self._warming: asyncio.Task[int] | None = None
         self._coarse: asyncio.Future[bool] | None = None
@@ -380,6 +386,12 @@ class PostgresVectorStore:
         mirror = self.mirror
         if mirror is None or key in self._loading or not mirror.wants(count) or not mirror.fits(count, dimension):
             return
+        now = time.monotonic()
+        if self._next_load.get(key, 0.0) > now:
+            return
+        self._next_load.pop(key, None)
+        if len(self._next_load) > 4096:  # forget back-offs that are over
+            self._next_load = {k: t for k, t in self._next_load.items() if t > now}
         task = asyncio.create_task(self._load(key, evict=True))
         self._loading[key] = task
         task.add_done_callback(lambda _t, key=key: self._loading.pop(key, None))
@@ -393,7 +405,9 @@ class PostgresVectorStore:
             self._load_slot = asyncio.Semaphore(1)
         try:
             async with self._load_slot:
+                started = time.monotonic()
                 entry = await self.db.transaction(lambda conn: self._read_entry(conn, key, evict), readonly=True)
+                self._next_load[key] = time.monotonic() + RELOAD_BACKOFF * (time.monotonic() - started)
                 if entry is None:
                     return False
                 if not self.mirror.put(key, entry, evict=evict):
