@@ -235,7 +235,8 @@ async def run(a: argparse.Namespace) -> None:
         scan_only = PostgresVectorStore(db)  # no copies: pgvector's exact scan, re-scored in float64
         s, ok = await timed_searches(scan_only, user, x, queries[:10], a.k)
         print(f"[postgresql] {a.target} search, pgvector exact scan: {fmt(s)}  = {pct(s, 50) / pct(blas, 50):.2f}x numpy-blas; "
-              f"exact {ok}/{min(10, len(queries))}")
+              f"exact {ok}/{min(10, len(queries))}; {scan_only.scans} scans of k + {scan_only.scan_slack} candidates "
+              f"needed {scan_only.scans_grown} more rounds")
         await store.close()
         await db.close()
         # restart: a new node, empty cache, warm-up in the background
@@ -263,6 +264,33 @@ async def run(a: argparse.Namespace) -> None:
               f"{[m.id for m in first] == exact_ids(x, queries[0], a.k)}); {len(during)} searches during the "
               f"{warm_s:.2f} s warm-up, slowest {max(during, default=0) * 1e3:.0f} ms; then {after_s * 1e3:.1f} ms "
               f"from the copy (exact: {[m.id for m in after] == exact_ids(x, queries[1], a.k)})")
+        # another node writes 100 vectors (50 replaced, 50 new): this node's next searches
+        other_db = await PgDatabase.open(url, min_size=1, max_size=2)
+        other = PostgresVectorStore(other_db)
+        store.reload_backoff = 0.0
+        changed = rng.standard_normal((100, a.dim), dtype=np.float32)
+        batch = []
+        for j, row in enumerate(changed):
+            i = j if j < 50 else a.target + j - 50  # its index in x2 below
+            p, c = payload_for(i)
+            batch.append(NewVector(f"v{i}", row.tobytes(), p, c))
+        await other.upsert(user, "team", "default", None, a.dim, batch)
+        x2 = np.concatenate([changed[:50], x[50:], changed[50:]])
+        t = time.perf_counter()
+        coll = await store.get_collection(user, "default")
+        got = await store.search(coll, queries[2].tobytes(), a.k)
+        stale_s = time.perf_counter() - t
+        t = time.perf_counter()
+        await asyncio.gather(*store._loading.values())
+        catch_s = time.perf_counter() - t
+        t = time.perf_counter()
+        coll = await store.get_collection(user, "default")
+        got2 = await store.search(coll, queries[3].tobytes(), a.k)
+        fresh_s = time.perf_counter() - t
+        print(f"[postgresql] after another node wrote 100 vectors: next search {stale_s * 1e3:.0f} ms (exact scan; "
+              f"exact: {[m.id for m in got] == exact_ids(x2, queries[2], a.k)}), copy caught up {catch_s * 1e3:.0f} ms "
+              f"later (loads {store.loads}), then {fresh_s * 1e3:.1f} ms (exact: {[m.id for m in got2] == exact_ids(x2, queries[3], a.k)})")
+        await other_db.close()
         await store.close()
         await db.close()
 

@@ -412,6 +412,41 @@ async def test_postgres_search_never_waits_for_a_copy(pg_backend):
     assert store.mirror.peek((ada, coll.id)).version == coll.version
 
 
+async def test_a_copy_catches_up_with_other_nodes_by_what_changed(pg_backend):
+    """Node b's copy, stale after node a's inserts, replacements and deletes, is moved forward by
+    reading only the rows written since its version (and all ids), then answers exactly."""
+    backend = pg_backend
+    a, b = await backend.node(), await backend.node()
+    ada = await backend.add_user(a, "ada@example.org")
+    rng = np.random.default_rng(51)
+    live = {f"v{i}": r for i, r in enumerate(rng.standard_normal((3000, 16)).astype(np.float32))}
+    await fill(a, ada, np.stack(list(live.values())))
+    b.reload_backoff = 0.0  # every stale search starts a load (the test waits for each)
+    assert await b.warm(await b.get_collection(ada, "default"))
+    assert b.loads == {"full": 1, "delta": 0}
+    for step in range(3):
+        changed = {f"v{i}": r for i, r in zip(range(100 * step, 100 * step + 50),
+                                              rng.standard_normal((50, 16)).astype(np.float32), strict=True)}
+        added = {f"n{step}-{i}": r for i, r in enumerate(rng.standard_normal((20, 16)).astype(np.float32))}
+        gone = [f"v{i}" for i in range(2000 + 10 * step, 2010 + 10 * step)]
+        batch = [NewVector(k, v.tobytes(), b"p", hashlib.sha256(b"p").hexdigest()) for k, v in {**changed, **added}.items()]
+        await a.upsert(ada, "team", "default", None, 16, batch)
+        assert await a.delete(ada, "team", "default", gone) == 10
+        live.update(changed)
+        live.update(added)
+        for k in gone:
+            del live[k]
+        ids, xs = list(live), np.stack(list(live.values()))
+        q = rng.standard_normal(16).astype(np.float32)
+        want = [ids[i] for i in np.argsort(np.linalg.norm(xs.astype(np.float64) - q, axis=1), kind="stable")[:20]]
+        assert [m.id for m in await search(b, ada, q, 20)] == want  # stale copy: the database answers
+        await asyncio.gather(*b._loading.values())  # b catches up meanwhile
+        no_scan(b)
+        assert [m.id for m in await search(b, ada, q, 20)] == want
+        del b._scan  # the class's own again
+    assert b.loads == {"full": 1, "delta": 3}
+
+
 async def test_compose_builds_the_pgvector_store_for_a_database_url(pg_backend, tmp_path):
     backend = pg_backend
     from adiuva_server.compose import open_services

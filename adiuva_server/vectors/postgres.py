@@ -50,10 +50,6 @@ _U32 = 2.0**-24  # unit roundoff of float32
 LOAD_BLOCK = 4096
 # A copy searched on the event loop up to this many values (~1 ms); larger ones in a thread.
 INLINE_VALUES = 1 << 22
-# After a load that took t seconds, the same collection is not loaded again for this many t: a
-# collection that other nodes write all the time costs this node at most ~1/4 of a core in
-# reloads (its searches meanwhile scan, exact and slower).
-RELOAD_BACKOFF = 4.0
 
 
 def encode_vector(value: Any) -> bytes:
@@ -116,6 +112,10 @@ class PostgresVectorStore:
     # The first scan fetches this many candidates beyond k (pgvector's float32 rounding is
     # ~1e-5 relative at worst: more than a few are rarely needed).
     scan_slack = 16
+    # After a load that took t seconds, the same collection is not loaded again for this many t:
+    # a collection that other nodes write all the time costs this node at most ~1/4 of a core in
+    # loads (its searches meanwhile scan, exact and slower).
+    reload_backoff = 4.0
 
     def __init__(self, db: Any, mirror: VectorMirror | None = None) -> None:
         self.db = db
@@ -125,6 +125,8 @@ class PostgresVectorStore:
         self._load_slot: asyncio.Semaphore | None = None  # one load at a time (made in the loop)
         self._warming: asyncio.Task[int] | None = None
         self._coarse: asyncio.Future[bool] | None = None
+        self.scans = self.scans_grown = 0  # exact scans, and the rounds of more candidates they needed
+        self.loads = {"full": 0, "delta": 0}  # copies read whole, and moved forward by what changed
 
     async def get_collection(self, user_id: str, name: str) -> PgCollection | None:
         row = await self.db.fetchrow(
@@ -156,15 +158,21 @@ class PostgresVectorStore:
             rowids = np.empty(len(vectors), dtype=np.int64)
             new = [i for i, v in enumerate(vectors) if v.id not in held]
             old = [i for i, v in enumerate(vectors) if v.id in held]
+            # The new version first: the rows written carry it (other nodes catch up by it).
+            after = await conn.fetchval(
+                "UPDATE vector_collections SET count = count + $2, version = nextval('vector_versions') "
+                "WHERE id = $1 RETURNING version",
+                coll.id, len(new),
+            )
             if new:
                 # Row ids drawn here, under the collection's row lock: they grow with commits.
                 got = await conn.fetch(
-                    "INSERT INTO vector_items (collection_id, id, item_id, payload, checksum, embedding) "
-                    "SELECT $1, nextval('vector_item_ids'), r.item_id, r.payload, r.checksum, r.embedding "
+                    "INSERT INTO vector_items (collection_id, id, item_id, payload, checksum, embedding, written) "
+                    "SELECT $1, nextval('vector_item_ids'), r.item_id, r.payload, r.checksum, r.embedding, $6 "
                     "FROM unnest($2::text[], $3::bytea[], $4::text[], $5::vector[]) AS r(item_id, payload, checksum, embedding) "
                     "RETURNING item_id, id",
                     coll.id, [ids[i] for i in new], [vectors[i].payload for i in new],
-                    [vectors[i].checksum for i in new], [blobs[i] for i in new],
+                    [vectors[i].checksum for i in new], [blobs[i] for i in new], after,
                 )
                 fresh = {r[0]: r[1] for r in got}
                 for i in new:
@@ -173,17 +181,12 @@ class PostgresVectorStore:
                 for i in old:
                     rowids[i] = held[ids[i]][0]
                 await conn.execute(
-                    "UPDATE vector_items i SET payload = r.payload, checksum = r.checksum, embedding = r.embedding "
-                    "FROM unnest($2::bigint[], $3::bytea[], $4::text[], $5::vector[]) AS r(id, payload, checksum, embedding) "
-                    "WHERE i.collection_id = $1 AND i.id = r.id",
+                    "UPDATE vector_items i SET payload = r.payload, checksum = r.checksum, embedding = r.embedding, "
+                    "written = $6 FROM unnest($2::bigint[], $3::bytea[], $4::text[], $5::vector[]) "
+                    "AS r(id, payload, checksum, embedding) WHERE i.collection_id = $1 AND i.id = r.id",
                     coll.id, rowids[old].tolist(), [vectors[i].payload for i in old],
-                    [vectors[i].checksum for i in old], [blobs[i] for i in old],
+                    [vectors[i].checksum for i in old], [blobs[i] for i in old], after,
                 )
-            after = await conn.fetchval(
-                "UPDATE vector_collections SET count = count + $2, version = nextval('vector_versions') "
-                "WHERE id = $1 RETURNING version",
-                coll.id, len(new),
-            )
             return coll, before, after, rowids, len(new), rows
 
         coll, before, after, rowids, inserted, rows = await self.db.transaction(write)
@@ -307,11 +310,11 @@ class PostgresVectorStore:
         return await self._scan(collection, q, k)
 
     def _current(self, key: Key, version: int) -> MirrorEntry | None:
-        """The copy at exactly `version`; an older one is dropped (a newer one, when the caller's
-        collection was read before a write of this node, is kept)."""
+        """The copy at exactly `version`, or None. An older copy stays until the background
+        load replaces it: that load only reads what changed since."""
         assert self.mirror is not None
         entry = self.mirror.peek(key)
-        if entry is None or entry.version > version:
+        if entry is None or entry.version != version:
             return None
         return self.mirror.get(key, version)
 
@@ -349,6 +352,7 @@ class PostgresVectorStore:
         floor = d * 2.0**-148
         q64 = q.astype(np.float64)
         size = k + self.scan_slack
+        self.scans += 1
         while True:
             rows = await self.db.fetch(
                 "SELECT i.id, i.item_id, i.payload, i.checksum, i.embedding, i.embedding <-> $3 AS approx "
@@ -371,6 +375,7 @@ class PostgresVectorStore:
             if len(order) == k and math.sqrt(d2[order[-1]]) * (1 + 1e-12) < left_out:
                 break
             size *= 4
+            self.scans_grown += 1
         cosine = coll.metric == "cosine"
         return [Match(rows[i][1], d2[i] / 2.0 if cosine else math.sqrt(d2[i]), rows[i][2], rows[i][3])
                 for i in order.tolist()]
@@ -403,7 +408,7 @@ class PostgresVectorStore:
             async with self._load_slot:
                 started = time.monotonic()
                 entry = await self.db.transaction(lambda conn: self._read_entry(conn, key, evict), readonly=True)
-                self._next_load[key] = time.monotonic() + RELOAD_BACKOFF * (time.monotonic() - started)
+                self._next_load[key] = time.monotonic() + self.reload_backoff * (time.monotonic() - started)
                 if entry is None:
                     return False
                 if not self.mirror.put(key, entry, evict=evict):
@@ -421,6 +426,13 @@ class PostgresVectorStore:
         mirror = self.mirror
         assert mirror is not None
         user_id, coll_id = key
+        held = mirror.peek(key)
+        if held is not None:
+            entry = await self._catch_up(conn, key, held)
+            if entry is not None:
+                self.loads["delta"] += 1
+                return entry
+        self.loads["full"] += 1
         # One statement, so the version and the rows are one snapshot (a cursor keeps its own).
         cursor = await conn.cursor(
             "SELECT c.version, c.count, c.dimension, i.id, vector_send(i.embedding) FROM vector_collections c "
@@ -451,6 +463,35 @@ class PostgresVectorStore:
             at += len(rows)
             rows = await cursor.fetch(LOAD_BLOCK)
         return await asyncio.to_thread(MirrorEntry.wrap, version, rowids[:at], x[:at])
+
+    async def _catch_up(self, conn: Any, key: Key, held: MirrorEntry) -> MirrorEntry | None:
+        """`held` moved forward to the collection's current state, reading only the rows written
+        after its version and the ids of all (those missing were deleted); None when that does
+        not fit (the rows are then read whole). One statement: one snapshot."""
+        user_id, coll_id = key
+        rows = await conn.fetch(
+            "SELECT c.version, c.dimension, i.id, CASE WHEN i.written > $3 THEN vector_send(i.embedding) END "
+            "FROM vector_collections c JOIN vector_items i ON i.collection_id = c.id "
+            "WHERE c.id = $1 AND c.user_id = $2 ORDER BY i.id",
+            coll_id, user_id, held.version,
+        )
+        if not rows or rows[0][1] != held.dimension:
+            return None
+        version = rows[0][0]
+        if version <= held.version:
+            return held
+
+        def apply() -> MirrorEntry | None:
+            ids = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
+            written = [r for r in rows if r[3] is not None]
+            up_ids = np.fromiter((r[2] for r in written), dtype=np.int64, count=len(written))
+            up_x = _from_wire([r[3] for r in written], held.dimension) if written else \
+                np.empty((0, held.dimension), dtype=np.float32)
+            removed = np.setdiff1d(held.rowids, ids, assume_unique=True)
+            entry = held.changed(version, up_ids, up_x, removed.tolist())
+            return entry if entry is not None and entry.n == len(ids) else None
+
+        return await asyncio.to_thread(apply)
 
     async def warm(self, collection: Collection) -> bool:
         """Load the in-memory copy of `collection` now, with its quantized copy when it gets

@@ -37,6 +37,10 @@ CREATE TABLE vector_items (
     payload       bytea NOT NULL,                -- encrypted by the client, returned verbatim
     checksum      text NOT NULL,                 -- SHA-256 hex of payload, verified on upsert
     embedding     vector NOT NULL,
+    -- The collection version of the write that last wrote this row: a node whose copy is at
+    -- version v catches up by reading the rows written after v and the ids of all (the ids
+    -- missing from its copy's were deleted), instead of the whole collection.
+    written       bigint NOT NULL,
     -- A collection's rows in id order: scans, loads and payload look-ups use this prefix.
     PRIMARY KEY (collection_id, id),
     UNIQUE (collection_id, item_id)
