@@ -12,9 +12,10 @@ Search, exact either way (results equal a float64 brute force over the stored fl
   whose float32 distances are re-scored in float64: the first K candidates are fetched with
   their embeddings, and the answer is kept only when a bound on pgvector's float32 rounding
   shows no row left out can be nearer than the k-th (otherwise K grows).
-A search never waits for a copy: one that is missing or stale is (re)loaded in the background,
-one at a time, from one snapshot (the version and the rows in one statement). Writes of this
-node move its copy forward, as on SQLite; writes of other nodes make it reload.
+A search never waits for a copy: one that is missing is loaded in the background, one at a
+time, from one snapshot (the version and the rows in one statement); one made stale by another
+node's writes catches up there by reading only the rows written since its version (and the ids
+of all: those missing were deleted). Writes of this node move its copy forward, as on SQLite.
 """
 
 from __future__ import annotations
@@ -393,13 +394,18 @@ class PostgresVectorStore:
         self._next_load.pop(key, None)
         if len(self._next_load) > 4096:  # forget back-offs that are over
             self._next_load = {k: t for k, t in self._next_load.items() if t > now}
-        task = asyncio.create_task(self._load(key, evict=True))
+        self._track(key, evict=True)
+
+    def _track(self, key: Key, evict: bool) -> asyncio.Task[bool]:
+        """The load of `key` as a task that searches can see (so they do not queue another)."""
+        task = asyncio.create_task(self._load(key, evict))
         self._loading[key] = task
         task.add_done_callback(lambda _t, key=key: self._loading.pop(key, None))
+        return task
 
     async def _load(self, key: Key, evict: bool) -> bool:
-        """Read the collection's version and rows from one snapshot into the mirror. True when a
-        current copy is in memory afterwards."""
+        """Bring the collection's copy to its current state (caught up, or read whole) from one
+        snapshot. True when a current copy is in memory afterwards."""
         if self.mirror is None:
             return False
         if self._load_slot is None:
@@ -430,7 +436,7 @@ class PostgresVectorStore:
         if held is not None:
             entry = await self._catch_up(conn, key, held)
             if entry is not None:
-                self.loads["delta"] += 1
+                self.loads["delta"] += entry is not held
                 return entry
         self.loads["full"] += 1
         # One statement, so the version and the rows are one snapshot (a cursor keeps its own).
@@ -522,8 +528,9 @@ class PostgresVectorStore:
             if size > budget:
                 continue  # another, smaller one may still fit
             budget -= size
+            key = (user_id, coll_id)
             try:
-                if await self._load((user_id, coll_id), False):
+                if await (self._loading.get(key) or self._track(key, evict=False)):
                     loaded += 1
             except Exception:
                 log.exception("could not load vector collection %s into memory", coll_id)
