@@ -223,7 +223,7 @@ async def test_exact_where_float32_distances_are_not(backend, cached, data):
         assert [m.id for m in got] == ids
         np.testing.assert_allclose([m.distance for m in got], dists, rtol=1e-12)
         if backend.name == "postgresql":
-            raw = await store.db.fetch("SELECT item_id FROM vector_items ORDER BY embedding <-> $1, id LIMIT 10", q)
+            raw = await store.db.fetch("SELECT item_id FROM vector_items ORDER BY embedding <-> $1, vec_rowid LIMIT 10", q)
             misordered += [r[0] for r in raw] != ids
     if backend.name == "postgresql" and data == "sphere":
         assert misordered, "pgvector's float32 order was already exact: this data does not test the re-scoring"

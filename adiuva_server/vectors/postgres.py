@@ -150,7 +150,7 @@ class PostgresVectorStore:
             # 500 x 384 batch; off the event loop when larger).
             rows, blobs = await asyncio.to_thread(self._encode, x, coll.metric) if big else self._encode(x, coll.metric)
             held = {r[0]: (r[1], r[2]) for r in await conn.fetch(
-                "SELECT item_id, id, length(payload) FROM vector_items WHERE collection_id = $1 AND item_id = ANY($2::text[])",
+                "SELECT item_id, vec_rowid, length(payload) FROM vector_items WHERE collection_id = $1 AND item_id = ANY($2::text[])",
                 coll.id, ids,
             )}
             delta = sum(stored_bytes(len(v.payload), dimension) for v in vectors)
@@ -168,12 +168,12 @@ class PostgresVectorStore:
             if new:
                 # Row ids drawn here, under the collection's row lock: they grow with commits.
                 got = await conn.fetch(
-                    "INSERT INTO vector_items (collection_id, id, item_id, payload, checksum, embedding, written) "
-                    "SELECT $1, nextval('vector_item_ids'), r.item_id, r.payload, r.checksum, r.embedding, $6 "
+                    "INSERT INTO vector_items (collection_id, vec_rowid, item_id, dimension, payload, checksum, embedding, written) "
+                    "SELECT $1, nextval('vector_item_ids'), r.item_id, $7, r.payload, r.checksum, r.embedding, $6 "
                     "FROM unnest($2::text[], $3::bytea[], $4::text[], $5::vector[]) AS r(item_id, payload, checksum, embedding) "
-                    "RETURNING item_id, id",
+                    "RETURNING item_id, vec_rowid",
                     coll.id, [ids[i] for i in new], [vectors[i].payload for i in new],
-                    [vectors[i].checksum for i in new], [blobs[i] for i in new], after,
+                    [vectors[i].checksum for i in new], [blobs[i] for i in new], after, dimension,
                 )
                 fresh = {r[0]: r[1] for r in got}
                 for i in new:
@@ -184,7 +184,7 @@ class PostgresVectorStore:
                 await conn.execute(
                     "UPDATE vector_items i SET payload = r.payload, checksum = r.checksum, embedding = r.embedding, "
                     "written = $6 FROM unnest($2::bigint[], $3::bytea[], $4::text[], $5::vector[]) "
-                    "AS r(id, payload, checksum, embedding) WHERE i.collection_id = $1 AND i.id = r.id",
+                    "AS r(id, payload, checksum, embedding) WHERE i.collection_id = $1 AND i.vec_rowid = r.id",
                     coll.id, rowids[old].tolist(), [vectors[i].payload for i in old],
                     [vectors[i].checksum for i in old], [blobs[i] for i in old], after,
                 )
@@ -251,7 +251,7 @@ class PostgresVectorStore:
             coll_id, dimension, before = row
             gone = await conn.fetch(
                 "DELETE FROM vector_items WHERE collection_id = $1 AND item_id = ANY($2::text[]) "
-                "RETURNING id, length(payload)",
+                "RETURNING vec_rowid, length(payload)",
                 coll_id, list(ids),
             )
             if not gone:
@@ -323,8 +323,8 @@ class PostgresVectorStore:
         """The matches for rows of the copy at `version`; None when the collection is no longer
         at that version (or no longer this user's): the check and the rows are one snapshot."""
         rows = await self.db.fetch(
-            "SELECT i.id, i.item_id, i.payload, i.checksum FROM vector_items i "
-            "WHERE i.collection_id = $1 AND i.id = ANY($2::bigint[]) AND EXISTS ("
+            "SELECT i.vec_rowid, i.item_id, i.payload, i.checksum FROM vector_items i "
+            "WHERE i.collection_id = $1 AND i.vec_rowid = ANY($2::bigint[]) AND EXISTS ("
             " SELECT 1 FROM vector_collections c WHERE c.id = $1 AND c.user_id = $3 AND c.version = $4)",
             coll.id, rowids.tolist(), coll.user_id, version,
         )
@@ -356,10 +356,10 @@ class PostgresVectorStore:
         self.scans += 1
         while True:
             rows = await self.db.fetch(
-                "SELECT i.id, i.item_id, i.payload, i.checksum, i.embedding, i.embedding <-> $3 AS approx "
+                "SELECT i.vec_rowid, i.item_id, i.payload, i.checksum, i.embedding, i.embedding <-> $3 AS approx "
                 "FROM vector_items i WHERE i.collection_id = $1 AND EXISTS ("
                 " SELECT 1 FROM vector_collections c WHERE c.id = $1 AND c.user_id = $2) "
-                "ORDER BY approx, i.id LIMIT $4",
+                "ORDER BY approx, i.vec_rowid LIMIT $4",
                 coll.id, coll.user_id, q, size,
             )
             if not rows:
@@ -441,8 +441,8 @@ class PostgresVectorStore:
         self.loads["full"] += 1
         # One statement, so the version and the rows are one snapshot (a cursor keeps its own).
         cursor = await conn.cursor(
-            "SELECT c.version, c.count, c.dimension, i.id, vector_send(i.embedding) FROM vector_collections c "
-            "JOIN vector_items i ON i.collection_id = c.id WHERE c.id = $1 AND c.user_id = $2 ORDER BY i.id",
+            "SELECT c.version, c.count, c.dimension, i.vec_rowid, vector_send(i.embedding) FROM vector_collections c "
+            "JOIN vector_items i ON i.collection_id = c.id WHERE c.id = $1 AND c.user_id = $2 ORDER BY i.vec_rowid",
             coll_id, user_id,
         )
         rows = await cursor.fetch(LOAD_BLOCK)
@@ -476,9 +476,9 @@ class PostgresVectorStore:
         not fit (the rows are then read whole). One statement: one snapshot."""
         user_id, coll_id = key
         rows = await conn.fetch(
-            "SELECT c.version, c.dimension, i.id, CASE WHEN i.written > $3 THEN vector_send(i.embedding) END "
+            "SELECT c.version, c.dimension, i.vec_rowid, CASE WHEN i.written > $3 THEN vector_send(i.embedding) END "
             "FROM vector_collections c JOIN vector_items i ON i.collection_id = c.id "
-            "WHERE c.id = $1 AND c.user_id = $2 ORDER BY i.id",
+            "WHERE c.id = $1 AND c.user_id = $2 ORDER BY i.vec_rowid",
             coll_id, user_id, held.version,
         )
         if not rows or rows[0][1] != held.dimension:
