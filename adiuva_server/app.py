@@ -9,6 +9,7 @@ from aiohttp import web
 from adiuva_server import compose, meta
 from adiuva_server.admin import routes as admin_routes
 from adiuva_server.auth import routes as auth_routes
+from adiuva_server.billing import routes as billing_routes
 from adiuva_server.chat import routes as chat_routes
 from adiuva_server.config import Settings, ensure_data_dir
 from adiuva_server.console import setup_console
@@ -33,7 +34,7 @@ JSON_BODY_LIMIT = 1024 * 1024
 
 # Each feature: its routes (an `Api`) and, optionally, a `setup(app)` for its own services.
 FEATURES = (meta.api, auth_routes.api, storage_routes.api, vector_routes.api, chat_routes.api, chat_routes.plans_api,
-            admin_routes.api, metrics_api)
+            admin_routes.api, metrics_api, billing_routes.api)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -22,6 +22,10 @@ from adiuva_server.admin.service import AdminService
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.auth.service import AuthService
 from adiuva_server.auth.store import SQLiteAccountStore
+from adiuva_server.billing import service as billing_service
+from adiuva_server.billing.policy import Policy
+from adiuva_server.billing.service import BillingService
+from adiuva_server.billing.sqlite import SQLiteBillingStore
 from adiuva_server.chat.batches import SQLiteBatchStore
 from adiuva_server.chat.llm import LLM
 from adiuva_server.chat.orchestrator import Orchestrator
@@ -30,7 +34,9 @@ from adiuva_server.console.store import SQLiteConsoleSessions
 from adiuva_server.db import Database
 from adiuva_server.db.postgres import PgDatabase
 from adiuva_server.jobs import Jobs
-from adiuva_server.keys import ADMIN, AUTH, CHAT, CONSOLE_SESSIONS, DB, HASHER, JOBS, RATE_LIMITS, SETTINGS, STORAGE, VECTORS
+from adiuva_server.keys import (
+    ADMIN, AUTH, BILLING, CHAT, CONSOLE_SESSIONS, DB, HASHER, JOBS, RATE_LIMITS, SETTINGS, STORAGE, VECTORS,
+)
 from adiuva_server.ratelimit import MemoryRateLimitStore
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.service import StorageService
@@ -60,6 +66,7 @@ class Services:
     admin: AdminService
     console_sessions: SQLiteConsoleSessions
     jobs: Jobs
+    billing: BillingService
 
 
 @contextlib.asynccontextmanager
@@ -106,13 +113,19 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(admin.stop_background)  # server backups started from the console or API
         stack.push_async_callback(admin.doctor.stop)  # before the database closes under it
 
+        # Built in homelab mode too (nothing is opened until used): the license may change while
+        # the server runs; the routes and the job ask billing.mode each time.
+        gateway = await stack.enter_async_context(billing_service.stripe_gateway(settings))
+        billing = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway)
+
         jobs = Jobs()
         jobs.every("housekeeping", HOUSEKEEPING_SECONDS, lambda: housekeeping(rate_limits, auth), cluster=False)
         jobs.every("storage-sweep", SWEEP_SECONDS, lambda: storage_sweep(db, storage))
         jobs.every("server-backup", settings.backup_interval, lambda: server_backup.scheduled_backup(settings),
                    first=settings.backup_interval)
+        jobs.every("billing", billing_service.JOB_SECONDS, billing.run_jobs, first=60.0)
         services = Services(settings, db, hasher, rate_limits, auth, storage, vectors, chat, admin,
-                            SQLiteConsoleSessions(db), jobs)
+                            SQLiteConsoleSessions(db), jobs, billing)
         yield services
 
 
@@ -122,7 +135,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     async with open_services(app[SETTINGS]) as s:
         app[DB], app[HASHER], app[RATE_LIMITS], app[AUTH] = s.db, s.hasher, s.rate_limits, s.auth
         app[STORAGE], app[VECTORS], app[CHAT], app[ADMIN] = s.storage, s.vectors, s.chat, s.admin
-        app[CONSOLE_SESSIONS], app[JOBS] = s.console_sessions, s.jobs
+        app[CONSOLE_SESSIONS], app[JOBS], app[BILLING] = s.console_sessions, s.jobs, s.billing
         s.vectors.store.start_warm_up()  # in the background: searches never wait for it
         s.admin.doctor.start()
         s.jobs.start()

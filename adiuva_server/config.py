@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import secrets
 import urllib.parse
 from collections.abc import Mapping
@@ -87,6 +88,17 @@ class Settings:
     llm_status_ttl: float = 5.0
     stripe_secret_key: str = dataclasses.field(default="", repr=False)
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
+    # Billing (licensed mode, adiuva_server/billing): a Stripe-compatible API, the price of each
+    # paid tier, how long a past_due subscription keeps its tier, how often the subscriptions are
+    # re-read from Stripe to repair missed webhooks (0: only `adiuva billing reconcile`), and
+    # where Stripe's pages send the user back to.
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_price_pro: str = "price_pro_monthly"
+    stripe_price_power: str = "price_power_monthly"
+    stripe_price_team: str = "price_team_monthly"
+    billing_past_due_grace: float = 7 * 86400.0
+    billing_reconcile_interval: float = 86400.0
+    billing_return_url: str = "https://adiuva.app/billing/return"
     shutdown_timeout: float = 15.0
     # Scheduled whole-server backups into <data dir>/server-backups: every N seconds (0: off),
     # keeping the newest `backup_keep` archives.
@@ -198,6 +210,11 @@ class Settings:
             "chat_max_plans_per_user": r.int("ADIUVA_CHAT_MAX_PLANS", cls.chat_max_plans_per_user, 1, 1000),
             "stripe_secret_key": env.get("STRIPE_SECRET_KEY", ""),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET", ""),
+            "stripe_api_base": r.url("STRIPE_API_BASE", cls.stripe_api_base),
+            "stripe_price_pro": r.price("STRIPE_PRICE_PRO", cls.stripe_price_pro),
+            "stripe_price_power": r.price("STRIPE_PRICE_POWER", cls.stripe_price_power),
+            "stripe_price_team": r.price("STRIPE_PRICE_TEAM", cls.stripe_price_team),
+            "billing_return_url": r.url("ADIUVA_BILLING_RETURN_URL", cls.billing_return_url),
             "vector_max_batch": r.int("ADIUVA_VECTOR_MAX_BATCH", 1000, 1, 100_000),
             "vector_max_top_k": r.int("ADIUVA_VECTOR_MAX_TOP_K", 100, 1, 4096),
             "vector_max_payload_bytes": r.int("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES", 64 * 1024, 0, 16 * 1024 * 1024),
@@ -224,6 +241,9 @@ class Settings:
         values["mdns"] = r.choice("ADIUVA_MDNS", "on", ("on", "off", "1", "0", "true", "false")) in ("on", "1", "true")
         values["mdns_interfaces"] = r.addresses("ADIUVA_MDNS_INTERFACES")
         values["doctor_interval"] = r.duration("ADIUVA_DOCTOR_INTERVAL", cls.doctor_interval)
+        values["billing_past_due_grace"] = r.duration("ADIUVA_BILLING_PAST_DUE_GRACE", cls.billing_past_due_grace)
+        values["billing_reconcile_interval"] = r.duration("ADIUVA_BILLING_RECONCILE_INTERVAL",
+                                                          cls.billing_reconcile_interval)
         values["database_url"] = r.database_url("DATABASE_URL")
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -433,6 +453,15 @@ class _Reader:
             raise ConfigError(f"{name} must be at least {min_bytes} bytes (e.g. `openssl rand -hex 32`)")
         return raw
 
+    def price(self, name: str, default: str) -> str:
+        """A Stripe price id (or lookup-key-like name): letters, digits and _ - . only."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if len(raw) > 255 or not re.fullmatch(r"[A-Za-z0-9_.-]+", raw):
+            raise ConfigError(f"{name} must be a Stripe price id such as price_1Abc...; got {raw!r}")
+        return raw
+
     def addresses(self, name: str) -> tuple[str, ...]:
         out = []
         for item in self.list(name, ()):
@@ -458,6 +487,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "ollama_host": ("OLLAMA_HOST",), "llm_api_base": ("LLM_API_BASE",), "llm_timeout": ("LLM_TIMEOUT",),
     "chat_max_sockets": ("ADIUVA_CHAT_MAX_SOCKETS",), "chat_max_plans_per_user": ("ADIUVA_CHAT_MAX_PLANS",),
     "stripe_secret_key": ("STRIPE_SECRET_KEY",), "stripe_webhook_secret": ("STRIPE_WEBHOOK_SECRET",),
+    "database_url": ("DATABASE_URL",),
     "vector_max_batch": ("ADIUVA_VECTOR_MAX_BATCH",), "vector_max_top_k": ("ADIUVA_VECTOR_MAX_TOP_K",),
     "vector_max_payload_bytes": ("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES",), "vector_cache_bytes": ("ADIUVA_VECTOR_CACHE_BYTES",),
     "vector_cache_min_vectors": ("ADIUVA_VECTOR_CACHE_MIN_VECTORS",),
@@ -470,6 +500,12 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "max_connections": ("ADIUVA_MAX_CONNECTIONS",), "max_connections_per_address": ("ADIUVA_MAX_CONNECTIONS_PER_ADDRESS",),
     "refresh_grace_seconds": ("ADIUVA_REFRESH_GRACE_SECONDS",), "metrics_token": ("ADIUVA_METRICS_TOKEN",), "mdns": ("ADIUVA_MDNS",), "mdns_interfaces": ("ADIUVA_MDNS_INTERFACES",),
     "doctor_interval": ("ADIUVA_DOCTOR_INTERVAL",),
+    "stripe_api_base": ("STRIPE_API_BASE",), "stripe_price_pro": ("STRIPE_PRICE_PRO",),
+    "stripe_price_power": ("STRIPE_PRICE_POWER",), "stripe_price_team": ("STRIPE_PRICE_TEAM",),
+    "billing_past_due_grace": ("ADIUVA_BILLING_PAST_DUE_GRACE",),
+    "billing_reconcile_interval": ("ADIUVA_BILLING_RECONCILE_INTERVAL",),
+    "billing_return_url": ("ADIUVA_BILLING_RETURN_URL",),
+    "database_url": ("DATABASE_URL",),
 }
 
 

@@ -253,3 +253,39 @@ class RequestTimeout(AdiuvaError):
     status = 408
     code = "request_timeout"
     title = "Request timeout"
+
+
+class BillingNotEnabled(NotFound):
+    """Homelab mode (no license allowing billing): every billing route answers this."""
+
+    code = "billing_not_enabled"
+    title = "Billing is not enabled on this server"
+
+
+class BillingNotConfigured(ServiceUnavailable):
+    """Licensed mode without STRIPE_SECRET_KEY (or, for webhooks, STRIPE_WEBHOOK_SECRET): the
+    seed's stub. Nothing is sent to Stripe and nothing changes."""
+
+    code = "billing_not_configured"
+    title = "Billing is not configured on this server"
+
+
+class SubscriptionExists(Conflict):
+    code = "subscription_exists"
+    title = "You already have a subscription"
+
+
+class InvalidWebhookSignature(AdiuvaError):
+    status = 400
+    code = "invalid_signature"
+    title = "Invalid webhook signature"
+
+
+class PaymentProviderUnavailable(ServiceUnavailable):
+    code = "payment_provider_unavailable"
+    title = "The payment provider is unavailable"
+
+
+class NewSalesClosed(Forbidden):
+    code = "new_sales_closed"
+    title = "No new subscriptions are sold on this server now"

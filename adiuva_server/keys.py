@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from adiuva_server.admin.service import AdminService
     from adiuva_server.auth.passwords import PasswordHasher
     from adiuva_server.auth.service import AuthService
+    from adiuva_server.billing.service import BillingService
     from adiuva_server.chat.orchestrator import Orchestrator
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
@@ -33,6 +34,7 @@ STORAGE = web.AppKey("storage", "StorageService")
 CHAT = web.AppKey("chat", "Orchestrator")
 ADMIN = web.AppKey("admin", "AdminService")
 CONSOLE = web.AppKey("console", "ConsoleState")
+BILLING = web.AppKey("billing", "BillingService")
 CONSOLE_SESSIONS = web.AppKey("console_sessions", "SQLiteConsoleSessions")
 JOBS = web.AppKey("jobs", "Jobs")
 

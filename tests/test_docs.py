@@ -11,7 +11,7 @@ from adiuva_server.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
-SETTING = re.compile(r'"((?:ADIUVA|JWT|CORS|LLM|STRIPE|OLLAMA|LITELLM)_[A-Z0-9_]+|ENV)"')
+SETTING = re.compile(r'"((?:ADIUVA|JWT|CORS|LLM|STRIPE|OLLAMA|LITELLM|S3|AWS|REDIS)_[A-Z0-9_]+|ENV|DATABASE_URL)"')
 
 
 def settings_read_by_the_code() -> set[str]:

@@ -103,11 +103,19 @@ REQUESTS: dict[tuple[str, str], Req] = {
     ("GET", "/admin/backups"): Req(),
     ("POST", "/admin/backups"): Req(),
     ("POST", "/admin/doctor"): Req(),
+    # Billing (licensed mode; here homelab mode, so 404 billing_not_enabled after auth and validation).
+    ("POST", "/billing/checkout"): Req(json={"tier": "pro"}),
+    ("GET", "/billing/subscription"): Req(),
+    ("DELETE", "/billing/subscription"): Req(),
+    ("POST", "/billing/portal"): Req(),
+    ("POST", "/billing/webhook"): Req(data=b'{"id": "evt_1"}', headers={"Stripe-Signature": "t=1,v1=00",
+                                                                       "Content-Type": "application/json"}),
 }
 
 # Routes that answer without a bearer token on purpose.
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json"), ("POST", "/auth/register"), ("POST", "/auth/login"),
-          ("POST", "/auth/refresh"), ("GET", "/chat/stream"), ("GET", "/metrics")}
+          ("POST", "/auth/refresh"), ("GET", "/chat/stream"), ("GET", "/metrics"),
+          ("POST", "/billing/webhook")}  # Stripe signs it instead
 # Ids that are global, not owned (the built-in playbook): another user may read them.
 SHARED_IDS = {("GET", "/plans/playbook/{plan_id}")}
 

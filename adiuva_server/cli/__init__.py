@@ -14,6 +14,7 @@ import typer
 from adiuva_server import __version__, errors
 from adiuva_server.cli.common import DataDirOption, fail, load_settings
 from adiuva_server.cli.backup import app as backup_app
+from adiuva_server.cli.billing import app as billing_app
 from adiuva_server.cli.user import app as user_app
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(user_app, name="user")
 app.add_typer(backup_app, name="backup")
+app.add_typer(billing_app, name="billing")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,1 @@
+"""Stripe subscription billing (licensed mode only): see service.py."""
