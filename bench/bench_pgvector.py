@@ -267,7 +267,6 @@ async def run(a: argparse.Namespace) -> None:
         # another node writes 100 vectors (50 replaced, 50 new): this node's next searches
         other_db = await PgDatabase.open(url, min_size=1, max_size=2)
         other = PostgresVectorStore(other_db)
-        store.reload_backoff = 0.0
         changed = rng.standard_normal((100, a.dim), dtype=np.float32)
         batch = []
         for j, row in enumerate(changed):

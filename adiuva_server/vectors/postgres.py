@@ -113,9 +113,9 @@ class PostgresVectorStore:
     # The first scan fetches this many candidates beyond k (pgvector's float32 rounding is
     # ~1e-5 relative at worst: more than a few are rarely needed).
     scan_slack = 16
-    # After a load that took t seconds, the same collection is not loaded again for this many t:
-    # a collection that other nodes write all the time costs this node at most ~1/4 of a core in
-    # loads (its searches meanwhile scan, exact and slower).
+    # After a catch-up (or reload) that took t seconds, the same collection is not loaded again
+    # for this many t: a collection that other nodes write all the time costs this node at most
+    # ~1/4 of a core in loads (its searches meanwhile scan, exact and slower).
     reload_backoff = 4.0
 
     def __init__(self, db: Any, mirror: VectorMirror | None = None) -> None:
@@ -412,9 +412,10 @@ class PostgresVectorStore:
             self._load_slot = asyncio.Semaphore(1)
         try:
             async with self._load_slot:
-                started = time.monotonic()
+                started, had_copy = time.monotonic(), self.mirror.peek(key) is not None
                 entry = await self.db.transaction(lambda conn: self._read_entry(conn, key, evict), readonly=True)
-                self._next_load[key] = time.monotonic() + self.reload_backoff * (time.monotonic() - started)
+                if had_copy:  # a catch-up (or a reload): the first load of a copy sets no back-off
+                    self._next_load[key] = time.monotonic() + self.reload_backoff * (time.monotonic() - started)
                 if entry is None:
                     return False
                 if not self.mirror.put(key, entry, evict=evict):
