@@ -34,6 +34,7 @@ from adiuva_server.cluster import Shared, open_shared
 from adiuva_server.config import Settings
 from adiuva_server.console.store import SQLiteConsoleSessions
 from adiuva_server.db import Database
+from adiuva_server.db.postgres import PgDatabase
 from adiuva_server.jobs import Jobs
 from adiuva_server.keys import (
     ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, MARKETPLACE, RATE_LIMITS, SETTINGS,
@@ -48,6 +49,7 @@ from adiuva_server.storage.service import StorageService
 from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.vectors import snapshots
 from adiuva_server.vectors.mirror import VectorMirror
+from adiuva_server.vectors.postgres import PostgresVectorStore
 from adiuva_server.vectors.service import VectorService
 from adiuva_server.vectors.store import SQLiteVectorStore, upgrade_legacy_layout
 
@@ -104,9 +106,15 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
         storage = StorageService(settings, SQLiteStorageStore(db), blobs)
         stack.push_async_callback(storage.keeper.drain)
 
-        await upgrade_legacy_layout(db)  # migration 0009's data step, before anything is served
         mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
-        vector_store = SQLiteVectorStore(db, mirror, settings.data_dir / snapshots.DIRNAME)
+        vector_store: SQLiteVectorStore | PostgresVectorStore
+        if settings.backend == "postgresql":
+            vector_db = await PgDatabase.open(settings.database_url)  # the lead: one PgDatabase for all stores
+            stack.push_async_callback(vector_db.close)
+            vector_store = PostgresVectorStore(vector_db, mirror)
+        else:
+            await upgrade_legacy_layout(db)  # migration 0009's data step, before anything is served
+            vector_store = SQLiteVectorStore(db, mirror, settings.data_dir / snapshots.DIRNAME)
         vectors = VectorService(settings, vector_store)
         stack.push_async_callback(vector_store.close)
 

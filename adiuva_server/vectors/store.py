@@ -1,6 +1,6 @@
-"""Vector storage: `VectorStore` is the async interface the service uses (a pgvector store for
-the PostgreSQL backend implements the same four methods); `SQLiteVectorStore` keeps embeddings
-in the server's SQLite file. No SQL about vectors lives elsewhere.
+"""Vector storage: `VectorStore` is the async interface the service uses (`PostgresVectorStore`
+in vectors/postgres.py implements the same four methods on pgvector); `SQLiteVectorStore` keeps
+embeddings in the server's SQLite file. No SQL about vectors lives elsewhere.
 
 Layout (db/migrations/0003, 0005, 0009): one table, `vector_items`, holds each vector's client
 id, encrypted payload, checksum and embedding (float32 blob, native byte order; unit vectors for

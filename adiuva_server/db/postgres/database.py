@@ -191,6 +191,7 @@ class PgDatabase:
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 )
                 current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+                applied = False
                 if current > latest:
                     raise RuntimeError(
                         f"database schema version {current} is newer than this server ({latest}); upgrade adiuva"
@@ -202,17 +203,27 @@ class PgDatabase:
                     async with conn.transaction():
                         await conn.execute(sql)
                         await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+                    applied = True
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
                 await conn.execute("RESET statement_timeout")
+        if applied:  # new types (pgvector's): connections made before them reconnect to get their codecs
+            await self.pool.expire_connections()
         return latest
 
 
 async def _prepare(conn: asyncpg.Connection) -> None:
-    """Every pooled connection: JSON as Python objects both ways."""
+    """Every pooled connection: JSON as Python objects both ways; pgvector's `vector` (once
+    migration 0003 has created it) in its binary form both ways (vectors/postgres.py)."""
     import json
 
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    schema = await conn.fetchval("SELECT typnamespace::regnamespace::text FROM pg_type WHERE typname = 'vector'")
+    if schema is not None:
+        from adiuva_server.vectors.postgres import decode_vector, encode_vector
+
+        await conn.set_type_codec("vector", encoder=encode_vector, decoder=decode_vector, format="binary",
+                                  schema=schema)
 
 
 def _unavailable(exc: BaseException) -> errors.ServiceUnavailable:
