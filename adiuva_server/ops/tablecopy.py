@@ -62,6 +62,11 @@ def sqlite_tables(path: Path) -> list[tuple[str, list[tuple[str, str]]]]:
     return [(n, columns[n]) for n in ordered]
 
 
+def _has_rowid(conn: Any, table: str) -> bool:
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0] or ""
+    return "WITHOUT ROWID" not in sql.upper()
+
+
 def sqlite_count(path: Path, table: str) -> int:
     conn = connect(path, readonly=True)
     try:
@@ -154,7 +159,8 @@ async def sqlite_to_pg(path: Path, pg: Any, progress: Progress | None = None) ->
             insert = f'INSERT INTO "{table}" ({names}) VALUES ({params})'
             reader = connect(path, readonly=True)
             try:
-                cursor = reader.execute(f'SELECT {names} FROM "{table}"')
+                cursor = reader.execute(f'SELECT {names} FROM "{table}" ORDER BY rowid'
+                                        if _has_rowid(reader, table) else f'SELECT {names} FROM "{table}"')
                 n = 0
                 while rows := await asyncio.to_thread(cursor.fetchmany, PAGE):
                     await conn.executemany(insert, [[_to_pg(v, t) for v, t in zip(row, types)] for row in rows])
@@ -202,7 +208,10 @@ async def pg_to_sqlite(pg: Any, path: Path, progress: Progress | None = None) ->
                     select = ", ".join(f'"{c}"::text' if source[table][c] == "vector" else f'"{c}"' for c, _ in present)
                     insert = f'INSERT INTO "{table}" ({names}) VALUES ({", ".join("?" for _ in present)})'
                     n = 0
-                    cursor = await conn.cursor(f'SELECT {select} FROM "{table}"', prefetch=PAGE)
+                    # A PostgreSQL-only `n` column keeps SQLite's insertion order (its rowid), which
+                    # listings and "the latest backup" rely on.
+                    order = ' ORDER BY "n"' if "n" in source[table] and "n" not in dict(cols) else ""
+                    cursor = await conn.cursor(f'SELECT {select} FROM "{table}"{order}', prefetch=PAGE)
                     while rows := await cursor.fetch(PAGE):
                         values = [[_to_sqlite(v, t, d) for v, (t, d) in zip(row, types)] for row in rows]
                         await asyncio.to_thread(writer.executemany, insert, values)
