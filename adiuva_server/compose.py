@@ -37,7 +37,7 @@ from adiuva_server.db import Database
 from adiuva_server.db.postgres import PgDatabase
 from adiuva_server.jobs import Jobs
 from adiuva_server.keys import (
-    ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, MARKETPLACE, RATE_LIMITS, SETTINGS,
+    ADMIN, AUTH, BILLING, CHAT, CLOCK, CONSOLE_SESSIONS, DB, HASHER, JOBS, LICENSE, MARKETPLACE, PG, RATE_LIMITS, SETTINGS,
     SHARED, STORAGE, VECTORS,
 )
 from adiuva_server.license.state import LicenseState
@@ -76,6 +76,8 @@ class Services:
     license: LicenseState
     shared: Shared
     marketplace: MarketplaceService
+    # DATABASE_URL=postgresql://...: the one pool every PostgreSQL store shares; None on SQLite.
+    pg: PgDatabase | None = None
 
 
 @contextlib.asynccontextmanager
@@ -92,6 +94,12 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
 
         db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, watch_commits=True)
         stack.push_async_callback(db.close)
+        # DATABASE_URL: one pool for every PostgreSQL store, migrated once per cluster (under the
+        # migration advisory lock) before anything is served.
+        pg: PgDatabase | None = None
+        if settings.backend == "postgresql":
+            pg = await PgDatabase.open(settings.database_url)
+            stack.push_async_callback(pg.close)
 
         hasher = PasswordHasher(settings)
         stack.callback(hasher.close)
@@ -108,10 +116,8 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
 
         mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
         vector_store: SQLiteVectorStore | PostgresVectorStore
-        if settings.backend == "postgresql":
-            vector_db = await PgDatabase.open(settings.database_url)  # the lead: one PgDatabase for all stores
-            stack.push_async_callback(vector_db.close)
-            vector_store = PostgresVectorStore(vector_db, mirror)
+        if pg is not None:
+            vector_store = PostgresVectorStore(pg, mirror)
         else:
             await upgrade_legacy_layout(db)  # migration 0009's data step, before anything is served
             vector_store = SQLiteVectorStore(db, mirror, settings.data_dir / snapshots.DIRNAME)
@@ -146,7 +152,7 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
                    first=settings.backup_interval)
         jobs.every("billing", billing_service.JOB_SECONDS, billing.run_jobs, first=60.0)
         services = Services(settings, db, hasher, rate_limits, auth, storage, vectors, chat, admin,
-                            SQLiteConsoleSessions(db), jobs, billing, license, shared, marketplace)
+                            SQLiteConsoleSessions(db), jobs, billing, license, shared, marketplace, pg)
         yield services
 
 
@@ -158,6 +164,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         app[STORAGE], app[VECTORS], app[CHAT], app[ADMIN] = s.storage, s.vectors, s.chat, s.admin
         app[CONSOLE_SESSIONS], app[JOBS], app[BILLING] = s.console_sessions, s.jobs, s.billing
         app[LICENSE], app[SHARED], app[MARKETPLACE] = s.license, s.shared, s.marketplace
+        if s.pg is not None:
+            app[PG] = s.pg
         s.vectors.store.start_warm_up()  # in the background: searches never wait for it
         s.admin.doctor.start()
         s.jobs.start()

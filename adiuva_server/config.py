@@ -548,7 +548,6 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "ollama_host": ("OLLAMA_HOST",), "llm_api_base": ("LLM_API_BASE",), "llm_timeout": ("LLM_TIMEOUT",),
     "chat_max_sockets": ("ADIUVA_CHAT_MAX_SOCKETS",), "chat_max_plans_per_user": ("ADIUVA_CHAT_MAX_PLANS",),
     "stripe_secret_key": ("STRIPE_SECRET_KEY",), "stripe_webhook_secret": ("STRIPE_WEBHOOK_SECRET",),
-    "database_url": ("DATABASE_URL",),
     "vector_max_batch": ("ADIUVA_VECTOR_MAX_BATCH",), "vector_max_top_k": ("ADIUVA_VECTOR_MAX_TOP_K",),
     "vector_max_payload_bytes": ("ADIUVA_VECTOR_MAX_PAYLOAD_BYTES",), "vector_cache_bytes": ("ADIUVA_VECTOR_CACHE_BYTES",),
     "vector_cache_min_vectors": ("ADIUVA_VECTOR_CACHE_MIN_VECTORS",),

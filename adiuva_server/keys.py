@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from adiuva_server.console.routes import ConsoleState
     from adiuva_server.console.store import SQLiteConsoleSessions
     from adiuva_server.db import Database
+    from adiuva_server.db.postgres import PgDatabase
     from adiuva_server.http.metrics import Metrics
     from adiuva_server.http.routing import RouteSpec
     from adiuva_server.marketplace.service import MarketplaceService
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 SETTINGS = web.AppKey("settings", "Settings")
 DB = web.AppKey("db", "Database")
+# DATABASE_URL=postgresql://...: the pool the PostgreSQL stores share (absent on SQLite).
+PG = web.AppKey("pg", "PgDatabase")
 HASHER = web.AppKey("hasher", "PasswordHasher")
 AUTH = web.AppKey("auth", "AuthService")
 RATE_LIMITS = web.AppKey("rate_limits", "RateLimitStore")
