@@ -456,3 +456,46 @@ async def test_new_hash_costs_upgrade_the_hash_without_ending_sessions(aiohttp_c
     assert ",t=3," in stored
     assert (await client.get("/api/v1/auth/me", headers=account.headers)).status == 200
     assert (await refresh(client, account.refresh_token)).status == 200
+
+
+class SuspendingAccounts:
+    """The account store as a networked backend answers: `auth_state` suspends (a round trip)
+    before it reads, and another request may commit meanwhile."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.reads = 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    async def auth_state(self, user_id):
+        await asyncio.sleep(0.001)
+        self.reads += 1
+        return await self._inner.auth_state(user_id)
+
+
+async def test_every_authenticated_path_awaits_the_store(aiohttp_client, settings):
+    """AccountStore.auth_state is async end to end (the middleware, the chat socket, the
+    console): a store that suspends still decides each request, and a change counts on the next."""
+    app = create_app(settings)
+
+    async def wrap(app):
+        app[AUTH].store = SuspendingAccounts(app[AUTH].store)
+        yield
+
+    app.cleanup_ctx.append(wrap)
+    client = await aiohttp_client(app)
+    acct = await register(client)
+    store = client.server.app[AUTH].store
+    me = await client.get("/api/v1/auth/me", headers=acct.headers)
+    assert me.status == 200 and (await me.json())["email"] == acct.email
+    assert store.reads == 1
+    async with client.ws_connect(f"/api/v1/chat/stream?token={acct.access_token}") as ws:
+        assert store.reads == 2
+    await store.update_user(acct.email, disabled=True)
+    me = await client.get("/api/v1/auth/me", headers=acct.headers)
+    assert me.status == 401 and (await me.json())["code"] == "invalid_token"
+    refused = await client.get(f"/api/v1/chat/stream?token={acct.access_token}")
+    assert refused.status == 401
+    assert store.reads == 4

@@ -179,17 +179,17 @@ class AuthService:
         process: the throttle generation in the database moves on. NotFound for no such user."""
         await self.store.unlock(normalise_email(email))
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise errors.Unauthorized("missing Authorization: Bearer <token>")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise errors.Unauthorized("the Authorization header must be 'Bearer <token>'")
-        return self.authenticate_token(token.strip())
+        return await self.authenticate_token(token.strip())
 
-    def authenticate_token(self, token: str) -> Principal:
+    async def authenticate_token(self, token: str) -> Principal:
         claims = self.access.verify(token)
-        user = self.store.auth_state(claims.user_id)
+        user = await self.store.auth_state(claims.user_id)
         if (user is None or user.disabled or user.session_version != claims.session_version
                 or claims.family in user.revoked_families):
             raise errors.InvalidToken("the access token is no longer valid")

@@ -73,8 +73,10 @@ class LoginSubject(NamedTuple):
 
 
 class AccountStore(Protocol):
-    def auth_state(self, user_id: str) -> User | None:
-        """Synchronous, hot path: the user's current tier and account state."""
+    async def auth_state(self, user_id: str) -> User | None:
+        """The hot path (every request): the user's current tier and account state, as of now.
+        Async, so a store on a networked database can read it; SQLite's answers from a cache
+        valid until anything is committed, without a thread hand-off."""
 
     async def get_by_email(self, email: str) -> User | None: ...
     async def login_subject(self, email: str, address_tag: bytes, now: int) -> LoginSubject: ...
@@ -125,7 +127,8 @@ class SQLiteAccountStore:
         self._auth_cache: dict[str, User | None] = {}
         self._auth_cache_marker: object = None
 
-    def auth_state(self, user_id: str) -> User | None:
+    async def auth_state(self, user_id: str) -> User | None:
+        # Never suspends: the cache check and the primary-key read run on the loop (~10 us).
         marker = self.db.commit_marker()
         if marker != self._auth_cache_marker or len(self._auth_cache) >= AUTH_CACHE_USERS:
             self._auth_cache.clear()

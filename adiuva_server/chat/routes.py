@@ -74,7 +74,7 @@ async def chat_stream(request: web.Request, query: StreamQuery) -> web.WebSocket
     # Before the upgrade, so these get a plain problem answer: a bad token 401, an account over
     # its request limit or with all its sockets open 429. Opening counts as a request (the rate
     # limit middleware does not see this route: its token may come in the query).
-    who = request.app[AUTH].authenticate_token(token)
+    who = await request.app[AUTH].authenticate_token(token)
     await _count(request, who)
     limit, sockets, key = request.app[SETTINGS].chat_max_sockets, request.app[SHARED].sockets, f"chat:{who.id}"
     slot = await sockets.acquire(key, limit)
@@ -123,7 +123,7 @@ class _Inbox:
                                             "this one was dropped")
         else:
             try:
-                await _count(self.request, self.request.app[AUTH].authenticate_token(self.token))
+                await _count(self.request, await self.request.app[AUTH].authenticate_token(self.token))
             except (errors.RateLimited, errors.ServiceUnavailable) as exc:  # over the limit, or it cannot be checked
                 refusal = exc
             except errors.AdiuvaError:
@@ -159,7 +159,7 @@ async def _converse(request: web.Request, ws: web.WebSocketResponse, token: str)
                 continue
             try:
                 # Tier and account state are read again for every message, as for every request.
-                who = auth.authenticate_token(token)
+                who = await auth.authenticate_token(token)
                 chat_request = _parse(item)
             except errors.AdiuvaError as exc:
                 await _send_error(ws, exc)

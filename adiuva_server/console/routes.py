@@ -159,7 +159,7 @@ async def _visit(request: web.Request) -> Visit:
     if session_id and len(session_id) <= _MAX_COOKIE:
         session = await state.sessions.get(session_id, int(time.time()))
         if session is not None:
-            user = request.app[AUTH].store.auth_state(session.user_id)
+            user = await request.app[AUTH].store.auth_state(session.user_id)
             if (user is not None and user.is_admin and not user.disabled
                     and user.session_version == session.session_version):
                 return Visit(session_id, session, user, session.csrf_token)
@@ -303,7 +303,7 @@ async def login(request: web.Request, visit: Visit) -> web.Response:
     except (errors.InvalidCredentials, errors.AccountDisabled, errors.ServiceUnavailable) as exc:
         return await login_page(request, visit, email=email, status=exc.status, headers=exc.headers,
                                 error=exc.title + ".")
-    who = auth.authenticate_token(tokens.access_token)
+    who = await auth.authenticate_token(tokens.access_token)
     user = await request.app[ADMIN].accounts.get_by_id(who.id)
     if user is None or not user.is_admin:
         return _message(request, visit, "Admins only",

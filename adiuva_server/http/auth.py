@@ -18,9 +18,10 @@ def setup_auth(app: web.Application) -> None:
     async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
         spec = route_spec(request)
         if spec is not None and spec.auth:
-            # Synchronous on purpose: a cached token check and one primary-key read (~10 us);
-            # the tier and the account state come from the database on every request.
-            request[PRINCIPAL] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+            # A cached token check and the account's live state (on SQLite one primary-key read
+            # on the loop, ~10 us, never a thread hand-off): the tier and the account state
+            # come from the database on every request.
+            request[PRINCIPAL] = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
         return await handler(request)
 
     app.middlewares.append(auth_middleware)
