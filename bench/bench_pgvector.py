@@ -81,7 +81,9 @@ class Pg:
 
     async def add_user(self, db: PgDatabase, user_id: str | None = None) -> str:
         uid = user_id or str(uuid.uuid4())
-        await db.execute("INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT DO NOTHING", uid, f"{uid}@bench")
+        await db.execute("INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, 'x', '2026-01-01')"
+                         " ON CONFLICT DO NOTHING" if self.accounts_bundled else
+                         "INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT DO NOTHING", uid, f"{uid}@bench")
         return uid
 
     def stop(self) -> None:
