@@ -351,3 +351,54 @@ async def test_purge_expired_sessions(backend, store):
     assert (await auth_state(store, ada.id)).revoked_families == {"f1"}  # until 600
     assert await store.purge_expired_sessions(600) == 0
     assert (await auth_state(store, ada.id)).revoked_families == frozenset()
+
+
+# -- one schema, two engines ---------------------------------------------------------------------
+
+ACCOUNT_TABLES = ("users", "refresh_tokens", "storage_usage", "login_addresses", "revoked_families")
+
+
+async def test_accounts_copied_from_sqlite_read_the_same_on_postgresql(tmp_path, pg_url):
+    """The rule of db/postgres/migrations/: tables and columns named as SQLite's, values carried
+    by ops/tablecopy.py's conversions; a copied account works on the PostgreSQL store."""
+    from adiuva_server.auth.postgres import PostgresAccountStore
+    from adiuva_server.db.postgres import PgDatabase
+    from adiuva_server.ops import tablecopy
+
+    lite_db = await Database.open(tmp_path / "adiuva.db")
+    lite = SQLiteAccountStore(lite_db)
+    ada = await lite.create_user("ada@example.org", H, "team", None)
+    bob = await lite.create_user("bob@example.org", H, "free", None)
+    await lite.update_user("bob@example.org", disabled=1)
+    await lite.start_session(ada.id, b"t0", "fam", 100, 10_000, address_tag=b"\x00tag")
+    await lite.start_session(ada.id, b"u0", "fam2", 100, 10_000)
+    await rotate(lite, b"u0", b"u1", 200)
+    await rotate(lite, b"u0", b"u1", 200 + GRACE)  # reuse: fam2 revoked
+    await lite_db.close()
+
+    sqlite_cols = dict(tablecopy.sqlite_tables(tmp_path / "adiuva.db"))
+    pg = await PgDatabase.open(pg_url)
+    try:
+        async with pg.pool.acquire() as conn:
+            pg_cols = await tablecopy.pg_columns(conn)
+            for table in ACCOUNT_TABLES:
+                names = [c for c, _ in sqlite_cols[table]]
+                assert sorted(names) == sorted(pg_cols[table]), table
+                types = [pg_cols[table][c] for c in names]
+                reader = tablecopy.connect(tmp_path / "adiuva.db", readonly=True)
+                rows = reader.execute(f"SELECT {', '.join(names)} FROM {table}").fetchall()
+                reader.close()
+                await conn.executemany(
+                    f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(names)))})",
+                    [[tablecopy._to_pg(v, t) for v, t in zip(row, types)] for row in rows])
+        store = PostgresAccountStore(pg)
+        assert [u.email for u in await store.list_users()] == ["ada@example.org", "bob@example.org"]
+        assert await store.get_by_id(ada.id) == ada and (await store.get_by_id(bob.id)).disabled is True
+        assert (await store.auth_state(ada.id)).revoked_families == {"fam2"}
+        assert (await store.login_subject("ada@example.org", b"\x00tag", 200)).known_address
+        assert (await rotate(store, b"t0", b"t1", 300)).outcome is Rotation.ROTATED
+        assert (await rotate(store, b"u1", b"u2", 300)).outcome is Rotation.REUSED
+        with pytest.raises(errors.LastAdmin):
+            await store.delete_user_by_id(ada.id)
+    finally:
+        await pg.close()
