@@ -338,6 +338,25 @@ async def test_concurrent_rotations_of_one_token_rotate_once(backend):
     assert (await auth_state(stores[2], ada.id)).revoked_families == frozenset({"fam"})
 
 
+
+async def test_a_disable_during_rotations_leaves_no_live_token(backend):
+    """The user's row is locked before the token's by a rotation as by a disable: the disable's
+    revocation sees every successor committed before it, and no rotation succeeds after it."""
+    stores = await backend.nodes()
+    ada = await stores[0].create_user("ada@example.org", H, "free", None)
+    await stores[0].create_user("bob@example.org", H, "free", True)
+    for i in range(24):
+        await stores[0].start_session(ada.id, b"t%d" % i, f"fam{i}", 100, 10_000)
+    calls = [rotate(stores[i % NODES], b"t%d" % i, b"n%d" % i, 200) for i in range(24)]
+    calls.insert(12, stores[1].update_user("ada@example.org", disabled=1))
+    results = await asyncio.gather(*calls)
+    assert {r.outcome for r in results[:12] + results[13:]} <= {Rotation.ROTATED, Rotation.REUSED, Rotation.USER_INACTIVE}
+    live = await backend.value(stores[0], "SELECT count(*) FROM refresh_tokens WHERE user_id = ? AND revoked = ?",
+                               ada.id, False if backend.kind == "postgresql" else 0)
+    assert live == 0
+    assert {(await rotate(stores[2], b"n%d" % i, b"m%d" % i, 300)).outcome for i in range(24)} <= {
+        Rotation.UNKNOWN, Rotation.REUSED}
+
 async def test_purge_expired_sessions(backend, store):
     ada = await store.create_user("ada@example.org", H, "free", None)
     await store.start_session(ada.id, b"old", "f1", 100, 500, address_tag=b"a1")
