@@ -81,7 +81,9 @@ class Pg:
 
     async def add_user(self, db: PgDatabase, user_id: str | None = None) -> str:
         uid = user_id or str(uuid.uuid4())
-        await db.execute("INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT DO NOTHING", uid, f"{uid}@bench")
+        await db.execute("INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, 'x', '2026-01-01')"
+                         " ON CONFLICT DO NOTHING" if self.accounts_bundled else
+                         "INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT DO NOTHING", uid, f"{uid}@bench")
         return uid
 
     def stop(self) -> None:
@@ -152,7 +154,10 @@ async def api_search(tmp: Path, backend: str, url: str | None, pg: Pg | None, x:
         async with aiohttp.ClientSession() as http:
             r = await http.post(f"{base}/auth/register", json={"email": f"{backend}@bench.example", "password": "bench password 1"})
             headers = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
-            if pg is not None and not pg.accounts_bundled:  # the account lives in SQLite until then
+            from adiuva_server.keys import AUTH
+
+            if pg is not None and type(app[AUTH].store).__name__ != "PostgresAccountStore":
+                # The account lives in SQLite until compose puts accounts on PostgreSQL: mirror it.
                 me = await (await http.get(f"{base}/auth/me", headers=headers)).json()
                 db = await PgDatabase.open(url, min_size=1, max_size=1)
                 await pg.add_user(db, me["id"])
