@@ -276,3 +276,85 @@ def test_the_console_masks_both_s3_keys(tmp_path):
     rows = {name: shown for name, shown, _ in setting_rows(settings)}
     assert rows["aws_access_key_id"] == rows["aws_secret_access_key"] == MASK
     assert rows["s3_bucket"] == "adiuva-blobs"
+
+
+# -- the server on S3 (S3_BUCKET set) ---------------------------------------------------------
+
+RECORDS = "/api/v1/storage/records"
+
+
+@pytest.fixture
+async def s3_client(aiohttp_client, data_dir, s3_bucket):
+    from adiuva_server.app import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        data_dir, s3_bucket=s3_bucket.name, s3_endpoint_url=s3_bucket.endpoint_url, s3_region=s3_bucket.region,
+        aws_access_key_id=s3_bucket.access_key_id, aws_secret_access_key=s3_bucket.secret_access_key,
+        max_record_bytes=32 * MiB, rate_limits={"free": 10_000, "pro": 10_000, "power": 10_000, "team": 10_000})
+    return await aiohttp_client(create_app(settings))
+
+
+async def test_the_api_stores_and_serves_records_from_the_bucket(s3_client, s3_bucket, data_dir):
+    from adiuva_server.keys import DB, STORAGE
+    from adiuva_server.storage import maintenance
+    from tests.conftest import register, set_tier
+
+    client = s3_client
+    acct = await register(client, "s3@example.org")
+    await set_tier(client, acct.email, "pro")
+    blobs = client.server.app[STORAGE].blobs
+    assert isinstance(blobs, S3BlobStore) and blobs.bucket == s3_bucket.name
+
+    data = os.urandom(12 * MiB + 5)  # a multipart upload on its way in
+    resp = await client.post(RECORDS, params={"table": "notes"}, data=chunks_of(data, 256 * 1024),
+                             headers={**acct.headers, "X-Checksum": sha(data)})
+    assert resp.status == 201, await resp.text()
+    record = await resp.json()
+    assert await stored(blobs) == [sha(data)]
+    assert not (data_dir / "blobs" / "objects").exists() or not any((data_dir / "blobs" / "objects").iterdir())
+
+    url = f"{RECORDS}/{record['id']}"
+    resp = await client.get(url, headers=acct.headers)
+    assert resp.status == 200 and resp.headers["Accept-Ranges"] == "bytes"
+    assert await resp.read() == data
+    etag = resp.headers["ETag"]
+    resp = await client.get(url, headers={**acct.headers, "Range": "bytes=8388600-8388700"})
+    assert resp.status == 206 and resp.headers["Content-Range"] == f"bytes 8388600-8388700/{len(data)}"
+    assert await resp.read() == data[8388600:8388701]
+    resp = await client.get(url, headers={**acct.headers, "Range": "bytes=-10"})
+    assert resp.status == 206 and await resp.read() == data[-10:]
+    resp = await client.get(url, headers={**acct.headers, "If-None-Match": etag})
+    assert resp.status == 304
+    resp = await client.get(url, headers={**acct.headers, "Range": f"bytes={len(data)}-"})
+    assert resp.status == 416 and resp.headers["Content-Range"] == f"bytes */{len(data)}"
+
+    # A body that does not match its checksum leaves nothing in the bucket.
+    resp = await client.post(RECORDS, params={"table": "notes"}, data=b"tampered",
+                             headers={**acct.headers, "X-Checksum": sha(b"original")})
+    assert resp.status == 400 and (await resp.json())["code"] == "checksum_mismatch"
+    assert await stored(blobs) == [sha(data)] and await blobs.temporary_count() == 0
+
+    report = await maintenance.check(client.server.app[DB], blobs)
+    assert report.ok and report.referenced == 1 and report.temporary == 0
+
+    assert (await client.delete(url, headers=acct.headers)).status == 204
+    assert await stored(blobs) == []
+    resp = await client.get(url, headers=acct.headers)
+    assert resp.status == 404
+
+
+async def test_a_referenced_object_missing_from_the_bucket_is_a_404_problem(s3_client, caplog):
+    from adiuva_server.keys import STORAGE
+    from tests.conftest import register
+
+    client = s3_client
+    acct = await register(client, "gone@example.org")
+    resp = await client.post(RECORDS, params={"table": "notes"}, data=b"soon gone",
+                             headers={**acct.headers, "X-Checksum": sha(b"soon gone")})
+    assert resp.status == 201
+    record = await resp.json()
+    await client.server.app[STORAGE].blobs.delete(sha(b"soon gone"))  # behind the server's back
+    resp = await client.get(f"{RECORDS}/{record['id']}", headers=acct.headers)
+    assert resp.status == 404 and resp.content_type == "application/problem+json"
+    assert "missing from the blob store" in caplog.text
