@@ -305,6 +305,8 @@ async def test_the_api_stores_and_serves_records_from_the_bucket(s3_client, s3_b
     await set_tier(client, acct.email, "pro")
     blobs = client.server.app[STORAGE].blobs
     assert isinstance(blobs, S3BlobStore) and blobs.bucket == s3_bucket.name
+    status = await (await client.get("/api/v1/admin/status", headers=acct.headers)).json()  # the first account: admin
+    assert status["backends"]["blobs"] == "s3"
 
     data = os.urandom(12 * MiB + 5)  # a multipart upload on its way in
     resp = await client.post(RECORDS, params={"table": "notes"}, data=chunks_of(data, 256 * 1024),
@@ -358,3 +360,11 @@ async def test_a_referenced_object_missing_from_the_bucket_is_a_404_problem(s3_c
     resp = await client.get(f"{RECORDS}/{record['id']}", headers=acct.headers)
     assert resp.status == 404 and resp.content_type == "application/problem+json"
     assert "missing from the blob store" in caplog.text
+
+
+async def test_server_backups_refuse_a_bucket_plainly(s3_client):
+    from adiuva_server.keys import SETTINGS
+    from adiuva_server.server_backup import BackupError, create_backup
+
+    with pytest.raises(BackupError, match="S3_BUCKET"):
+        await create_backup(s3_client.server.app[SETTINGS])

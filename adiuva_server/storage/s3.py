@@ -96,7 +96,8 @@ class S3BlobStore:
                     # A body of exactly one part stays a single put_object; past it, multipart.
                     if upload_id is None:
                         upload_id = (await s3.create_multipart_upload(Bucket=self.bucket, Key=key))["UploadId"]
-                    body = bytes(part[:self.part_size])
+                    with memoryview(part) as view:  # one copy of the part, not two
+                        body = bytes(view[:self.part_size])
                     del part[:self.part_size]
                     number = len(etags) + 1
                     got = await s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
