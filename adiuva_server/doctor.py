@@ -23,6 +23,7 @@ from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
 from adiuva_server.server_backup import remove_leftovers, server_running
 from adiuva_server.storage import maintenance
+from adiuva_server.storage.blobs import BlobStore
 from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tls import KEY_FILE
 
@@ -116,7 +117,7 @@ async def _storage(settings: Settings, fix: bool) -> list[Finding]:
         return await _check_storage(settings, blobs, fix)
 
 
-async def _check_storage(settings: Settings, blobs, fix: bool) -> list[Finding]:
+async def _check_storage(settings: Settings, blobs: BlobStore, fix: bool) -> list[Finding]:
     # Its own connections, also inside the server: its long reads keep the server's pools free.
     db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
     try:
