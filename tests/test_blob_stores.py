@@ -387,3 +387,42 @@ async def test_the_doctor_checks_the_bucket(s3_client):
     # A shared bucket: another node may be committing the row for it, so a fresh one stays.
     assert any("1 younger than 1 h left alone" in f.message for f in findings), findings
     assert await client.server.app[STORAGE].blobs.read_many([sha(b"stray")]) == [b"stray"]
+
+
+UPLOAD_IN_A_PROCESS = """
+import asyncio, os, sys, tracemalloc
+from adiuva_server.storage.s3 import S3BlobStore
+
+async def generated(total):  # a new object per chunk, as a request body's chunks are
+    for _ in range(total // 65536):
+        yield os.urandom(65536)
+
+async def main(endpoint, bucket, total):
+    blobs = S3BlobStore(bucket, endpoint_url=endpoint, access_key_id="testing", secret_access_key="testing")
+    await blobs.open()
+    tracemalloc.start()
+    staged = await blobs.receive(generated(total), total)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    await blobs.discard(staged)
+    await blobs.close()
+    print(staged.size, peak)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_a_large_upload_holds_about_one_part_in_memory(s3_bucket):
+    """Measured in a process of its own: this one also runs moto, which keeps every byte."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    total = 48 * MiB
+    out = subprocess.run([sys.executable, "-c", UPLOAD_IN_A_PROCESS, s3_bucket.endpoint_url, s3_bucket.name, str(total)],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, check=True).stdout.split()
+    size, peak = int(out[0]), int(out[1])
+    assert size == total
+    # The part being filled, and its joined copy for the moment it goes out; never the body.
+    assert peak < 2.5 * PART_SIZE, f"peak {peak / MiB:.1f} MiB for a {total // MiB} MiB body"

@@ -4,7 +4,7 @@ The same contract as `FileBlobStore` (see `blobs.BlobStore`), keys laid out the 
 objects at `objects/<first two hex digits>/<digest>`, uploads in flight at `tmp/<uuid>`. An
 upload is streamed to its temporary key while it is hashed (one `put_object` for a body of at
 most one part, a multipart upload of `PART_SIZE` parts above, so at most one part is held in
-memory), and becomes visible under its digest only in `store`, after the caller has compared the
+memory, twice for the moment it is joined), and becomes visible under its digest only in `store`, after the caller has compared the
 hash: a server-side copy, then the temporary key is deleted.
 
 What S3 cannot give: no lock orders a deletion by age against a store that freshens the same
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Any
@@ -81,37 +82,41 @@ class S3BlobStore:
         key = f"{TMP}{uuid.uuid4().hex}"
         hasher = hashlib.sha256()
         size = 0
-        part = bytearray()
+        # The part being filled: the chunks as they came (joined once, when the part goes out).
+        part: list[bytes] = []
+        filled = 0
         upload_id: str | None = None
         etags: list[dict[str, Any]] = []
         s3 = self._client
+
+        async def send_part() -> None:
+            nonlocal upload_id, part, filled
+            if upload_id is None:
+                upload_id = (await s3.create_multipart_upload(Bucket=self.bucket, Key=key))["UploadId"]
+            body, part, filled = _body(part), [], 0
+            number = len(etags) + 1
+            got = await s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
+            etags.append({"PartNumber": number, "ETag": got["ETag"]})
+
         try:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:
                     raise errors.PayloadTooLarge(f"the body is larger than the limit of {max_bytes} bytes")
                 hasher.update(chunk)
-                part += chunk
-                while len(part) >= self.part_size and (len(part) > self.part_size or upload_id is not None):
-                    # A body of exactly one part stays a single put_object; past it, multipart.
-                    if upload_id is None:
-                        upload_id = (await s3.create_multipart_upload(Bucket=self.bucket, Key=key))["UploadId"]
-                    with memoryview(part) as view:  # one copy of the part, not two
-                        body = bytes(view[:self.part_size])
-                    del part[:self.part_size]
-                    number = len(etags) + 1
-                    got = await s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                               PartNumber=number, Body=body)
-                    etags.append({"PartNumber": number, "ETag": got["ETag"]})
+                while chunk:
+                    # A full part goes out only once a byte beyond it has arrived: a body of
+                    # exactly one part stays a single put_object.
+                    if filled == self.part_size:
+                        await send_part()
+                    head, chunk = chunk[:self.part_size - filled], chunk[self.part_size - filled:]
+                    part.append(head)
+                    filled += len(head)
             if upload_id is None:
-                await s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(part))
+                await s3.put_object(Bucket=self.bucket, Key=key, Body=_body(part))
             else:
                 if part:
-                    number = len(etags) + 1
-                    got = await s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                               PartNumber=number, Body=bytes(part))
-                    etags.append({"PartNumber": number, "ETag": got["ETag"]})
-                part = bytearray()
+                    await send_part()
                 await s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                    MultipartUpload={"Parts": etags})
         except BaseException:
@@ -281,6 +286,12 @@ class S3BlobStore:
         async for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=TMP):
             count += len(page.get("Uploads", ()))
         return count
+
+
+def _body(chunks: list[bytes]) -> io.BytesIO:
+    """One part's bytes for botocore: a BytesIO over the joined bytes shares their buffer and
+    botocore reads it in pieces (given bytes or a bytearray, it makes one or two more copies)."""
+    return io.BytesIO(b"".join(chunks))
 
 
 async def _shielded(coro: Any) -> None:
