@@ -179,7 +179,7 @@ class S3BlobStore:
             async with self._limit:
                 # A PUT replaces atomically, and the bytes are the same: writing them again is
                 # also what freshens an object already stored.
-                await self._client.put_object(Bucket=self.bucket, Key=self.key(digest), Body=data)
+                await self._client.put_object(Bucket=self.bucket, Key=self.key(digest), Body=io.BytesIO(data))
 
         results = await asyncio.gather(*(put(d, b) for d, b in wanted.items()), return_exceptions=True)
         for result in results:
