@@ -106,9 +106,12 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
         rate_limits = shared.rate_limits
         auth = AuthService(settings, SQLiteAccountStore(db), hasher, rate_limits, license=license)
 
-        blobs = await asyncio.get_running_loop().run_in_executor(None, maintenance.open_blob_store, settings)
-        # Nothing is uploading yet: every temporary file is a leftover of an earlier run.
-        removed = await blobs.sweep_temporary(float("inf"))
+        blobs = await stack.enter_async_context(maintenance.blob_store(settings))
+        # Nothing of this process is uploading yet: every temporary file is a leftover of an
+        # earlier run. A bucket is shared with other nodes, whose uploads may be in flight: only
+        # what is older than the grace period there.
+        removed = await blobs.sweep_temporary(
+            time.time() - maintenance.DEFAULT_GRACE_SECONDS if settings.s3_bucket else float("inf"))
         if removed:
             log.info("removed %d abandoned upload(s)", removed)
         storage = StorageService(settings, SQLiteStorageStore(db), blobs)

@@ -160,6 +160,13 @@ class Settings:
     # chat socket caps, plans, cluster job leases, change notices); empty: all in this process.
     # May carry a password: never printed.
     redis_url: str = dataclasses.field(default="", repr=False)
+    # An S3-compatible bucket for the blobs instead of the data dir's files ("" = files); the
+    # endpoint is for MinIO, Garage, Ceph... ("" = AWS). The keys are never printed.
+    s3_bucket: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str = dataclasses.field(default="", repr=False)
+    aws_secret_access_key: str = dataclasses.field(default="", repr=False)
     # Where each setting came from ("default", "environment", "flag"), for the admin console.
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -268,6 +275,11 @@ class Settings:
         values["license_public_key"] = (env.get("ADIUVA_LICENSE_PUBLIC_KEY") or "").strip()
         values["database_url"] = r.database_url("DATABASE_URL")
         values["redis_url"] = r.redis_url("REDIS_URL")
+        values["s3_bucket"] = r.s3_bucket("S3_BUCKET")
+        values["s3_endpoint_url"] = r.s3_endpoint("S3_ENDPOINT_URL")
+        values["s3_region"] = r.s3_region("S3_REGION", cls.s3_region)
+        values["aws_access_key_id"] = (env.get("AWS_ACCESS_KEY_ID") or "").strip()
+        values["aws_secret_access_key"] = (env.get("AWS_SECRET_ACCESS_KEY") or "").strip()
         values["sources"] = setting_sources(env, overrides)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in overrides and overrides["data_dir"] is not None:
@@ -514,6 +526,41 @@ class _Reader:
             raise ConfigError(f"{name} must start with redis://, rediss:// or unix://; {form}")
         return raw
 
+    def s3_bucket(self, name: str) -> str:
+        """A bucket name as S3 accepts it: 3-63 characters, lowercase letters, digits, dots and
+        hyphens, starting and ending with a letter or digit, not shaped like an IP address."""
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        if (not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", raw) or ".." in raw
+                or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", raw)):
+            raise ConfigError(f"{name} must be an S3 bucket name (3-63 lowercase letters, digits, '.' and '-'); "
+                              f"got {raw!r}")
+        return raw
+
+    def s3_endpoint(self, name: str) -> str:
+        """http(s)://host[:port] of an S3-compatible server; unlike OLLAMA_HOST the scheme is
+        required (whether the keys travel in clear text must be said, not guessed)."""
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        try:
+            parts = urllib.parse.urlsplit(raw)
+            parts.port
+        except ValueError:
+            raise ConfigError(f"{name} has an invalid port: {raw!r}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{name} must be an http(s) URL such as https://s3.example.com; got {raw!r}")
+        return raw.rstrip("/")
+
+    def s3_region(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not re.fullmatch(r"[a-z0-9-]{1,64}", raw):
+            raise ConfigError(f"{name} must be a region name such as us-east-1; got {raw!r}")
+        return raw
+
     def price(self, name: str, default: str) -> str:
         """A Stripe price id (or lookup-key-like name): letters, digits and _ - . only."""
         raw = self._raw(name)
@@ -570,6 +617,8 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "license_file": ("ADIUVA_LICENSE_FILE",), "license_public_key": ("ADIUVA_LICENSE_PUBLIC_KEY",),
     "database_url": ("DATABASE_URL",),
     "redis_url": ("REDIS_URL",),
+    "s3_bucket": ("S3_BUCKET",), "s3_endpoint_url": ("S3_ENDPOINT_URL",), "s3_region": ("S3_REGION",),
+    "aws_access_key_id": ("AWS_ACCESS_KEY_ID",), "aws_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
 }
 
 

@@ -23,6 +23,7 @@ from adiuva_server.db import Database, connect
 from adiuva_server.db.database import migrations
 from adiuva_server.server_backup import remove_leftovers, server_running
 from adiuva_server.storage import maintenance
+from adiuva_server.storage.blobs import BlobStore
 from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tls import KEY_FILE
 
@@ -112,7 +113,11 @@ def _database(settings: Settings) -> tuple[list[Finding], bool]:
 
 
 async def _storage(settings: Settings, fix: bool) -> list[Finding]:
-    blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
+    async with maintenance.blob_store(settings) as blobs:
+        return await _check_storage(settings, blobs, fix)
+
+
+async def _check_storage(settings: Settings, blobs: BlobStore, fix: bool) -> list[Finding]:
     # Its own connections, also inside the server: its long reads keep the server's pools free.
     db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
     try:
@@ -134,7 +139,9 @@ async def _storage(settings: Settings, fix: bool) -> list[Finding]:
             if fix:
                 # A running server may be between storing an object and committing its row:
                 # leave young leftovers alone unless it is stopped.
-                grace = maintenance.DEFAULT_GRACE_SECONDS if server_running(settings.data_dir) else 0.0
+                # A bucket may be shared with servers on other machines, which no local lock sees.
+                grace = (maintenance.DEFAULT_GRACE_SECONDS if settings.s3_bucket or server_running(settings.data_dir)
+                         else 0.0)
                 swept = await maintenance.sweep(db, blobs, grace_seconds=grace)
                 left = leftovers - swept.objects_removed - swept.temporary_removed
                 note = (f"; {left} younger than {grace / 3600:.0f} h left alone while the server runs "

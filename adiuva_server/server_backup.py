@@ -130,6 +130,10 @@ async def create_backup(settings: Settings, out: Path | None = None, progress: P
         raise BackupError(f"{out} already exists")
     if not settings.db_path.exists():
         raise BackupError(f"no database in {settings.data_dir} (has the server ever started here?)")
+    if settings.s3_bucket:
+        # The archive links object files, and deletions are paused by a lock on the data dir:
+        # neither exists for a bucket (back the bucket up with its own versioning or replication).
+        raise BackupError("server backups hold the data dir's blob files; with S3_BUCKET set they are not supported yet")
     with _backup_lock(settings.data_dir) as free:
         if not free:
             raise BackupError("another backup of this server is running; try again when it is done")

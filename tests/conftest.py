@@ -23,7 +23,7 @@ from adiuva_server.http.protocol import Runner
 REPO = Path(__file__).resolve().parent.parent
 
 # The real servers the tests start (one module each; each server once per session).
-pytest_plugins = ["tests.servers_postgres", "tests.servers_stripe", "tests.servers_redis"]
+pytest_plugins = ["tests.servers_postgres", "tests.servers_stripe", "tests.servers_redis", "tests.servers_s3"]
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:

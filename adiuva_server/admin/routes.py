@@ -118,7 +118,7 @@ async def status(request: web.Request) -> Status:
     provider = "ollama" if settings.llm_model.startswith("ollama/") else "litellm"
     return Status(
         version=__version__, uptime_seconds=round(service.uptime(), 3),
-        backends=Backends(database="sqlite", blobs="files", rate_limits=request.app[SHARED].backend),
+        backends=Backends(database="sqlite", blobs="s3" if settings.s3_bucket else "files", rate_limits=request.app[SHARED].backend),
         counts=StatusCounts(users=counts.users, records=counts.records, vectors=counts.vectors),
         storage_bytes=counts.storage_bytes, backup_bytes=counts.backup_bytes,
         database_bytes=service.database_bytes(), default_tier=request.app[LICENSE].default_tier,

@@ -26,7 +26,7 @@ from adiuva_server.config import Settings
 from adiuva_server.db import Database
 from adiuva_server.doctor import DoctorMonitor
 from adiuva_server.storage import maintenance
-from adiuva_server.storage.blobs import FileBlobStore
+from adiuva_server.storage.blobs import BlobStore
 from adiuva_server.storage.keeper import BlobKeeper
 from adiuva_server.vectors import snapshots
 from adiuva_server.vectors.mirror import VectorMirror
@@ -49,7 +49,7 @@ class AdminService:
     sweep (0 when no server runs on the data dir)."""
 
     def __init__(self, settings: Settings, db: Database, accounts: AccountStore, hasher: PasswordHasher,
-                 blobs: FileBlobStore, *, keeper: BlobKeeper | None = None, mirror: VectorMirror | None = None,
+                 blobs: BlobStore, *, keeper: BlobKeeper | None = None, mirror: VectorMirror | None = None,
                  auth: AuthService | None = None, grace_seconds: float = maintenance.DEFAULT_GRACE_SECONDS) -> None:
         self.settings = settings
         self.db = db
@@ -230,11 +230,11 @@ async def delete_user_from_cli(settings: Settings, db: Database, email: str) -> 
     from adiuva_server.errors import ConfigError
     from adiuva_server.server_backup import hold_server_lock
 
-    blobs = await asyncio.to_thread(maintenance.open_blob_store, settings)
-    with contextlib.ExitStack() as stack:
+    async with maintenance.blob_store(settings) as blobs, contextlib.AsyncExitStack() as stack:
         try:
             stack.enter_context(hold_server_lock(settings.data_dir))
-            grace = 0.0
+            # A bucket may be shared with servers on other machines, which no local lock sees.
+            grace = maintenance.DEFAULT_GRACE_SECONDS if settings.s3_bucket else 0.0
         except ConfigError:
             grace = maintenance.DEFAULT_GRACE_SECONDS
         service = AdminService(settings, db, SQLiteAccountStore(db), PasswordHasher(settings), blobs, grace_seconds=grace)

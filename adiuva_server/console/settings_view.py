@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from adiuva_server.config import JWT_SECRET_FILE, Settings
 
 # By name: whatever holds a credential now, or will when a later setting is added with such a name.
-_SECRET = re.compile(r"secret|(^|_)password$|api_key|apikey|credential|private_key|(^|_)token$|^stripe_(?!price)")
+_SECRET = re.compile(r"secret|(^|_)password$|api_key|apikey|access_key|credential|private_key|(^|_)token$|^stripe_(?!price)")
 MASK = "•••••• (set)"
 
 

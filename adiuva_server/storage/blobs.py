@@ -1,7 +1,7 @@
 """The blob store: opaque bytes named by their SHA-256, written once, never changed.
 
 `BlobStore` is the interface the storage service relies on; `FileBlobStore` keeps objects on
-the local filesystem (an S3-compatible store can implement the same methods later). An upload
+the local filesystem, `storage.s3.S3BlobStore` in an S3-compatible bucket. An upload
 is received into a temporary object while it is hashed (`receive`), then made durable under
 its digest (`store`) or thrown away (`discard`). The store knows nothing about references:
 which objects may be deleted is decided by `storage.keeper`.
@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,13 +88,21 @@ class BlobStore(Protocol):
         """Remove an object (only if not modified since `older_than`, a Unix time, when given)."""
 
     def local_path(self, digest: str) -> Path:
-        """Where the object lives on this machine (downloads are served with sendfile)."""
+        """Where the object lives on this machine (downloads are served with sendfile).
+        FileBlobStore only: an S3 store has no local path (use `open_range`)."""
+
+    async def size(self, digest: str) -> int | None:
+        """The object's size in bytes, or None if it is missing."""
+
+    def open_range(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes [start, end) of an object (to its end when `end` is None), streamed in
+        chunks. Raises FileNotFoundError when the object is missing."""
 
     async def size_and_hash(self, digest: str) -> tuple[int, str] | None:
         """Re-read an object: its size and actual SHA-256, or None if it is missing."""
 
-    def scan(self) -> Iterator[list[tuple[str, float]]]:
-        """Blocking: every stored object as (digest, mtime), in batches."""
+    def scan_async(self) -> AsyncIterator[list[tuple[str, float]]]:
+        """Every stored object as (digest, mtime), in batches."""
 
     async def sweep_temporary(self, older_than: float) -> int:
         """Remove abandoned temporary objects last written before `older_than`."""
@@ -315,6 +323,34 @@ class FileBlobStore:
                             batch.append((entry.name, entry.stat().st_mtime))
             if batch:
                 yield batch
+
+    async def scan_async(self) -> AsyncIterator[list[tuple[str, float]]]:
+        loop = asyncio.get_running_loop()
+        batches = self.scan()
+        while (batch := await loop.run_in_executor(None, next, batches, None)) is not None:
+            yield batch
+
+    async def size(self, digest: str) -> int | None:
+        try:
+            return (await asyncio.get_running_loop().run_in_executor(None, self.local_path(digest).stat)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def open_range(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        fh = await loop.run_in_executor(None, open, self.local_path(digest), "rb", 0)
+        try:
+            await loop.run_in_executor(None, fh.seek, start)
+            left = None if end is None else max(0, end - start)
+            while left is None or left > 0:
+                block = await loop.run_in_executor(None, fh.read, WRITE_BUFFER if left is None else min(left, WRITE_BUFFER))
+                if not block:
+                    break
+                if left is not None:
+                    left -= len(block)
+                yield block
+        finally:
+            await loop.run_in_executor(None, fh.close)
 
     async def sweep_temporary(self, older_than: float) -> int:
         return await asyncio.get_running_loop().run_in_executor(None, self._sweep_temporary, older_than)

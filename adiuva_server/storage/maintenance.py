@@ -11,14 +11,16 @@ to its name, and the per-user usage counters agree with the rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adiuva_server import quota
 from adiuva_server.config import Settings
 from adiuva_server.db import Database
-from adiuva_server.storage.blobs import FileBlobStore
+from adiuva_server.storage.blobs import BlobStore, FileBlobStore
 from adiuva_server.storage.keeper import BlobKeeper
 from adiuva_server.storage.store import SQLiteStorageStore
 
@@ -32,10 +34,34 @@ def blob_root(settings: Settings) -> Path:
 
 
 def open_blob_store(settings: Settings) -> FileBlobStore:
-    """Blocking (creates the folders): the blob store of this data dir."""
+    """Blocking (creates the folders): the blob store of this data dir (the files, whatever
+    S3_BUCKET says: server backups work on files only)."""
     blobs = FileBlobStore(blob_root(settings))
     blobs.open()
     return blobs
+
+
+@contextlib.asynccontextmanager
+async def blob_store(settings: Settings) -> AsyncIterator[BlobStore]:
+    """The blob store the settings choose: the S3_BUCKET bucket, or the data dir's files."""
+    if not settings.s3_bucket:
+        yield await asyncio.to_thread(open_blob_store, settings)
+        return
+    from adiuva_server.storage.s3 import S3BlobStore
+
+    blobs = S3BlobStore(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                        access_key_id=settings.aws_access_key_id, secret_access_key=settings.aws_secret_access_key)
+    await blobs.open()
+    try:
+        yield blobs
+    finally:
+        await blobs.close()
+
+
+async def temporary_count(blobs: BlobStore) -> int:
+    if isinstance(blobs, FileBlobStore):
+        return await asyncio.to_thread(blobs.temporary_count)
+    return await blobs.temporary_count()
 
 
 @dataclass
@@ -59,7 +85,7 @@ class ConsistencyReport:
 
 
 async def sweep(
-    db: Database, blobs: FileBlobStore, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    db: Database, blobs: BlobStore, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
     object_grace_seconds: float | None = None, keeper: BlobKeeper | None = None,
 ) -> SweepReport:
     """Remove temporary files and unreferenced objects last written more than `grace_seconds`
@@ -71,9 +97,7 @@ async def sweep(
     now = time.time()
     report = SweepReport(temporary_removed=await blobs.sweep_temporary(now - grace_seconds))
     cutoff = now - (grace_seconds if object_grace_seconds is None else object_grace_seconds)
-    loop = asyncio.get_running_loop()
-    batches = blobs.scan()
-    while (batch := await loop.run_in_executor(None, next, batches, None)) is not None:
+    async for batch in blobs.scan_async():
         old = [digest for digest, mtime in batch if mtime < cutoff]
         if not old:
             continue
@@ -82,11 +106,10 @@ async def sweep(
     return report
 
 
-async def check(db: Database, blobs: FileBlobStore, *, verify_hashes: bool = True) -> ConsistencyReport:
+async def check(db: Database, blobs: BlobStore, *, verify_hashes: bool = True) -> ConsistencyReport:
     """Compare the metadata with the blob store. Reads every referenced object when
     `verify_hashes` (slow on a large store); otherwise checks presence and size only."""
     store = SQLiteStorageStore(db)
-    loop = asyncio.get_running_loop()
     report = ConsistencyReport()
     referenced = dict(await store.referenced_objects())
     report.referenced = len(referenced)
@@ -98,23 +121,20 @@ async def check(db: Database, blobs: FileBlobStore, *, verify_hashes: bool = Tru
             elif found != (size, digest):
                 report.corrupt.append(digest)
         else:
-            try:
-                actual = await loop.run_in_executor(None, lambda: blobs.local_path(digest).stat().st_size)
-            except FileNotFoundError:
+            actual = await blobs.size(digest)
+            if actual is None:
                 report.missing.append(digest)
-                continue
-            if actual != size:
+            elif actual != size:
                 report.corrupt.append(digest)
-    batches = blobs.scan()
-    while (batch := await loop.run_in_executor(None, next, batches, None)) is not None:
+    async for batch in blobs.scan_async():
         report.unreferenced += sum(1 for digest, _ in batch if digest not in referenced)
-    report.temporary = await loop.run_in_executor(None, blobs.temporary_count)
+    report.temporary = await temporary_count(blobs)
     report.usage_drift = await quota.drift(db)
     return report
 
 
 async def release_now(
-    db: Database, blobs: FileBlobStore, digests: list[str], *, keeper: BlobKeeper | None = None,
+    db: Database, blobs: BlobStore, digests: list[str], *, keeper: BlobKeeper | None = None,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
 ) -> int:
     """Delete at once those of `digests` that no row references any more (a deleted user's

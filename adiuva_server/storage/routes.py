@@ -27,6 +27,7 @@ from adiuva_server.http.auth import principal
 from adiuva_server.http.problem import from_error
 from adiuva_server.http.routing import Api, validation_problem
 from adiuva_server.keys import STORAGE
+from adiuva_server.storage.blobs import FileBlobStore
 from adiuva_server.storage.models import (
     MAX_BATCH_BODY_BYTES, BackupHistory, BackupMeta, ChangesPage, Change, ChangesQuery, RecordBatchRequest,
     RecordBatchResult, RecordCreateQuery, RecordListQuery, RecordMeta, RecordPage,
@@ -159,6 +160,8 @@ async def _send_object(
     seconds, or None). The object is opened before the answer starts; if it vanished between
     the lookup and the open (a replace or delete raced us), look the resource up once more."""
     storage = _storage(request)
+    if not isinstance(storage.blobs, FileBlobStore):
+        return await _stream_object(request, lookup, describe)
     loop = asyncio.get_running_loop()
     for _attempt in range(2):
         item = await lookup()
@@ -180,6 +183,56 @@ async def _send_object(
         fobj.close()
         raise
     return BlobResponse(fobj, size, span, headers=headers)
+
+
+async def _stream_object(
+    request: web.Request, lookup: Callable[[], Awaitable[Record | Backup]],
+    describe: Callable[[Any], tuple[dict[str, str], int | None]],
+) -> web.StreamResponse:
+    """`_send_object` for a store with no local files (S3): the same answers, the bytes streamed
+    as they are read. The object's first bytes are read before the answer starts, so an object
+    that vanished meanwhile is looked up once more (or is a problem), never a cut body."""
+    blobs = _storage(request).blobs
+    for _attempt in range(2):
+        item = await lookup()
+        headers, last_modified = describe(item)
+        headers["Cache-Control"] = "private, no-cache"
+        if _not_modified(request, item.checksum, last_modified):
+            return web.Response(status=304, headers=headers)
+        size = await blobs.size(item.checksum)
+        if size is None:
+            continue
+        span = byte_range(request.headers.get("Range"), size) if if_range_holds(
+            request, headers["ETag"], last_modified) else None
+        offset, count = span or (0, size)
+        chunks = blobs.open_range(item.checksum, offset, offset + count)
+        first = b""
+        if count and request.method != "HEAD":
+            try:
+                first = await anext(chunks)
+            except (FileNotFoundError, StopAsyncIteration):
+                await chunks.aclose()
+                continue
+        break
+    else:
+        log.error("object %s is referenced but missing from the blob store; run `adiuva doctor`", item.checksum)
+        raise errors.NotFound("the stored bytes are missing on the server")
+    try:
+        response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        if span is not None:
+            response.headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+        response.headers["Accept-Ranges"] = "bytes"
+        response.content_type = OCTETS
+        response.content_length = count
+        await response.prepare(request)
+        if first:
+            await response.write(first)
+            async for block in chunks:
+                await response.write(block)
+        await response.write_eof()
+        return response
+    finally:
+        await chunks.aclose()
 
 
 def _not_modified(request: web.Request, checksum: str, last_modified: int | None) -> bool:
