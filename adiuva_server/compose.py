@@ -142,8 +142,9 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
         # Built in homelab mode too (nothing is opened until used): the license may change while
         # the server runs; the routes and the job ask billing.mode each time.
         gateway = await stack.enter_async_context(billing_service.stripe_gateway(settings))
-        billing = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway, license)
-        marketplace = MarketplaceService(settings, SQLiteMarketplaceStore(db), license)
+        marketplace = MarketplaceService(settings, SQLiteMarketplaceStore(db), license, gateway)
+        billing = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway, license,
+                                 payments=marketplace)
         await marketplace.import_bundled()  # idempotent: a restart writes nothing
 
         jobs = Jobs(shared.lease)

@@ -262,12 +262,6 @@ class LicensedModeRequired(Forbidden):
     title = "This needs a licensed server"
 
 
-class PaymentNotAvailable(AdiuvaError):
-    status = 402
-    code = "payment_not_available"
-    title = "Paid installs are not available on this server yet"
-
-
 class PluginChecksFailed(ValidationError):
     """A plugin submission failed the automated review: `failed` names each rule and why."""
 

@@ -1,6 +1,7 @@
 """A local stand-in for the parts of Stripe's API that billing uses, for the real `stripe`
-library to talk to: customers, checkout sessions, subscriptions (list, retrieve, cancel),
-billing portal sessions and events, on 127.0.0.1.
+library to talk to: customers, checkout sessions (subscriptions, and one-time payments that are
+Connect destination charges), subscriptions (list, retrieve, cancel), billing portal sessions,
+connected accounts, refunds (reversing transfers and application fees) and events, on 127.0.0.1.
 
 Like Stripe it checks `Authorization: Bearer <secret key>`, reads form-encoded bodies with
 Stripe's bracket notation, answers errors as `{"error": {...}}`, and honours `Idempotency-Key`:
@@ -71,6 +72,12 @@ class StripeStandIn:
         self.subscriptions: dict[str, dict] = {}
         self.portals: dict[str, dict] = {}
         self.events: list[dict] = []
+        self.accounts: dict[str, dict] = {}  # Connect accounts of the platform
+        self.payment_intents: dict[str, dict] = {}
+        self.charges: dict[str, dict] = {}
+        self.transfers: dict[str, dict] = {}
+        self.application_fees: dict[str, dict] = {}
+        self.refunds: dict[str, dict] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, idempotency key)
         self.delay = 0.0  # seconds each API call takes (to let concurrent calls overlap)
         self.down = False  # answer every call 500 (Stripe in trouble)
@@ -144,6 +151,8 @@ class StripeStandIn:
             ("GET", r"/v1/subscriptions/(?P<id>[^/]+)", self._get_subscription),
             ("DELETE", r"/v1/subscriptions/(?P<id>[^/]+)", self._cancel_subscription),
             ("POST", r"/v1/billing_portal/sessions", self._create_portal),
+            ("GET", r"/v1/accounts/(?P<id>[^/]+)", self._get_account),
+            ("POST", r"/v1/refunds", self._create_refund),
             ("GET", r"/v1/events", self._list_events),
             ("GET", r"/v1/events/(?P<id>[^/]+)", self._get_event),
         ]
@@ -181,6 +190,8 @@ class StripeStandIn:
         return self.customers[id]
 
     def _create_session(self, params: dict) -> dict:
+        if params.get("mode") == "payment":
+            return self._create_payment_session(params)
         for name in ("customer", "success_url", "cancel_url", "line_items"):
             if name not in params:
                 raise StripeError(400, "invalid_request_error", f"Missing required param: {name}.", "parameter_missing")
@@ -198,6 +209,83 @@ class StripeStandIn:
         self.session_metadata[session_id] = (params.get("subscription_data") or {}).get("metadata", {})
         return session
 
+    def _create_payment_session(self, params: dict) -> dict:
+        """A one-time payment; with payment_intent_data[transfer_data][destination], a Connect
+        destination charge whose application_fee_amount stays with the platform."""
+        for name in ("success_url", "cancel_url", "line_items"):
+            if name not in params:
+                raise StripeError(400, "invalid_request_error", f"Missing required param: {name}.", "parameter_missing")
+        item = params["line_items"][0]
+        price_data = item.get("price_data") or {}
+        try:
+            amount, quantity = int(price_data["unit_amount"]), int(item.get("quantity", 1))
+            currency = price_data["currency"]
+        except (KeyError, ValueError):
+            raise StripeError(400, "invalid_request_error", "line_items[0][price_data] needs unit_amount and currency.",
+                              "parameter_missing") from None
+        if currency != currency.lower() or len(currency) != 3:
+            raise StripeError(400, "invalid_request_error", f"Invalid currency: {currency}.", "parameter_invalid")
+        intent = params.get("payment_intent_data") or {}
+        destination = (intent.get("transfer_data") or {}).get("destination")
+        fee = int(intent["application_fee_amount"]) if "application_fee_amount" in intent else None
+        if destination is not None and destination not in self.accounts:
+            raise StripeError(400, "invalid_request_error", f"No such destination: '{destination}'", "resource_missing")
+        if fee is not None and destination is None:
+            raise StripeError(400, "invalid_request_error", "Can only apply an application_fee_amount when the "
+                              "PaymentIntent is attempting a direct payment or destination payment.")
+        if fee is not None and not 0 <= fee <= amount * quantity:
+            raise StripeError(400, "invalid_request_error", "application_fee_amount must be at most the amount.")
+        session_id = self._id("cs_test")
+        session = {"id": session_id, "object": "checkout.session", "mode": "payment", "customer": params.get("customer"),
+                   "customer_email": params.get("customer_email"), "client_reference_id": params.get("client_reference_id"),
+                   "status": "open", "payment_status": "unpaid", "payment_intent": None,
+                   "amount_total": amount * quantity, "currency": currency,
+                   "success_url": params["success_url"], "cancel_url": params["cancel_url"],
+                   "url": f"{self.url}/pay/{session_id}", "metadata": params.get("metadata", {}),
+                   "created": self.now(), "_intent": {"destination": destination, "fee": fee,
+                                                      "metadata": intent.get("metadata", {})}}
+        self.sessions[session_id] = session
+        return self._public(session)
+
+    @staticmethod
+    def _public(obj: dict) -> dict:
+        return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+    def _get_account(self, params: dict, id: str) -> dict:
+        if id not in self.accounts:
+            raise StripeError(404, "invalid_request_error",
+                              f"The provided key does not have access to account '{id}' (or that account does not "
+                              "exist).", "resource_missing")
+        return self.accounts[id]
+
+    def _create_refund(self, params: dict) -> dict:
+        intent_id = params.get("payment_intent")
+        if intent_id not in self.payment_intents:
+            raise self._missing("payment_intent", str(intent_id))
+        return self._refund(self.payment_intents[intent_id], params.get("reverse_transfer") == "true",
+                            params.get("refund_application_fee") == "true", params.get("metadata", {}))
+
+    def _refund(self, intent: dict, reverse_transfer: bool, refund_fee: bool, metadata: dict) -> dict:
+        charge = self.charges[intent["latest_charge"]]
+        if charge["refunded"]:
+            raise StripeError(400, "invalid_request_error", f"Charge {charge['id']} has already been refunded.",
+                              "charge_already_refunded")
+        if (reverse_transfer or refund_fee) and not charge.get("transfer"):
+            raise StripeError(400, "invalid_request_error", "reverse_transfer and refund_application_fee need a "
+                              "charge with a transfer (a destination charge).")
+        refund = {"id": self._id("re"), "object": "refund", "amount": charge["amount"], "charge": charge["id"],
+                  "payment_intent": intent["id"], "status": "succeeded", "metadata": metadata, "created": self.now()}
+        self.refunds[refund["id"]] = refund
+        charge.update(amount_refunded=charge["amount"], refunded=True,
+                      refunds={"object": "list", "data": [refund], "has_more": False})
+        if reverse_transfer:
+            transfer = self.transfers[charge["transfer"]]
+            transfer["amount_reversed"] = transfer["amount"]
+        if refund_fee and charge.get("application_fee"):
+            fee = self.application_fees[charge["application_fee"]]
+            fee["amount_refunded"] = fee["amount"]
+        self._event("charge.refunded", charge)
+        return refund
     def _list_subscriptions(self, params: dict) -> dict:
         subs = [s for s in self.subscriptions.values()
                 if params.get("customer") in (None, s["customer"])
@@ -267,6 +355,68 @@ class StripeStandIn:
         session.update(status="complete", payment_status="paid", subscription=sub["id"])
         return [self._event("customer.subscription.created", sub), self._event("checkout.session.completed", session),
                 self.invoice_event(sub["id"], "invoice.paid")]
+
+    def add_account(self, transfers: str = "active") -> str:
+        """A connected account of the platform (a developer onboarded through Connect)."""
+        account = {"id": self._id("acct"), "object": "account", "type": "express", "charges_enabled": True,
+                   "payouts_enabled": True, "capabilities": {"transfers": transfers, "card_payments": transfers}}
+        self.accounts[account["id"]] = account
+        return account["id"]
+
+    def pay(self, session_id: str) -> dict:
+        """The buyer paid a one-time Checkout session: the PaymentIntent and its charge exist; for a
+        destination charge the amount is transferred to the connected account and the
+        application fee collected from it. Returns checkout.session.completed."""
+        session = self.sessions[session_id]
+        spec = session["_intent"]
+        intent = {"id": self._id("pi"), "object": "payment_intent", "amount": session["amount_total"],
+                  "currency": session["currency"], "status": "succeeded", "metadata": spec["metadata"],
+                  "application_fee_amount": spec["fee"],
+                  "transfer_data": {"destination": spec["destination"]} if spec["destination"] else None}
+        charge = {"id": self._id("ch"), "object": "charge", "amount": intent["amount"], "amount_refunded": 0,
+                  "refunded": False, "currency": intent["currency"], "payment_intent": intent["id"], "paid": True,
+                  "transfer": None, "application_fee": None, "destination": spec["destination"],
+                  "refunds": {"object": "list", "data": [], "has_more": False}}
+        if spec["destination"]:
+            transfer = {"id": self._id("tr"), "object": "transfer", "amount": intent["amount"],
+                        "amount_reversed": 0, "destination": spec["destination"], "source_transaction": charge["id"]}
+            self.transfers[transfer["id"]] = transfer
+            charge["transfer"] = transfer["id"]
+            if spec["fee"]:
+                fee = {"id": self._id("fee"), "object": "application_fee", "amount": spec["fee"], "amount_refunded": 0,
+                       "account": spec["destination"], "charge": charge["id"]}
+                self.application_fees[fee["id"]] = fee
+                charge["application_fee"] = fee["id"]
+        intent["latest_charge"] = charge["id"]
+        self.payment_intents[intent["id"]] = intent
+        self.charges[charge["id"]] = charge
+        session.update(status="complete", payment_status="paid", payment_intent=intent["id"])
+        return self._event("checkout.session.completed", self._public(session))
+
+    def expire(self, session_id: str) -> dict:
+        session = self.sessions[session_id]
+        session.update(status="expired")
+        return self._event("checkout.session.expired", self._public(session))
+
+    def refund_in_dashboard(self, intent_id: str) -> dict:
+        """The operator refunded in Stripe's dashboard (transfer and fee reversed): charge.refunded."""
+        self._refund(self.payment_intents[intent_id], True, True, {})
+        return self.events[-1]
+
+    def balances(self) -> dict[str | None, int]:
+        """Net cents per connected account (transfers less reversals less application fees kept)
+        and for the platform (None: application fees less their refunds)."""
+        net: dict[str | None, int] = defaultdict(int)
+        for t in self.transfers.values():
+            net[t["destination"]] += t["amount"] - t["amount_reversed"]
+        for f in self.application_fees.values():
+            kept = f["amount"] - f["amount_refunded"]
+            net[f["account"]] -= kept
+            net[None] += kept
+        for c in self.charges.values():
+            if not c["destination"]:  # the platform's own sale
+                net[None] += c["amount"] - c["amount_refunded"]
+        return dict(net)
 
     def set_status(self, sub_id: str, status: str, **changes: Any) -> dict:
         """Stripe moved the subscription (a renewal failed, a retry paid, ...): its update event."""

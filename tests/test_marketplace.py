@@ -229,13 +229,13 @@ async def test_paid_plugins_need_licensed_mode(client, account):
     assert (await _json(await client.get(f"{API}/plugins/submissions", headers=h), 403))["code"] == "licensed_mode_required"
 
 
-async def test_paid_installs_in_licensed_mode_are_refused_until_payments_exist(aiohttp_client, data_dir):
+async def test_paid_installs_in_licensed_mode_without_stripe_are_503(aiohttp_client, data_dir):
     L.write(data_dir / "license.json", L.signed(L.body(dt.datetime.now(dt.UTC))))
     client = await aiohttp_client(create_app(make_settings(data_dir, licensed=True, default_tier="team",
                                                            license_public_key=L.public_b64(), rate_limits=FAST)))
     acct = await register(client)
-    problem = await _json(await client.post(f"{API}/plugins/slack-notifier/install", headers=acct.headers), 402)
-    assert problem["code"] == "payment_not_available"
+    problem = await _json(await client.post(f"{API}/plugins/slack-notifier/install", headers=acct.headers), 503)
+    assert problem["code"] == "billing_not_configured"
     assert (await _json(await client.get(f"{API}/plugins/installed", headers=acct.headers)))["items"] == []
     await _json(await client.post(f"{API}/plugins/github-sync/install", headers=acct.headers))  # free: as usual
 

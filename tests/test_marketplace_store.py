@@ -15,6 +15,7 @@ from adiuva_server import errors
 from adiuva_server.db import Database
 from adiuva_server.db.postgres import PgDatabase
 from adiuva_server.db.postgres.database import migrations as pg_migrations
+from adiuva_server.marketplace import revenue
 from adiuva_server.marketplace.postgres import PostgresMarketplaceStore
 from adiuva_server.marketplace.service import MarketplaceService
 from adiuva_server.marketplace.signing import SigningKey
@@ -238,3 +239,70 @@ async def test_signing_key_first_use_wins(backend):
     first, second = await asyncio.gather(backend.store.signing_key(a, "t"), backend.store.signing_key(b, "t"))
     assert first == second and first.key_id in (a.key_id, b.key_id)
     assert await backend.store.signing_key(SigningKey.generate(), "t") == first
+
+
+# -- paid plugins (marketplace/revenue.py), on both backends -----------------------------------
+
+
+async def test_one_purchase_per_user_and_plugin_and_an_exact_ledger(service, backend):
+    await service.import_bundled()  # slack-notifier: EUR 4.99, the operator's own
+    buyer, dev = await backend.add_user(), await backend.add_user()
+    store = backend.store
+    # Twenty racing installs (connections of their own on PostgreSQL): one purchase.
+    opened = await asyncio.gather(*(store.open_purchase(buyer, "slack-notifier", str(uuid.uuid4()),
+                                                        "2026-12-03T10:00:00.000Z", 1_796_000_000) for _ in range(20)))
+    ids = {o.purchase.id for o in opened}
+    assert len(ids) == 1 and not any(o.installed for o in opened)
+    purchase = opened[0].purchase
+    assert (purchase.price_cents, purchase.fee_cents, purchase.developer_cents, purchase.destination) == (499, 499, 0, None)
+    assert [(i.state, i.payment_state) for i in await store.installed(buyer)] == [("awaiting_payment", "pending")]
+    assert (await store.plugin("slack-notifier")).install_count == 0
+    await store.set_checkout(purchase.id, "cs_1", "https://pay/cs_1")
+    assert (await store.set_checkout(purchase.id, "cs_other", "x")).checkout_session == "cs_1"  # first one stays
+    # A wrong amount installs nothing; two racing confirmations apply once.
+    assert "nothing installed" in await store.complete_purchase(purchase.id, "cs_1", "pi_1", 100, "eur", "t1")
+    outcomes = await asyncio.gather(*(store.complete_purchase(purchase.id, "cs_1", "pi_1", 499, "eur",
+                                                              "2026-12-03T10:01:00.000Z") for _ in range(5)))
+    assert sum(o.startswith(f"purchase {purchase.id} paid") for o in outcomes) == 1
+    assert [(i.state, i.payment_state) for i in await store.installed(buyer)] == [("installed", "paid")]
+    assert (await store.plugin("slack-notifier")).install_count == 1
+    again = await store.open_purchase(buyer, "slack-notifier", str(uuid.uuid4()), "t2", 1_796_000_100)
+    assert again.installed and again.purchase is None
+    # Refunds: once, by id or by payment intent; the ledger nets to zero.
+    refunds = await asyncio.gather(store.refunded(purchase_id=purchase.id, refund_id="re_1", now="2026-12-03T11:00:00.000Z"),
+                                   store.refunded(payment_intent="pi_1", refund_id="re_1", now="2026-12-03T11:00:00.000Z"))
+    assert sum(r.startswith(f"purchase {purchase.id} refunded:") for r in refunds) == 1
+    assert await store.installed(buyer) == []
+    assert (await store.plugin("slack-notifier")).install_count == 0
+    report = await store.earnings(None, "2026-12-01", "2026-12-31", everyone=True)
+    assert [(e.developer_id, e.plugin_id, e.sales, e.refunds, e.gross_cents, e.fee_cents) for e in report] == [
+        (None, "slack-notifier", 1, 1, 0, 0)]
+    with pytest.raises(revenue.PurchaseNotRefundable):
+        await store.refundable(purchase.id)
+    # A developer's plugin: not for sale without a connected account; then 70/30 to it.
+    with pytest.raises(errors.NotFound):
+        await store.add_developer("nobody@example.org", "acct_1", [], "t")
+    developer = await store.add_developer(f"{dev}@example.org", "acct_dev1", ["time-tracker"], "t")
+    assert developer.user_id == dev and [d.stripe_account for d in await store.developers()] == ["acct_dev1"]
+    with pytest.raises(errors.Conflict):
+        await store.add_developer(f"{buyer}@example.org", "acct_dev1", [], "t")
+    sold = await store.open_purchase(buyer, "time-tracker", str(uuid.uuid4()), "2026-12-03T12:00:00.000Z", 1_796_000_200)
+    assert (sold.purchase.fee_cents, sold.purchase.developer_cents, sold.purchase.destination) == (300, 699, "acct_dev1")
+    await store.complete_purchase(sold.purchase.id, "cs_2", "pi_2", 999, "EUR", "2026-12-03T12:01:00.000Z")
+    mine = await store.earnings(dev, "2026-12-01", "2026-12-31", everyone=False)
+    assert [(e.plugin_id, e.sales, e.gross_cents, e.fee_cents, e.developer_cents) for e in mine] == [
+        ("time-tracker", 1, 999, 300, 699)]
+    # The buyer's account deleted: the books stay.
+    await backend.delete_user(buyer)
+    assert [p.user_id for p in await store.purchases(None, 10)] == [None, None]
+    assert len(await store.earnings(None, "2026-12-01", "2026-12-31", everyone=True)) == 2
+
+
+async def test_a_developer_without_an_account_cannot_sell(service, backend, tmp_path):
+    dev, buyer = await backend.add_user(), await backend.add_user()
+    data = package(tmp_path, id="mood-board", name="Mood Board", price_cents=299)
+    await service.submit(data, submitted_by=dev, owner_id=dev, admin=False)
+    await service.approve("mood-board", reviewer="test")
+    with pytest.raises(revenue.DeveloperNotPayable):
+        await backend.store.open_purchase(buyer, "mood-board", str(uuid.uuid4()), "t", 1)
+    assert await backend.store.purchases(None, 10) == [] and await backend.store.installed(buyer) == []

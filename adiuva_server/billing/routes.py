@@ -75,7 +75,10 @@ async def portal(request: web.Request) -> PortalResponse:
     errors=(400, 404, 413, 503),
 )
 async def webhook(request: web.Request) -> WebhookAck:
-    service = billing(request)
+    # Subscriptions and plugin purchases (licensed marketplace) share this one endpoint.
+    service = request.app[BILLING]
+    if not (mode.billing_enabled(request.app[LICENSE]) or request.app[LICENSE].allows("marketplace")):
+        billing(request)  # the 404 billing_not_enabled
     body = await read_body(request, WEBHOOK_MAX_BYTES)  # raw: the signature is over these bytes
     result = await service.webhook(body, request.headers)
     return WebhookAck(outcome=result.outcome.value)

@@ -52,8 +52,10 @@ class SubscriptionView:
 
 class BillingService:
     def __init__(self, settings: Settings, store: BillingStore, gateway: StripeGateway | None,
-                 license: LicenseState, clock: Callable[[], float] = time.time) -> None:
+                 license: LicenseState, clock: Callable[[], float] = time.time, payments: Any = None) -> None:
         self.settings = settings
+        # The marketplace's `payment_event` (plugin purchases arrive on this same webhook).
+        self.payments = payments
         self.license = license
         self.store = store
         self.gateway = gateway  # None: no STRIPE_SECRET_KEY (the stub)
@@ -162,6 +164,10 @@ class BillingService:
 
     async def _effects(self, event: dict[str, Any]) -> EventEffects:
         kind, obj = event["type"], event["data"]["object"]
+        if self.payments is not None and (done := await self.payments.payment_event(kind, obj)) is not None:
+            return EventEffects(done=done)
+        if not mode.billing_enabled(self.license):
+            return EventEffects(ignore="billing is not enabled on this server")
         if kind not in HANDLED_EVENTS:
             return EventEffects(ignore=f"{kind} is not an event this server acts on")
         if kind in SUBSCRIPTION_EVENTS:

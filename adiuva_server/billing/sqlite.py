@@ -89,6 +89,8 @@ class SQLiteBillingStore:
     async def _apply_effects(self, conn: Any, effects: EventEffects, now: int, reason: str) -> Applied:
         if effects.ignore:
             return Applied(Outcome.IGNORED, effects.ignore)
+        if effects.done:
+            return Applied(Outcome.APPLIED, effects.done)
         if effects.link is not None:
             customer_id, user_id = effects.link
             if await self._user_exists(conn, user_id):

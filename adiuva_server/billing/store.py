@@ -41,6 +41,7 @@ class EventEffects:
     state: SubscriptionState | None = None
     observed_at: int = 0  # the time `state` describes
     ignore: str = ""  # non-empty: record the event, change nothing, say why
+    done: str = ""  # non-empty: applied already by its own (idempotent) store, e.g. a plugin payment
 
 
 @dataclass(frozen=True, slots=True)

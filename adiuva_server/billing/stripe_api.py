@@ -36,10 +36,12 @@ class StripeGateway:
         self.client = stripe.StripeClient(secret_key, base_addresses={"api": api_base}, http_client=transport,
                                           max_network_retries=2)
 
-    async def _call(self, what: str, coro: Any) -> Any:
+    async def _call(self, what: str, coro: Any, *, missing: str | None = None) -> Any:
         try:
             return await coro
         except self._error as exc:
+            if missing is not None and exc.http_status == 404:
+                raise errors.NotFound(missing) from None
             # The library's messages mask keys; still, only the kind of failure is logged.
             log.warning("Stripe %s failed: %s (HTTP %s, code %s)", what, type(exc).__name__, exc.http_status, exc.code)
             raise errors.PaymentProviderUnavailable(
@@ -92,6 +94,45 @@ class StripeGateway:
             {"customer": customer_id, "return_url": return_url}, {"idempotency_key": idempotency_key}))
         return portal.url
 
+    # -- paid plugins (Connect) ----------------------------------------------------------------
+
+    async def create_plugin_checkout(self, *, purchase_id: str, user_id: str, email: str, plugin_id: str,
+                                     name: str, amount: int, currency: str, fee: int, destination: str | None,
+                                     success_url: str, cancel_url: str) -> dict[str, Any]:
+        """A one-time Checkout session for a plugin. With a developer (`destination`) it is a
+        destination charge: Stripe moves the payment to the connected account and keeps `fee`
+        (the application fee) for the platform. The purchase id is the idempotency key, so a
+        retried or concurrent install of the same purchase gets this same session."""
+        payment_intent: dict[str, Any] = {"metadata": {"purchase_id": purchase_id, "plugin_id": plugin_id}}
+        if destination is not None:
+            payment_intent.update(application_fee_amount=fee, transfer_data={"destination": destination})
+        session = await self._call("start the checkout", self.client.v1.checkout.sessions.create_async({
+            "mode": "payment",
+            "customer_email": email,
+            "client_reference_id": user_id,
+            "line_items": [{"quantity": 1, "price_data": {
+                "currency": currency.lower(), "unit_amount": amount, "product_data": {"name": name}}}],
+            "payment_intent_data": payment_intent,
+            "metadata": {"kind": "plugin_purchase", "purchase_id": purchase_id, "plugin_id": plugin_id,
+                         "user_id": user_id},
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+        }, {"idempotency_key": f"adiuva-plugin-purchase-{purchase_id}"}))
+        return {"id": session.id, "url": session.url}
+
+    async def refund_plugin(self, *, purchase_id: str, payment_intent: str, transferred: bool) -> str:
+        """Refund a plugin purchase in full; for a destination charge the developer's transfer is
+        reversed and the application fee refunded with it, so neither side keeps a share."""
+        params: dict[str, Any] = {"payment_intent": payment_intent, "metadata": {"purchase_id": purchase_id}}
+        if transferred:
+            params.update(reverse_transfer=True, refund_application_fee=True)
+        refund = await self._call("refund the payment", self.client.v1.refunds.create_async(
+            params, {"idempotency_key": f"adiuva-plugin-refund-{purchase_id}"}))
+        return refund.id
+
+    async def connected_account(self, account_id: str) -> dict[str, Any]:
+        return _plain(await self._call("read the connected account", self.client.v1.accounts.retrieve_async(account_id),
+                                       missing=f"Stripe has no connected account {account_id} on this platform"))
 
 def verify_signature(body: bytes, header: str | None, secret: str, tolerance: int) -> None:
     """Stripe's scheme, checked by the library on the raw body: `t=<time>,v1=<HMAC-SHA256 of

@@ -16,15 +16,22 @@ from adiuva_server.cli.common import EXIT_FAILED, EXIT_USAGE, DataDirOption, fai
 app = typer.Typer(help="Submit and review marketplace plugins.", no_args_is_help=True)
 
 
-def _do(data_dir, op):
-    from adiuva_server.marketplace.service import MarketplaceService
+def _do(data_dir, op, *, stripe: bool = False):
+    """Run `op(service)` on the server's marketplace; with `stripe`, the service talks to Stripe
+    (STRIPE_SECRET_KEY) as the server does."""
+    from adiuva_server.billing.service import stripe_gateway
     from adiuva_server.license.state import LicenseState
+    from adiuva_server.marketplace.service import MarketplaceService
     from adiuva_server.marketplace.sqlite import SQLiteMarketplaceStore
 
     settings = load_settings(data_dir=data_dir, existing=True)
 
     async def go(db):
-        return await op(MarketplaceService(settings, SQLiteMarketplaceStore(db), LicenseState.load(settings)))
+        license = LicenseState.load(settings)
+        if not stripe:
+            return await op(MarketplaceService(settings, SQLiteMarketplaceStore(db), license))
+        async with stripe_gateway(settings) as gateway:
+            return await op(MarketplaceService(settings, SQLiteMarketplaceStore(db), license, gateway))
 
     return run_with_db(settings, go)
 
@@ -122,3 +129,108 @@ def revoke(
     """Withdraw a plugin: gone from the catalog, shown revoked in its users' installed lists."""
     p = _do(data_dir, lambda s: s.revoke(plugin_id, reviewer=reviewer(), notes=notes))
     typer.echo(f"{p.id} revoked ({p.install_count} installation(s) now show it revoked)")
+
+
+# -- revenue (licensed mode) ---------------------------------------------------------------------
+
+developer_app = typer.Typer(help="Plugin developers and the Stripe connected accounts they are paid through.",
+                            no_args_is_help=True)
+app.add_typer(developer_app, name="developer")
+
+
+def _cents(amount: int, currency: str) -> str:
+    sign = "-" if amount < 0 else ""
+    return f"{sign}{abs(amount) // 100}.{abs(amount) % 100:02d} {currency}"
+
+
+@developer_app.command("add")
+def developer_add(
+    email: Annotated[str, typer.Argument(help="The developer's account (it must exist on this server).")],
+    stripe_account: Annotated[str, typer.Option("--stripe-account", help="Their Stripe connected account, acct_...")],
+    plugin: Annotated[list[str] | None, typer.Option("--plugin", help="Also make them the owner of this plugin "
+                                                      "(repeatable): its sales are paid to them from now on.")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Pay a developer's plugins (70 % of each sale) to their Stripe connected account; again: replaced."""
+    d = _do(data_dir, lambda s: s.add_developer(email, stripe_account, plugin or []), stripe=True)
+    owned = f"; owns {', '.join(plugin)}" if plugin else ""
+    typer.echo(f"{d.email} is a plugin developer paid through {d.stripe_account}{owned}")
+
+
+@developer_app.command("list")
+def developer_list(data_dir: DataDirOption = None) -> None:
+    """Every developer and their connected account."""
+    found = _do(data_dir, lambda s: s.developers())
+    for d in found:
+        typer.echo(f"{d.email}  {d.stripe_account}  since {d.created_at}")
+    if not found:
+        typer.echo("no plugin developers yet (add one with `adiuva plugin developer add`)")
+
+
+def _date(value: str | None, name: str):
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        fail(f"{name} must be a date, YYYY-MM-DD (got {value!r})", EXIT_USAGE)
+
+
+@app.command("earnings")
+def earnings(
+    developer: Annotated[str | None, typer.Option(help="One developer's email; default: everyone, and the "
+                                                  "operator's own plugins.")] = None,
+    since: Annotated[str | None, typer.Option("--from", help="First day, YYYY-MM-DD; default: the 1st of the "
+                                               "month of --to.")] = None,
+    until: Annotated[str | None, typer.Option("--to", help="Last day, included; default: today.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Plugin revenue over a period from the ledger: gross, fee and developers' share per plugin."""
+    from adiuva_server.marketplace.models import EarningsOut
+
+    first, last = _date(since, "--from"), _date(until, "--to")
+    report = EarningsOut.of(_do(data_dir, lambda s: s.earnings(developer, first, last)))
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    typer.echo(f"plugin earnings {report.from_} to {report.to}" + (f" of {report.developer}" if report.developer else ""))
+    for i in report.items:
+        who = i.developer or "(operator)"
+        typer.echo(f"  {who}  {i.plugin_id}  {i.sales} sale(s), {i.refunds} refund(s)  gross "
+                   f"{_cents(i.gross_cents, i.currency)}  fee {_cents(i.fee_cents, i.currency)}  developer "
+                   f"{_cents(i.developer_cents, i.currency)}")
+    for t in report.totals:
+        typer.echo(f"  total {t.currency}: gross {_cents(t.gross_cents, t.currency)}, fee "
+                   f"{_cents(t.fee_cents, t.currency)}, developers {_cents(t.developer_cents, t.currency)}")
+    if not report.items:
+        typer.echo("  no sales in this period")
+
+
+@app.command("purchases")
+def purchases(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """The latest 100 plugin purchases (their ids are what `adiuva plugin refund` takes)."""
+    from adiuva_server.marketplace.models import PurchaseOut
+
+    for p in _do(data_dir, lambda s: s.purchases()):
+        if as_json:
+            typer.echo(PurchaseOut.of(p).model_dump_json())
+        else:
+            typer.echo(f"{p.id}  {p.state:8}  {p.plugin_id}  {_cents(p.price_cents, p.currency)}  user {p.user_id}  "
+                       f"{p.created_at}")
+
+
+@app.command("refund")
+def refund(
+    purchase_id: Annotated[str, typer.Argument(metavar="PURCHASE_ID", help="From `adiuva plugin purchases`.")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Refund a paid plugin purchase in full: transfer and fee reversed, the plugin uninstalled."""
+    p = _do(data_dir, lambda s: s.refund(purchase_id, by=reviewer()), stripe=True)
+    typer.echo(f"purchase {p.id} refunded: {_cents(p.price_cents, p.currency)} back to the buyer "
+               f"({_cents(p.developer_cents, p.currency)} reversed from the developer)")

@@ -36,6 +36,8 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024
 ID = re.compile(r"^[a-z0-9-]+$")
 RESERVED_PREFIX = "adiuva"
+# Fixed paths beside /plugins/{id} and /admin/plugins/{id}: a plugin so named would be unreachable.
+RESERVED_IDS = frozenset({"installed", "submissions", "signing-key", "earnings", "purchases", "pending"})
 # semver.org's own regular expression (2.0.0).
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -176,6 +178,8 @@ def check_manifest(m: dict[str, Any]) -> list[Failure]:
             fail("id_format", "id must match ^[a-z0-9-]+$ (2 to 64 characters)")
         if plugin_id.startswith(RESERVED_PREFIX):
             fail("id_reserved", f"ids starting with {RESERVED_PREFIX!r} are reserved for the project's own plugins")
+        elif plugin_id in RESERVED_IDS:
+            fail("id_reserved", f"{plugin_id!r} is a path of the plugin routes; choose another id")
     version = m.get("version")
     if isinstance(version, str) and not SEMVER.match(version):
         fail("version_semver", f"version {version[:64]!r} is not a semantic version (MAJOR.MINOR.PATCH)")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adiuva_server.marketplace.revenue import Developer, Earnings, Purchase
 from adiuva_server.marketplace.store import Installation, Plugin, Review, Version
 
 MAX_PAGE = 10**6
@@ -73,13 +75,17 @@ class InstallationOut(BaseModel):
     currency: str
     payment_state: Literal["free", "pending", "paid", "refunded"]
     installed_at: str
+    checkout_url: str | None = Field(default=None, description="awaiting_payment (the answer to an install of a "
+                                     "paid plugin): the Stripe Checkout page where the user pays; the plugin is "
+                                     "installed when Stripe confirms the payment")
+    purchase_id: str | None = None
 
     @classmethod
     def of(cls, i: Installation) -> InstallationOut:
         status = "revoked" if i.revoked else i.state
         return cls(plugin_id=i.plugin_id, name=i.name, version=i.version or "", status=status,
                    price_cents=i.price_cents, currency=i.currency, payment_state=i.payment_state,
-                   installed_at=i.installed_at)
+                   installed_at=i.installed_at, checkout_url=i.checkout_url, purchase_id=i.purchase_id)
 
 
 class InstalledList(BaseModel):
@@ -171,3 +177,105 @@ class AdminPluginOut(BaseModel):
     average_rating: float | None
     versions: list[SubmissionOut]
     reviews: list[ReviewOut]
+
+
+# -- revenue (licensed mode) ---------------------------------------------------------------------
+
+
+class EarningsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    since: dt.date | None = Field(default=None, alias="from", description="first day (YYYY-MM-DD, UTC); "
+                                  "default: the first of the month of `to`")
+    until: dt.date | None = Field(default=None, alias="to", description="last day, included; default: today")
+
+
+class AdminEarningsQuery(EarningsQuery):
+    developer: str | None = Field(default=None, max_length=320, description="a developer's email; default: all, "
+                                  "and the operator's own plugins")
+
+
+class EarningsItem(BaseModel):
+    developer: str | None = Field(description="the developer's email; null: the operator's own plugins")
+    plugin_id: str
+    currency: str
+    sales: int
+    refunds: int
+    gross_cents: int = Field(description="what buyers paid, less refunds")
+    fee_cents: int = Field(description="the platform's 30 %, rounded half up per sale")
+    developer_cents: int = Field(description="gross - fee: what was transferred to the developer")
+
+    @classmethod
+    def of(cls, e: Earnings) -> EarningsItem:
+        return cls(developer=e.email, plugin_id=e.plugin_id, currency=e.currency, sales=e.sales, refunds=e.refunds,
+                   gross_cents=e.gross_cents, fee_cents=e.fee_cents, developer_cents=e.developer_cents)
+
+
+class EarningsTotal(BaseModel):
+    currency: str
+    gross_cents: int
+    fee_cents: int
+    developer_cents: int
+
+
+class EarningsOut(BaseModel):
+    developer: str | None
+    from_: dt.date = Field(alias="from", description="first day of the period")
+    to: dt.date = Field(description="last day of the period, included")
+    items: list[EarningsItem]
+    totals: list[EarningsTotal] = Field(description="per currency (amounts in different currencies never add)")
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    @classmethod
+    def of(cls, report) -> EarningsOut:
+        totals: dict[str, list[int]] = {}
+        for e in report.items:
+            t = totals.setdefault(e.currency, [0, 0, 0])
+            t[0] += e.gross_cents
+            t[1] += e.fee_cents
+            t[2] += e.developer_cents
+        return cls(developer=report.developer, from_=report.since, to=report.until,
+                   items=[EarningsItem.of(e) for e in report.items],
+                   totals=[EarningsTotal(currency=c, gross_cents=g, fee_cents=f, developer_cents=d)
+                           for c, (g, f, d) in sorted(totals.items())])
+
+
+class PurchaseOut(BaseModel):
+    id: str
+    user_id: str | None
+    plugin_id: str
+    state: Literal["pending", "paid", "refunded", "expired"]
+    price_cents: int
+    currency: str
+    fee_cents: int
+    developer_cents: int
+    developer_id: str | None
+    destination: str | None = Field(description="the developer's Stripe connected account; null: no transfer")
+    payment_intent: str | None
+    created_at: str
+    paid_at: str | None
+    refunded_at: str | None
+
+    @classmethod
+    def of(cls, p: Purchase) -> PurchaseOut:
+        return cls(id=p.id, user_id=p.user_id, plugin_id=p.plugin_id, state=p.state, price_cents=p.price_cents,
+                   currency=p.currency, fee_cents=p.fee_cents, developer_cents=p.developer_cents,
+                   developer_id=p.developer_id, destination=p.destination, payment_intent=p.payment_intent,
+                   created_at=p.created_at, paid_at=p.paid_at, refunded_at=p.refunded_at)
+
+
+class PurchaseList(BaseModel):
+    items: list[PurchaseOut]
+
+
+class DeveloperOut(BaseModel):
+    user_id: str
+    email: str
+    stripe_account: str
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def of(cls, d: Developer) -> DeveloperOut:
+        return cls(user_id=d.user_id, email=d.email, stripe_account=d.stripe_account, created_at=d.created_at,
+                   updated_at=d.updated_at)

@@ -12,13 +12,17 @@ servers on one database. Each write is one `transaction(fn)` of the façade (REA
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import re
 from typing import Any
 
 import asyncpg
 
 from adiuva_server import errors
 from adiuva_server.db.postgres import PgDatabase
+from adiuva_server.marketplace import revenue
 from adiuva_server.marketplace.checks import Failure, semver_key
 from adiuva_server.marketplace.signing import SigningKey
 from adiuva_server.marketplace.sqlite import _PLUGIN_COLUMNS, _VERSION_COLUMNS, _catalog_values, _like, _plugin, _version
@@ -285,6 +289,53 @@ class PostgresMarketplaceStore:
         return SigningKey(row[0], bytes(row[1]), bytes(row[2]))
 
 
+    # -- paid plugins (revenue.py holds the rules, written once for both backends) --------------
+
+    async def _write(self, fn, *args: Any, **kwargs: Any) -> Any:
+        return await self.db.transaction(lambda conn: fn(_Tx(conn), *args, **kwargs))
+
+    async def _read(self, fn, *args: Any, **kwargs: Any) -> Any:
+        return await self.db.transaction(lambda conn: fn(_Tx(conn), *args, **kwargs), readonly=True)
+
+    async def open_purchase(self, user_id: str, plugin_id: str, purchase_id: str, now: str,
+                            now_unix: int) -> revenue.Opened:
+        return await self._write(revenue.open_purchase, user_id, plugin_id, purchase_id, now, now_unix)
+
+    async def set_checkout(self, purchase_id: str, session_id: str, url: str) -> revenue.Purchase:
+        return await self._write(revenue.set_checkout, purchase_id, session_id, url)
+
+    async def purchase(self, purchase_id: str) -> revenue.Purchase:
+        return await self._read(revenue.purchase, purchase_id)
+
+    async def purchases(self, user_id: str | None, limit: int) -> list[revenue.Purchase]:
+        return await self._read(revenue.purchases, user_id, limit)
+
+    async def complete_purchase(self, purchase_id: str, session_id: str, payment_intent: str | None, amount: int,
+                                currency: str, now: str) -> str:
+        return await self._write(revenue.complete, purchase_id, session_id, payment_intent, amount, currency, now)
+
+    async def expire_purchase(self, session_id: str) -> str:
+        return await self._write(revenue.expire, session_id)
+
+    async def refundable(self, purchase_id: str) -> revenue.Purchase:
+        return await self._read(revenue.refundable, purchase_id)
+
+    async def refunded(self, *, purchase_id: str | None = None, payment_intent: str | None = None,
+                       refund_id: str | None, now: str) -> str:
+        return await self._write(revenue.refunded, purchase_id=purchase_id, payment_intent=payment_intent,
+                                 refund_id=refund_id, now=now)
+
+    async def add_developer(self, email: str, stripe_account: str, plugin_ids: list[str], now: str) -> revenue.Developer:
+        return await self._write(revenue.add_developer, email, stripe_account, plugin_ids, now)
+
+    async def developers(self, user_id: str | None = None) -> list[revenue.Developer]:
+        return await self._read(revenue.developers, user_id)
+
+    async def earnings(self, developer_id: str | None, since: str, until: str, *,
+                       everyone: bool) -> list[revenue.Earnings]:
+        return await self._read(revenue.earnings, developer_id, since, until, everyone=everyone)
+
+
 async def _catalog_failures(conn: asyncpg.Connection, new: NewVersion) -> list[Failure]:
     m = new.manifest
     plugin = await conn.fetchrow("SELECT owner_id, status, version FROM plugins WHERE id = $1", m["id"])
@@ -310,3 +361,30 @@ async def _log(conn: asyncpg.Connection, plugin_id: str, version: str | None, de
                notes: str, now: str) -> None:
     await conn.execute("INSERT INTO plugin_reviews (plugin_id, version, decision, reviewer, notes, decided_at) "
                        "VALUES ($1, $2, $3, $4, $5, $6)", plugin_id, version, decision, reviewer, notes or "", now)
+
+
+class _Tx:
+    """revenue.Tx on an asyncpg connection in a transaction: `?` placeholders become `$n`, and
+    the rows a transaction reads to change are locked (READ COMMITTED would let two nodes both
+    read the old state)."""
+
+    lock = " FOR UPDATE"
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @staticmethod
+    @functools.lru_cache(maxsize=128)
+    def _sql(sql: str) -> str:
+        numbers = itertools.count(1)
+        return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
+
+    async def row(self, sql: str, *args: Any) -> Any:
+        return await self.conn.fetchrow(self._sql(sql), *args)
+
+    async def rows(self, sql: str, *args: Any) -> list[Any]:
+        return await self.conn.fetch(self._sql(sql), *args)
+
+    async def run(self, sql: str, *args: Any) -> int:
+        return _changed(await self.conn.execute(self._sql(sql), *args))
+

@@ -14,8 +14,9 @@ from adiuva_server.http.routing import Api
 from adiuva_server.keys import MARKETPLACE
 from adiuva_server.marketplace import signing
 from adiuva_server.marketplace.models import (
-    AdminPluginOut, ApproveIn, InstallationOut, InstalledList, PackageInfo, PluginDetail, PluginOut, PluginPage,
-    PluginQuery, RatingIn, RatingOut, RejectIn, ReviewOut, RevokeIn, SigningKeyOut, SubmissionList, SubmissionOut,
+    AdminEarningsQuery, AdminPluginOut, ApproveIn, EarningsOut, EarningsQuery, InstallationOut, InstalledList,
+    PackageInfo, PluginDetail, PluginOut, PluginPage, PluginQuery, PurchaseList, PurchaseOut, RatingIn, RatingOut,
+    RejectIn, ReviewOut, RevokeIn, SigningKeyOut, SubmissionList, SubmissionOut,
 )
 from adiuva_server.marketplace.service import MarketplaceService
 
@@ -85,6 +86,12 @@ async def my_submissions(request: web.Request) -> SubmissionList:
     return SubmissionList(items=[SubmissionOut.of(v) for v in items])
 
 
+@api.get("/plugins/earnings", summary="The caller's earnings as a plugin developer over a period (licensed mode)",
+         query=EarningsQuery, response=EarningsOut, errors=(403, 404, 422, 429))
+async def my_earnings(request: web.Request, query: EarningsQuery) -> EarningsOut:
+    return EarningsOut.of(await _service(request).my_earnings(principal(request), query.since, query.until))
+
+
 @api.get("/plugins/{plugin_id}", summary="One plugin: manifest, install count, average rating, package checksum "
          "and signature", response=PluginDetail, errors=(403, 404, 429))
 async def detail(request: web.Request) -> PluginDetail:
@@ -96,8 +103,9 @@ async def detail(request: web.Request) -> PluginDetail:
                         installed=d.mine.installed, my_rating=d.mine.stars)
 
 
-@api.post("/plugins/{plugin_id}/install", summary="Install a plugin (again: no change); paid ones need "
-          "licensed mode", response=InstallationOut, errors=(402, 403, 404, 409, 429))
+@api.post("/plugins/{plugin_id}/install", summary="Install a plugin (again: no change). A paid one (licensed mode) "
+          "answers awaiting_payment with the checkout_url where the user pays once; Stripe's confirmation installs it",
+          response=InstallationOut, errors=(403, 404, 409, 429, 503))
 async def install(request: web.Request) -> InstallationOut:
     return InstallationOut.of(await _service(request).install(principal(request), _plugin_id(request)))
 
@@ -145,6 +153,25 @@ async def admin_submit(request: web.Request) -> SubmissionOut:
     service = _service(request)
     data = await read_body(request, service.limits.package_bytes)
     return SubmissionOut.of(await service.submit(data, submitted_by=principal(request).id, owner_id=None, admin=True))
+
+
+@admin_api.get("/admin/plugins/earnings", summary="Plugin revenue over a period: per developer, plugin and currency",
+               query=AdminEarningsQuery, response=EarningsOut, errors=(404, 422))
+async def earnings(request: web.Request, query: AdminEarningsQuery) -> EarningsOut:
+    return EarningsOut.of(await _service(request).earnings(query.developer, query.since, query.until))
+
+
+@admin_api.get("/admin/plugins/purchases", summary="The latest 100 plugin purchases", response=PurchaseList)
+async def purchases(request: web.Request) -> PurchaseList:
+    return PurchaseList(items=[PurchaseOut.of(p) for p in await _service(request).purchases()])
+
+
+@admin_api.post("/admin/plugins/purchases/{purchase_id}/refund", summary="Refund a paid plugin purchase in full "
+                "(the developer's transfer and the platform fee reversed; the plugin uninstalled)",
+                response=PurchaseOut, errors=(404, 409, 503))
+async def refund(request: web.Request) -> PurchaseOut:
+    return PurchaseOut.of(await _service(request).refund(request.match_info["purchase_id"],
+                                                         by=principal(request).email))
 
 
 @admin_api.get("/admin/plugins/{plugin_id}", summary="A plugin's versions and every review decision",

@@ -2,27 +2,31 @@
 `adiuva plugin` CLI alike. Tier gates come from the caller's tier as the database has it now
 (the Principal), never from the client.
 
-Paid plugins: an installation records the price and currency it was installed at and a payment
-state ('free' here). Charging (Stripe Checkout or the saved payment method, Connect transfers of
-the developer's 70 %, refunds, the revenue ledger) is not built yet: in homelab mode a paid
-plugin answers 403 `licensed_mode_required`; in licensed mode 402 `payment_not_available` until
-the paid part replaces `_install_paid`.
+Paid plugins (licensed mode; revenue.py has the money rules): installing one opens a purchase
+(one per user and plugin, written before Stripe is called) and a Stripe Checkout session that is a
+Connect destination charge with the platform's 30 % as the application fee; the signed webhook
+`checkout.session.completed` installs it. Refunds reverse the developer's transfer and the fee.
+In homelab mode a paid plugin answers 403 `licensed_mode_required`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
+import re
 import sys
+import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from adiuva_server import errors, tiers
 from adiuva_server.config import Settings
 from adiuva_server.license.state import LicenseState
-from adiuva_server.marketplace import checks
+from adiuva_server.marketplace import checks, revenue
 from adiuva_server.marketplace.checks import Limits
 from adiuva_server.marketplace.signing import SigningKey
 from adiuva_server.marketplace.store import (
@@ -34,6 +38,8 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 20
 FEATURE = "plugin_marketplace"
 BUNDLED_FOLDER = "plugins"
+STRIPE_ACCOUNT = re.compile(r"^acct_[A-Za-z0-9]{1,64}$")
+PURCHASE_KIND = "plugin_purchase"  # the metadata.kind of our plugin checkouts
 
 
 def licensed_mode(license: LicenseState | None) -> bool:
@@ -76,11 +82,22 @@ class ReviewRecord:
     reviews: list[Review]
 
 
+@dataclass(frozen=True)
+class EarningsReport:
+    developer: str | None  # the developer's email; None: every developer and the operator
+    since: dt.date
+    until: dt.date  # inclusive
+    items: list[revenue.Earnings]
+
+
 class MarketplaceService:
-    def __init__(self, settings: Settings, store: MarketplaceStore, license: LicenseState | None = None) -> None:
+    def __init__(self, settings: Settings, store: MarketplaceStore, license: LicenseState | None = None,
+                 gateway: Any = None, clock=time.time) -> None:
         self.settings = settings
         self.license = license
         self.store = store
+        self.gateway = gateway  # billing/stripe_api.StripeGateway; None: no STRIPE_SECRET_KEY
+        self.clock = clock
         self.limits = limits(settings)
         self._key: SigningKey | None = None
 
@@ -132,7 +149,130 @@ class MarketplaceService:
                 f"{plugin.name} costs {price}: paid plugins need a licensed server (this one runs in homelab mode, "
                 "without billing); free plugins install as usual")
         self.license.require_new_sales("marketplace")  # an expired license sells nothing new
-        raise errors.PaymentNotAvailable(f"{plugin.name} costs {price}; paying for plugins is not available yet")
+        stripe = self._stripe()
+        opened = await self.store.open_purchase(principal.id, plugin.id, str(uuid.uuid4()), now_iso(), int(self.clock()))
+        if opened.purchase is None:  # paid before: installed again, nothing charged
+            return await self._installation(principal.id, plugin.id)
+        purchase = opened.purchase
+        if purchase.checkout_url is None:
+            # Outside every transaction. The purchase id is the idempotency key: a concurrent
+            # install that found this purchase gets this same session from Stripe.
+            base = self.settings.billing_return_url
+            sep = "&" if "?" in base else "?"
+            session = await stripe.create_plugin_checkout(
+                purchase_id=purchase.id, user_id=principal.id, email=principal.email, plugin_id=plugin.id,
+                name=plugin.name, amount=purchase.price_cents, currency=purchase.currency, fee=purchase.fee_cents,
+                destination=purchase.destination,
+                success_url=f"{base}{sep}plugin={plugin.id}&checkout=success&session_id={{CHECKOUT_SESSION_ID}}",
+                cancel_url=f"{base}{sep}plugin={plugin.id}&checkout=canceled")
+            purchase = await self.store.set_checkout(purchase.id, session["id"], session["url"])
+        installation = await self._installation(principal.id, plugin.id)
+        return dataclasses.replace(installation, checkout_url=purchase.checkout_url, purchase_id=purchase.id)
+
+    async def _installation(self, user_id: str, plugin_id: str) -> Installation:
+        found = [i for i in await self.store.installed(user_id) if i.plugin_id == plugin_id]
+        if not found:
+            raise errors.Conflict(f"{plugin_id} changed while installing; try again")
+        return found[0]
+
+    def _stripe(self):
+        if self.gateway is None:
+            raise errors.BillingNotConfigured(
+                "this server has no Stripe key (STRIPE_SECRET_KEY), so paid plugins cannot be sold here; "
+                "free plugins install as usual")
+        return self.gateway
+
+    # -- payments: Stripe's signed webhooks (billing/service.py verifies and logs them) ----------
+
+    async def payment_event(self, kind: str, obj: dict[str, Any]) -> str | None:
+        """Apply an event about a plugin payment and say what happened; None when the event is not
+        about one (billing handles it). Each outcome is idempotent: a redelivery changes nothing."""
+        if kind.startswith("checkout.session."):
+            metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+            if obj.get("mode") != "payment" or metadata.get("kind") != PURCHASE_KIND:
+                return None
+            purchase_id, session_id = metadata.get("purchase_id"), obj.get("id")
+            if not (isinstance(purchase_id, str) and isinstance(session_id, str)):
+                return "a plugin checkout without its purchase id: nothing changed"
+            if kind == "checkout.session.expired":
+                return self._said(await self.store.expire_purchase(session_id))
+            if kind not in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+                return f"{kind}: nothing to do for a plugin purchase"
+            if obj.get("payment_status") != "paid":
+                return f"purchase {purchase_id}: not paid yet ({obj.get('payment_status')}); waiting for Stripe"
+            amount, currency, intent = obj.get("amount_total"), obj.get("currency"), obj.get("payment_intent")
+            intent = intent.get("id") if isinstance(intent, dict) else intent
+            if not (isinstance(amount, int) and isinstance(currency, str) and isinstance(intent, str)):
+                return f"purchase {purchase_id}: the session lacks its amount, currency or payment: nothing installed"
+            return self._said(await self.store.complete_purchase(purchase_id, session_id, intent, amount, currency,
+                                                                 now_iso()))
+        if kind == "charge.refunded":
+            intent = obj.get("payment_intent")
+            intent = intent.get("id") if isinstance(intent, dict) else intent
+            if not isinstance(intent, str) or obj.get("amount_refunded") != obj.get("amount"):
+                return None  # not ours, or a partial refund: a purchase stays paid
+            refunds = obj.get("refunds", {}).get("data") if isinstance(obj.get("refunds"), dict) else None
+            refund_id = refunds[0].get("id") if refunds and isinstance(refunds[0], dict) else None
+            outcome = await self.store.refunded(payment_intent=intent, refund_id=refund_id, now=now_iso())
+            return None if outcome.startswith("no purchase") else self._said(outcome)
+        return None
+
+    @staticmethod
+    def _said(outcome: str) -> str:
+        (log.warning if "refund this" in outcome or "refund it" in outcome else log.info)("plugin payment: %s", outcome)
+        return outcome
+
+    async def refund(self, purchase_id: str, *, by: str) -> revenue.Purchase:
+        """Refund a paid purchase in full at Stripe (the transfer and the fee reversed), then here:
+        the plugin is uninstalled and the ledger records the reversal."""
+        stripe = self._stripe()
+        purchase = await self.store.refundable(purchase_id)
+        refund_id = await stripe.refund_plugin(purchase_id=purchase.id, payment_intent=purchase.payment_intent,
+                                               transferred=purchase.destination is not None)
+        outcome = await self.store.refunded(purchase_id=purchase.id, refund_id=refund_id, now=now_iso())
+        log.info("plugin refund by %s: %s", by, outcome)
+        return await self.store.purchase(purchase.id)
+
+    async def purchases(self, user_id: str | None = None, limit: int = 100) -> list[revenue.Purchase]:
+        return await self.store.purchases(user_id, limit)
+
+    # -- developers and their earnings -----------------------------------------------------------
+
+    async def add_developer(self, email: str, stripe_account: str, plugin_ids: list[str]) -> revenue.Developer:
+        """Pay `email`'s plugins to `stripe_account` (checked with Stripe when a key is set)."""
+        if not STRIPE_ACCOUNT.match(stripe_account):
+            raise errors.ValidationError.field("stripe_account", "a Stripe connected account id looks like acct_1A2b3C")
+        if self.gateway is not None:
+            account = await self.gateway.connected_account(stripe_account)
+            if (account.get("capabilities") or {}).get("transfers") not in ("active", None):
+                raise errors.Conflict(f"{stripe_account} cannot receive transfers yet (its transfers capability is "
+                                      f"{account['capabilities']['transfers']}); finish its Stripe onboarding first")
+        return await self.store.add_developer(email.strip(), stripe_account, plugin_ids, now_iso())
+
+    async def developers(self) -> list[revenue.Developer]:
+        return await self.store.developers()
+
+    async def my_earnings(self, principal, since: dt.date | None, until: dt.date | None) -> EarningsReport:
+        self.require_licensed()
+        if not await self.store.developers(principal.id):
+            raise errors.NotFound("this account is not a plugin developer on this server (its admin adds "
+                                  "developers with `adiuva plugin developer add`)")
+        return await self._earnings(principal.id, principal.email, since, until, everyone=False)
+
+    async def earnings(self, developer_email: str | None, since: dt.date | None, until: dt.date | None) -> EarningsReport:
+        if developer_email is None:
+            return await self._earnings(None, None, since, until, everyone=True)
+        found = [d for d in await self.store.developers() if d.email.lower() == developer_email.strip().lower()]
+        if not found:
+            raise errors.NotFound(f"{developer_email} is not a plugin developer on this server")
+        return await self._earnings(found[0].user_id, found[0].email, since, until, everyone=False)
+
+    async def _earnings(self, developer_id, email, since, until, *, everyone: bool) -> EarningsReport:
+        since, until = period(since, until, dt.datetime.fromtimestamp(self.clock(), dt.UTC).date())
+        items = await self.store.earnings(developer_id, f"{since.isoformat()}T00:00:00.000Z",
+                                          f"{(until + dt.timedelta(days=1)).isoformat()}T00:00:00.000Z",
+                                          everyone=everyone)
+        return EarningsReport(email, since, until, items)
 
     async def uninstall(self, principal, plugin_id: str) -> None:
         # No tier gate: a user whose tier went down can still remove what they installed.
@@ -244,3 +384,13 @@ def _identifiable(manifest: dict) -> bool:
             and isinstance(manifest.get("name"), str) and bool(manifest["name"].strip())
             and isinstance(manifest.get("version"), str) and bool(checks.SEMVER.match(manifest["version"])))
 
+
+def period(since: dt.date | None, until: dt.date | None, today: dt.date) -> tuple[dt.date, dt.date]:
+    """An earnings period, both days included: by default the current month up to today."""
+    until = until or today
+    since = since or until.replace(day=1)
+    if since > until:
+        raise errors.ValidationError.field("from", "the period starts after it ends")
+    if (until - since).days > 3660:
+        raise errors.ValidationError.field("from", "a period is at most ten years")
+    return since, until

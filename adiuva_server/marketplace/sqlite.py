@@ -11,6 +11,7 @@ import sqlean
 
 from adiuva_server import errors
 from adiuva_server.db import Database
+from adiuva_server.marketplace import revenue
 from adiuva_server.marketplace.checks import Failure, semver_key
 from adiuva_server.marketplace.signing import SigningKey
 from adiuva_server.marketplace.store import (
@@ -308,6 +309,75 @@ class SQLiteMarketplaceStore:
                 async with conn.execute("SELECT key_id, private_key, public_key FROM plugin_signing_key") as c:
                     row = await c.fetchone()
         return SigningKey(row[0], bytes(row[1]), bytes(row[2]))
+
+    # -- paid plugins (revenue.py holds the rules, written once for both backends) --------------
+
+    async def _write(self, fn, *args: Any, **kwargs: Any) -> Any:
+        async with self.db.write() as conn:
+            return await fn(_Tx(conn), *args, **kwargs)
+
+    async def _read(self, fn, *args: Any, **kwargs: Any) -> Any:
+        async with self.db.reader() as conn:
+            return await fn(_Tx(conn), *args, **kwargs)
+
+    async def open_purchase(self, user_id: str, plugin_id: str, purchase_id: str, now: str,
+                            now_unix: int) -> revenue.Opened:
+        return await self._write(revenue.open_purchase, user_id, plugin_id, purchase_id, now, now_unix)
+
+    async def set_checkout(self, purchase_id: str, session_id: str, url: str) -> revenue.Purchase:
+        return await self._write(revenue.set_checkout, purchase_id, session_id, url)
+
+    async def purchase(self, purchase_id: str) -> revenue.Purchase:
+        return await self._read(revenue.purchase, purchase_id)
+
+    async def purchases(self, user_id: str | None, limit: int) -> list[revenue.Purchase]:
+        return await self._read(revenue.purchases, user_id, limit)
+
+    async def complete_purchase(self, purchase_id: str, session_id: str, payment_intent: str | None, amount: int,
+                                currency: str, now: str) -> str:
+        return await self._write(revenue.complete, purchase_id, session_id, payment_intent, amount, currency, now)
+
+    async def expire_purchase(self, session_id: str) -> str:
+        return await self._write(revenue.expire, session_id)
+
+    async def refundable(self, purchase_id: str) -> revenue.Purchase:
+        return await self._read(revenue.refundable, purchase_id)
+
+    async def refunded(self, *, purchase_id: str | None = None, payment_intent: str | None = None,
+                       refund_id: str | None, now: str) -> str:
+        return await self._write(revenue.refunded, purchase_id=purchase_id, payment_intent=payment_intent,
+                                 refund_id=refund_id, now=now)
+
+    async def add_developer(self, email: str, stripe_account: str, plugin_ids: list[str], now: str) -> revenue.Developer:
+        return await self._write(revenue.add_developer, email, stripe_account, plugin_ids, now)
+
+    async def developers(self, user_id: str | None = None) -> list[revenue.Developer]:
+        return await self._read(revenue.developers, user_id)
+
+    async def earnings(self, developer_id: str | None, since: str, until: str, *,
+                       everyone: bool) -> list[revenue.Earnings]:
+        return await self._read(revenue.earnings, developer_id, since, until, everyone=everyone)
+
+
+class _Tx:
+    """revenue.Tx on an aiosqlite connection (the writer's, or a reader's)."""
+
+    lock = ""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def row(self, sql: str, *args: Any) -> Any:
+        async with self.conn.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def rows(self, sql: str, *args: Any) -> list[Any]:
+        async with self.conn.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
+    async def run(self, sql: str, *args: Any) -> int:
+        cur = await self.conn.execute(sql, args)
+        return cur.rowcount
 
 
 async def _catalog_failures(conn: Any, new: NewVersion) -> list[Failure]:

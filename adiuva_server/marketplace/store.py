@@ -80,6 +80,8 @@ class Installation:
     currency: str
     payment_state: str  # free | pending | paid | refunded
     installed_at: str
+    checkout_url: str | None = None  # awaiting_payment: where the buyer pays (Stripe Checkout)
+    purchase_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
