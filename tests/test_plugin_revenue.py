@@ -380,3 +380,22 @@ async def test_homelab_mode_has_no_earnings_and_ignores_the_webhook(client, acco
     resp = await client.post(f"{API}/billing/webhook", data=body,
                              headers={"Stripe-Signature": sign(body, "whsec_x"), "Content-Type": "application/json"})
     assert resp.status == 404 and (await resp.json())["code"] == "billing_not_enabled"
+
+
+async def test_the_cli_lists_purchases_and_refunds_one(shop):
+    s = shop
+    await s.buy()
+    listed = await asyncio.to_thread(cli, s.data_dir, s.standin, "plugin", "purchases", "--json")
+    assert listed.exit_code == 0, listed.output
+    purchase = json.loads(listed.output.splitlines()[0])
+    assert (purchase["state"], purchase["plugin_id"], purchase["destination"]) == ("paid", "timebox", s.account)
+    done = await asyncio.to_thread(cli, s.data_dir, s.standin, "plugin", "refund", purchase["id"])
+    assert done.exit_code == 0, done.output
+    assert "4.99 EUR back to the buyer (3.49 EUR reversed from the developer)" in done.output
+    assert s.standin.balances() == {s.account: 0, None: 0}
+    assert "timebox" not in await s.installed()
+    twice = await asyncio.to_thread(cli, s.data_dir, s.standin, "plugin", "refund", purchase["id"])
+    assert twice.exit_code == 1 and "only a paid purchase can be refunded" in twice.output
+    unknown = await asyncio.to_thread(cli, s.data_dir, s.standin, "plugin", "refund", "nope")
+    assert unknown.exit_code == 1 and "no such purchase" in unknown.output
+    assert len(s.standin.refunds) == 1
