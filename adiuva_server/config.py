@@ -163,6 +163,8 @@ class Settings:
     # An S3-compatible bucket for the blobs instead of the data dir's files ("" = files); the
     # endpoint is for MinIO, Garage, Ceph... ("" = AWS). The keys are never printed.
     s3_bucket: str = ""
+    # With DATABASE_URL: this is the only node, so local blobs and in-process limits are whole.
+    single_node: bool = False
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
     aws_access_key_id: str = dataclasses.field(default="", repr=False)
@@ -276,6 +278,7 @@ class Settings:
         values["database_url"] = r.database_url("DATABASE_URL")
         values["redis_url"] = r.redis_url("REDIS_URL")
         values["s3_bucket"] = r.s3_bucket("S3_BUCKET")
+        values["single_node"] = r.choice("ADIUVA_SINGLE_NODE", "false", ("true", "false", "1", "0")) in ("true", "1")
         values["s3_endpoint_url"] = r.s3_endpoint("S3_ENDPOINT_URL")
         values["s3_region"] = r.s3_region("S3_REGION", cls.s3_region)
         values["aws_access_key_id"] = (env.get("AWS_ACCESS_KEY_ID") or "").strip()
@@ -304,7 +307,23 @@ class Settings:
                 "unset it to let the server generate and keep one in its data dir"
             )
         settings.check_llm_models()
+        settings.check_shared()
         return settings
+
+    def check_shared(self) -> None:
+        """A shared database with pieces that are not shared would split state between nodes:
+        each would keep its own blobs (an upload on one, a 404 on the next) or its own rate limits
+        and socket caps. Refused unless this is declared the only node."""
+        if not self.database_url or self.single_node:
+            return
+        missing = [name for name, value in (("S3_BUCKET", self.s3_bucket), ("REDIS_URL", self.redis_url)) if not value]
+        if missing:
+            what = " and ".join(missing)
+            raise ConfigError(
+                f"DATABASE_URL is set (metadata shared by every node) but {what} {'is' if len(missing) == 1 else 'are'} "
+                "not, so each node would keep its own " + " and its own ".join(
+                    {"S3_BUCKET": "blobs", "REDIS_URL": "rate limits, throttles and socket caps"}[m] for m in missing)
+                + f"; set {what} on every node, or ADIUVA_SINGLE_NODE=true if this server is the only one")
 
     @property
     def chat_models(self) -> tuple[str, ...]:
@@ -617,7 +636,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "license_file": ("ADIUVA_LICENSE_FILE",), "license_public_key": ("ADIUVA_LICENSE_PUBLIC_KEY",),
     "database_url": ("DATABASE_URL",),
     "redis_url": ("REDIS_URL",),
-    "s3_bucket": ("S3_BUCKET",), "s3_endpoint_url": ("S3_ENDPOINT_URL",), "s3_region": ("S3_REGION",),
+    "s3_bucket": ("S3_BUCKET",), "single_node": ("ADIUVA_SINGLE_NODE",), "s3_endpoint_url": ("S3_ENDPOINT_URL",), "s3_region": ("S3_REGION",),
     "aws_access_key_id": ("AWS_ACCESS_KEY_ID",), "aws_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
 }
 

@@ -139,7 +139,7 @@ async def api_search(tmp: Path, backend: str, url: str | None, pg: Pg | None, x:
 
     from adiuva_server.app import create_app
 
-    env = {"DATABASE_URL": url} if url else {}
+    env = {"DATABASE_URL": url, "ADIUVA_SINGLE_NODE": "true"} if url else {}
     settings = Settings.from_env(env, data_dir=tmp / f"api-{backend}", env="test", default_tier="team",
                                  sqlite_synchronous="normal", rate_limits={t: 10**9 for t in ("free", "pro", "power", "team")})
     app = create_app(settings)

@@ -119,6 +119,27 @@ def test_database_url_must_be_postgresql_and_is_never_echoed(tmp_path):
     with pytest.raises(errors.ConfigError) as caught:
         Settings.from_env({"ADIUVA_DATA_DIR": str(tmp_path), "DATABASE_URL": "mysql://u:s3cret@h/db"})
     assert "s3cret" not in str(caught.value) and "DATABASE_URL" in str(caught.value)
-    s = Settings.from_env({"ADIUVA_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgresql://u:s3cret@db:5432/adiuva"})
+    s = Settings.from_env({"ADIUVA_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgresql://u:s3cret@db:5432/adiuva",
+                           "ADIUVA_SINGLE_NODE": "true"})
     assert s.backend == "postgresql" and "s3cret" not in repr(s)
     assert Settings.from_env({"ADIUVA_DATA_DIR": str(tmp_path)}).backend == "sqlite"
+
+
+def test_a_shared_database_without_shared_blobs_or_limits_refuses_to_start(tmp_path):
+    """Split state: PostgreSQL with local blobs or in-process limits, on several nodes."""
+    from tests.conftest import run_cli
+
+    url = "postgresql://u:s3cret@127.0.0.1:1/adiuva"
+    env = {"ADIUVA_DATA_DIR": str(tmp_path), "DATABASE_URL": url}
+    for extra, missing in (({}, "S3_BUCKET and REDIS_URL are not"), ({"S3_BUCKET": "blobs"}, "REDIS_URL is not"),
+                           ({"REDIS_URL": "redis://127.0.0.1:1"}, "S3_BUCKET is not")):
+        with pytest.raises(errors.ConfigError) as caught:
+            Settings.from_env({**env, **extra})
+        assert missing in str(caught.value) and "ADIUVA_SINGLE_NODE=true" in str(caught.value)
+        assert "s3cret" not in str(caught.value)
+    both = Settings.from_env({**env, "S3_BUCKET": "blobs", "REDIS_URL": "redis://127.0.0.1:1"})
+    assert both.backend == "postgresql"
+    # The real command: exit 2 with the message, before anything is opened.
+    done = run_cli(tmp_path, "serve", DATABASE_URL=url)
+    assert done.returncode == 2, done.stderr
+    assert "S3_BUCKET and REDIS_URL are not" in done.stderr and "s3cret" not in done.stderr + done.stdout

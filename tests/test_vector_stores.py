@@ -452,7 +452,8 @@ async def test_compose_builds_the_pgvector_store_for_a_database_url(pg_backend, 
     from adiuva_server.compose import open_services
     from adiuva_server.config import Settings
 
-    settings = Settings.from_env({"DATABASE_URL": backend.where}, data_dir=tmp_path / "data", env="test")
+    settings = Settings.from_env({"DATABASE_URL": backend.where, "ADIUVA_SINGLE_NODE": "true"},
+                                 data_dir=tmp_path / "data", env="test")
     (tmp_path / "data").mkdir()
     settings = settings.with_secret()
     async with open_services(settings) as services:
@@ -470,7 +471,7 @@ async def pg_client(aiohttp_client, pg_where, data_dir):
     from adiuva_server.app import create_app
     from tests.conftest import make_settings
 
-    settings = make_settings(data_dir, database_url=pg_where[1], default_tier="pro", vector_max_batch=64,
+    settings = make_settings(data_dir, database_url=pg_where[1], single_node=True, default_tier="pro", vector_max_batch=64,
                              rate_limits={"free": 10_000, "pro": 10_000, "power": 10_000, "team": 10_000})
     return await aiohttp_client(create_app(settings))
 

@@ -63,6 +63,11 @@ def pg_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE)
 
 
+def rows_changed(status: str) -> int:
+    """Rows affected, from asyncpg's command tag ("UPDATE 3", "INSERT 0 1", "DELETE 0")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """The bundled PostgreSQL migrations, (version, file name, SQL), in order."""
     found = []
