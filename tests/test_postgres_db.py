@@ -39,6 +39,22 @@ async def test_migrations_run_once_when_nodes_start_together(pg_url, two_migrati
             await db.close()
 
 
+async def test_a_migration_numbered_below_an_applied_one_is_applied_too(pg_url, two_migrations, monkeypatch):
+    # Numbers are reserved per feature: 0002 may ship after a database has 0001 and 0003.
+    monkeypatch.setattr(pg, "migrations", lambda: [two_migrations[0], (3, "0003_c.sql", "CREATE TABLE c (x int);")])
+    db = await PgDatabase.open(pg_url, min_size=1, max_size=1)
+    await db.close()
+    monkeypatch.setattr(pg, "migrations", lambda: [*two_migrations, (3, "0003_c.sql", "CREATE TABLE c (x int);")])
+    db = await PgDatabase.open(pg_url, min_size=1, max_size=1)
+    try:
+        versions = [r[0] for r in await db.fetch("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == [1, 2, 3]
+        assert await db.fetchval("SELECT count(*) FROM information_schema.columns WHERE table_name = 'a' "
+                                 "AND column_name = 'b'") == 1
+    finally:
+        await db.close()
+
+
 async def test_a_newer_schema_refuses_to_start(pg_url, two_migrations, monkeypatch):
     db = await PgDatabase.open(pg_url, min_size=1, max_size=1)
     await db.close()

@@ -196,13 +196,16 @@ class PgDatabase:
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 )
                 current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+                # Every bundled version not recorded, not only those above the highest: numbers
+                # are reserved per feature, so one may land after a higher one was applied.
+                done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
                 applied = False
                 if current > latest:
                     raise RuntimeError(
                         f"database schema version {current} is newer than this server ({latest}); upgrade adiuva"
                     )
                 for version, name, sql in bundled:
-                    if version <= current:
+                    if version in done:
                         continue
                     log.info("applying PostgreSQL migration %s", name)
                     async with conn.transaction():
