@@ -415,7 +415,11 @@ def _hammer_in_a_process(kind: str, where: str, user_id: str, seed: int, start, 
         await b.close()
         return done, refused
 
-    out.put(asyncio.run(go()))
+    try:
+        out.put(asyncio.run(go()))
+    except BaseException as exc:  # told to the test, which would otherwise wait for a result
+        out.put(repr(exc))
+        raise
 
 
 async def test_two_processes_on_one_quota(backend, store, ada):
@@ -446,6 +450,7 @@ async def test_two_processes_on_one_quota(backend, store, ada):
         await follow()
         await asyncio.sleep(0.01)
     counts = [await asyncio.to_thread(out.get, True, 120) for _ in procs]
+    assert all(isinstance(c, tuple) for c in counts), counts
     for p in procs:
         await asyncio.to_thread(p.join, 30)
         assert p.exitcode == 0
