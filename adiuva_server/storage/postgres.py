@@ -166,7 +166,7 @@ class PostgresStorageStore:
         return await self.db.fetchval(
             "SELECT coalesce(sum(size_bytes), 0)::bigint FROM (SELECT size_bytes FROM storage_backups "
             "WHERE user_id = $1 ORDER BY n DESC OFFSET $2) old",
-            user_id, retention - 1,
+            user_id, max(0, retention - 1),
         )
 
     async def referenced(self, digests: Sequence[str]) -> set[str]:
@@ -219,10 +219,11 @@ class PostgresStorageStore:
         async def write(conn: Any) -> tuple[list[Record], list[str]]:
             # A block of feed positions, one per item in request order.
             records_now, last = await _draw(conn, user_id, len(writes), created)
+            replaced = [w.record_id for w in writes if w.record_id]
             rows = await conn.fetch(
                 f"SELECT {_RECORD} FROM storage_records WHERE {_LIVE} AND id = ANY($2::text[]) FOR UPDATE",
-                user_id, [w.record_id for w in writes if w.record_id],
-            )
+                user_id, replaced,
+            ) if replaced else []
             current = {r["id"]: Record.from_row(r) for r in rows}
             growth = batch_growth(writes, current)
             if created and records_now > max_records:
@@ -314,7 +315,7 @@ class PostgresStorageStore:
                                    user_id, unix)
             pruned = await conn.fetch(
                 "SELECT id, checksum, size_bytes FROM storage_backups WHERE user_id = $1 ORDER BY n DESC OFFSET $2",
-                user_id, retention - 1,
+                user_id, max(0, retention - 1),
             )
             await charge(conn, user_id, tier, "backup", size - sum(r["size_bytes"] for r in pruned))
             if pruned:
