@@ -193,7 +193,7 @@ async def test_a_batch_is_written_whole_or_not_at_all(backend, store, ada):
         await store.write_records(ada, "pro", [RecordWrite("notes", digest("x"), QUOTA - 62 + 1)], 100)
     assert await snapshot(backend, store, ada) == before
     # Replacing only is never refused by the record cap; shrinking frees bytes.
-    records, replaced = await store.write_records(ada, "pro", [RecordWrite("notes", digest("b2"), 1, b.id, None)], 4)
+    _, replaced = await store.write_records(ada, "pro", [RecordWrite("notes", digest("b2"), 1, b.id, None)], 4)
     assert replaced == [digest("b")] and await store.usage(ada, "cloud") == 53
 
 
@@ -216,7 +216,7 @@ async def test_over_the_quota_or_the_cap_nothing_changes(backend, store, ada):
     assert failed.value.extra == {"max_records": 3}
     assert await snapshot(backend, store, ada) == before
     # At the limit exactly is allowed; releasing is always allowed.
-    new, _ = await store.replace_record(ada, "pro", a.id, digest("a2"), QUOTA - 10, None)
+    await store.replace_record(ada, "pro", a.id, digest("a2"), QUOTA - 10, None)
     assert await store.usage(ada, "cloud") == QUOTA
     await store.delete_record(ada, "free", a.id, None)
     assert await store.usage(ada, "cloud") == 10
@@ -485,9 +485,9 @@ async def test_storage_copied_from_sqlite_reads_the_same_on_postgresql(tmp_path,
     await lite.delete_record(ada, "pro", ids[1], None)
     for i in range(3):
         await lite.insert_backup(ada, "pro", "1", "t", digest(("b", i)), 10, 2)
-    expected = ([await lite.list_records(ada, None, 0, 10), await lite.changes(ada, 0, 10), await lite.list_backups(ada),
-                 await lite.latest_backup(ada), await lite.usage(ada, "cloud"), await lite.usage(ada, "backup"),
-                 await lite.record_count(ada)])
+    expected = [await lite.list_records(ada, None, 0, 10), await lite.changes(ada, 0, 10), await lite.list_backups(ada),
+                await lite.latest_backup(ada), await lite.usage(ada, "cloud"), await lite.usage(ada, "backup"),
+                await lite.record_count(ada)]
     await lite_backend.close()
 
     sqlite_cols = dict(tablecopy.sqlite_tables(tmp_path / "adiuva.db"))
