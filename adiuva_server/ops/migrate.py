@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,7 +141,3 @@ async def _copy_objects(settings: Settings, target: Settings, objects: list[tupl
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
             raise
-
-
-def _unused() -> None:  # pragma: no cover
-    shutil.rmtree  # noqa: B018
