@@ -87,6 +87,72 @@ def doctor(
 
 
 @app.command()
+def migrate(
+    to: Annotated[Optional[str], typer.Option("--to", help="The PostgreSQL database to move into (postgresql://...; "
+                                              "empty, or made by adiuva and without users; default: DATABASE_URL, "
+                                              "which keeps the password out of the process list). Never printed.",
+                                              show_default=False)] = None,
+    s3_bucket: Annotated[Optional[str], typer.Option("--s3-bucket", help="The bucket the blobs go to (S3_BUCKET).")] = None,
+    s3_endpoint_url: Annotated[Optional[str], typer.Option("--s3-endpoint-url", help="S3-compatible endpoint "
+                                                           "(S3_ENDPOINT_URL; default AWS). Keys: AWS_ACCESS_KEY_ID, "
+                                                           "AWS_SECRET_ACCESS_KEY.")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Copy this homelab server into PostgreSQL and an S3 bucket, verified; the data dir is only read."""
+    import asyncio
+
+    from adiuva_server.config import JWT_SECRET_FILE, Settings
+    from adiuva_server.ops.migrate import Plan, migrate as run_migration
+
+    to = to or os.environ.get("DATABASE_URL")
+    if not to:
+        fail("say where to migrate to: --to postgresql://... or DATABASE_URL", code=2)
+    # The data dir's own settings: the homelab server's (no DATABASE_URL, no bucket).
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "S3_BUCKET", "REDIS_URL")}
+    try:
+        settings = Settings.from_env(base, data_dir=data_dir)
+    except errors.ConfigError as exc:
+        fail(exc.detail, code=2)
+    if not settings.db_path.exists():
+        fail(f"no Adiuva database in {settings.data_dir}; pass the homelab server's data dir (--data-dir)", code=2)
+    env = {**os.environ, "DATABASE_URL": to, "ADIUVA_SINGLE_NODE": "true"}  # the target is not a server
+    for name, value in (("S3_BUCKET", s3_bucket), ("S3_ENDPOINT_URL", s3_endpoint_url)):
+        if value is not None:
+            env[name] = value
+    try:
+        target = Settings.from_env(env, data_dir=settings.data_dir)
+    except errors.ConfigError as exc:
+        fail(exc.detail, code=2)
+    bar = None
+
+    def on_plan(plan: Plan) -> None:
+        nonlocal bar
+        typer.echo(f"copying {len(plan.objects)} object(s) to bucket {target.s3_bucket}, then {plan.rows} row(s) "
+                   "to PostgreSQL", err=True)
+        bar = typer.progressbar(length=plan.total, label="migrating", file=sys.stderr)
+        bar.__enter__()
+
+    try:
+        result = asyncio.run(run_migration(settings, target, on_plan=on_plan, progress=lambda n: bar.update(n)))
+    except errors.ValidationError as exc:
+        fail(exc.detail, code=2)
+    except errors.AdiuvaError as exc:
+        fail(exc.detail, code=1)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    tables = ", ".join(f"{n} {t}" for t, n in sorted(result.rows.items()) if n)
+    typer.echo(f"migrated: {result.objects} object(s), {result.object_bytes} bytes, each hash verified in the bucket "
+               f"({result.objects_present} there already); {sum(result.rows.values())} row(s), counts verified "
+               f"({tables})")
+    typer.echo(f"{settings.data_dir} is unchanged. On every node set DATABASE_URL, S3_BUCKET, REDIS_URL and "
+               f"JWT_SECRET to "
+               + ("the same JWT_SECRET as here" if os.environ.get("JWT_SECRET") else
+                  f"the contents of {settings.data_dir / JWT_SECRET_FILE}") + " (so issued tokens stay valid)"
+               + (", and ADIUVA_LICENSE_FILE to a copy of the license" if settings.license_path.exists() else ""))
+
+
+@app.command()
 def openapi(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
 ) -> None:

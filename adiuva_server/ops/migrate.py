@@ -120,7 +120,7 @@ async def _copy_objects(settings: Settings, target: Settings, objects: list[tupl
                         raise MigrationError(f"object {digest} is missing or has the wrong size in {settings.data_dir}; "
                                              "run `adiuva doctor` on the homelab server first")
                     staged = await bucket.receive(source.open_range(digest), size)
-                    if staged.checksum != digest:
+                    if staged.digest != digest:
                         await bucket.discard(staged)
                         raise MigrationError(f"object {digest} in {settings.data_dir} does not hash to its name; "
                                              "run `adiuva doctor` on the homelab server first")

@@ -157,6 +157,9 @@ async def sqlite_to_pg(path: Path, pg: Any, progress: Progress | None = None) ->
             names = ", ".join(f'"{c}"' for c, _ in cols)
             params = ", ".join(f"${i + 1}{_cast(t)}" for i, t in enumerate(types))
             insert = f'INSERT INTO "{table}" ({names}) VALUES ({params})'
+            # The rows carry their counters (install counts, rating sums): the triggers that keep
+            # them must not count the copied rows again. Off for this transaction only.
+            await conn.execute(f'ALTER TABLE "{table}" DISABLE TRIGGER USER')
             reader = connect(path, readonly=True)
             try:
                 cursor = reader.execute(f'SELECT {names} FROM "{table}" ORDER BY rowid'
@@ -169,6 +172,7 @@ async def sqlite_to_pg(path: Path, pg: Any, progress: Progress | None = None) ->
                         progress(len(rows))
             finally:
                 reader.close()
+            await conn.execute(f'ALTER TABLE "{table}" ENABLE TRIGGER USER')
             copied[table] = n
         await _reset_sequences(conn)
         return copied
@@ -194,6 +198,11 @@ async def pg_to_sqlite(pg: Any, path: Path, progress: Progress | None = None) ->
         # Rows the SQLite migrations seed (e.g. counters) are replaced by the source's.
         for table, _ in reversed(tables):
             await asyncio.to_thread(writer.execute, f'DELETE FROM "{table}"')
+        # The rows carry their counters: the triggers that keep them are dropped for the copy and
+        # made again before the commit (DDL is transactional in SQLite).
+        triggers = writer.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+        for name, _ in triggers:
+            writer.execute(f'DROP TRIGGER "{name}"')
         async with pg.pool.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 source = await pg_columns(conn)
@@ -219,6 +228,12 @@ async def pg_to_sqlite(pg: Any, path: Path, progress: Progress | None = None) ->
                         if progress:
                             progress(len(rows))
                     copied[table] = n
+        for _, sql in triggers:
+            writer.execute(sql)
+        # PostgreSQL draws vector versions from a sequence; SQLite's counter goes on from the
+        # highest version copied.
+        writer.execute("INSERT INTO vector_version_counter (id, value) "
+                       "SELECT 1, coalesce(max(version), 0) FROM vector_collections")
         await asyncio.to_thread(writer.execute, "COMMIT")
     except BaseException:
         if writer.in_transaction:
