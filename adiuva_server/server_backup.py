@@ -10,6 +10,13 @@ snapshot references, the JWT secret and the TLS certificate, and a manifest of S
 - Blobs are already encrypted by the clients (incompressible): the archive is a plain tar.
 - A restore extracts into a fresh folder next to the target, verifying every hash and the
   database's integrity, and only then swaps it into place: a failed restore changes nothing.
+- A server on PostgreSQL (DATABASE_URL) or a bucket (S3_BUCKET) gets a logical backup in the
+  same format: every table exported from one PostgreSQL snapshot into a SQLite file at the
+  current schema (ops/tablecopy.py), and every object it references streamed out of the blob
+  store into the archive, each verified against its name. Deletions cannot be paused across
+  nodes, so if an object the snapshot references is gone (deleted since), a newer snapshot is
+  taken, a few times at most. So any archive restores into a data dir, or (`restore --to`) into
+  an empty PostgreSQL database and a bucket (ops/migrate.py).
 """
 
 from __future__ import annotations
@@ -128,15 +135,13 @@ async def create_backup(settings: Settings, out: Path | None = None, progress: P
     out = Path(out)
     if out.exists():
         raise BackupError(f"{out} already exists")
-    if not settings.db_path.exists():
+    if settings.backend == "sqlite" and not settings.db_path.exists():
         raise BackupError(f"no database in {settings.data_dir} (has the server ever started here?)")
-    if settings.s3_bucket:
-        # The archive links object files, and deletions are paused by a lock on the data dir:
-        # neither exists for a bucket (back the bucket up with its own versioning or replication).
-        raise BackupError("server backups hold the data dir's blob files; with S3_BUCKET set they are not supported yet")
     with _backup_lock(settings.data_dir) as free:
         if not free:
             raise BackupError("another backup of this server is running; try again when it is done")
+        if settings.backend == "postgresql" or settings.s3_bucket:
+            return await _create_logical(settings, out, created, progress, on_total)
         return await _create(settings, out, created, progress, on_total)
 
 
@@ -159,21 +164,115 @@ async def _create(settings: Settings, out: Path, created: str, progress: Progres
             finally:
                 await db.close()
             linked = await asyncio.to_thread(_link_objects, blobs.objects, staging / "blobs", referenced)
-        manifest = Manifest(created, __version__, schema, counts=counts)
-        members = [(DB_MEMBER, snapshot)] + [(f"blobs/{d[:2]}/{d}", p) for d, p in linked]
-        for name, rel in ((JWT_SECRET_FILE, JWT_SECRET_FILE), ("tls/cert.pem", CERT_FILE), ("tls/key.pem", KEY_FILE)):
-            if (settings.data_dir / rel).is_file():
-                members.append((name, settings.data_dir / rel))
-        # The license too (wherever ADIUVA_LICENSE_FILE keeps it): a restored server without it
-        # would wake in homelab mode and give new accounts the team tier.
-        if settings.license_path.is_file():
-            members.append((LICENSE_FILE, settings.license_path))
-        if on_total:
-            on_total(await asyncio.to_thread(lambda: sum(p.stat().st_size for _, p in members)))
-        await asyncio.to_thread(_write_archive, out, members, manifest, progress)
-        return out, manifest
+        return await _finish(settings, out, Manifest(created, __version__, schema, counts=counts), snapshot, linked,
+                             progress, on_total)
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
+
+
+# A logical backup retakes its snapshot when an object it references was deleted meanwhile.
+SNAPSHOT_ATTEMPTS = 3
+
+
+async def _create_logical(settings: Settings, out: Path, created: str, progress: Progress | None,
+                          on_total: Callable[[int], None] | None) -> tuple[Path, Manifest]:
+    from adiuva_server.storage.maintenance import blob_store
+
+    staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=STAGING_PREFIX, dir=settings.data_dir))
+    try:
+        async with blob_store(settings) as blobs:
+            for attempt in range(SNAPSHOT_ATTEMPTS):
+                snapshot = staging / DB_MEMBER
+                await asyncio.to_thread(_remove_all, staging)
+                await _export_database(settings, snapshot)
+                db = await Database.open(snapshot, synchronous="normal", readers=1, migrate=False)
+                try:
+                    referenced = await SQLiteStorageStore(db).referenced_objects()
+                    counts = await _counts(db)
+                finally:
+                    await db.close()
+                copied = await _fetch_objects(blobs, staging / "blobs", referenced)
+                if copied is not None:
+                    break
+                log.info("an object of the backup's snapshot was deleted meanwhile; taking a newer snapshot")
+            else:
+                raise BackupError(f"objects kept vanishing under {SNAPSHOT_ATTEMPTS} snapshots in a row (heavy "
+                                  "deleting?); try again later")
+        manifest = Manifest(created, __version__, migrations()[-1][0], counts=counts)
+        return await _finish(settings, out, manifest, snapshot, copied, progress, on_total)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+        fh.write(data)
+
+
+def _remove_all(folder: Path) -> None:
+    for path in folder.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+async def _export_database(settings: Settings, snapshot: Path) -> None:
+    """The metadata as a SQLite file at the current schema: PostgreSQL's tables exported from one
+    snapshot, or (SQLite with a bucket) SQLite's online backup."""
+    if settings.backend == "sqlite":
+        await _to_thread_to_the_end(_snapshot_database, settings.db_path, snapshot)
+        return
+    from adiuva_server.db.postgres import PgDatabase
+    from adiuva_server.ops import tablecopy
+
+    db = await Database.open(snapshot, synchronous="normal", readers=1)  # the current schema, empty
+    await db.close()
+    pg = await PgDatabase.open(settings.database_url, min_size=1, max_size=2)
+    try:
+        await tablecopy.pg_to_sqlite(pg, snapshot)
+    finally:
+        await pg.close()
+
+
+async def _fetch_objects(blobs: Any, staging: Path, objects: list[tuple[str, int]]) -> list[tuple[str, Path]] | None:
+    """Stream each referenced object out of the blob store into `staging`, checking its size
+    (the archive writer checks its hash); None when one is gone (deleted after the snapshot)."""
+    out = []
+    for digest, size in sorted(set(objects)):
+        target = staging / digest[:2] / digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            try:
+                async for chunk in blobs.open_range(digest):
+                    await asyncio.to_thread(fh.write, chunk)
+                    written += len(chunk)
+            except FileNotFoundError:
+                return None
+        if written != size:
+            raise BackupError(f"object {digest} holds {written} bytes where {size} are recorded; run `adiuva doctor`")
+        out.append((digest, target))
+    return out
+
+
+async def _finish(settings: Settings, out: Path, manifest: Manifest, snapshot: Path, linked: list[tuple[str, Path]],
+                  progress: Progress | None, on_total: Callable[[int], None] | None) -> tuple[Path, Manifest]:
+    """Write the archive: the database, the objects, the secrets and the license."""
+    members = [(DB_MEMBER, snapshot)] + [(f"blobs/{d[:2]}/{d}", p) for d, p in linked]
+    for name, rel in ((JWT_SECRET_FILE, JWT_SECRET_FILE), ("tls/cert.pem", CERT_FILE), ("tls/key.pem", KEY_FILE)):
+        if (settings.data_dir / rel).is_file():
+            members.append((name, settings.data_dir / rel))
+    if settings.jwt_secret and not (settings.data_dir / JWT_SECRET_FILE).is_file():
+        # Given as JWT_SECRET (every node of a cluster has it): restored servers must sign alike.
+        secret = snapshot.parent / JWT_SECRET_FILE
+        await asyncio.to_thread(_write_private, secret, settings.jwt_secret.encode())
+        members.append((JWT_SECRET_FILE, secret))
+    # The license too (wherever ADIUVA_LICENSE_FILE keeps it): a restored server without it
+    # would wake in homelab mode and give new accounts the team tier.
+    if settings.license_path.is_file():
+        members.append((LICENSE_FILE, settings.license_path))
+    if on_total:
+        on_total(await asyncio.to_thread(lambda: sum(p.stat().st_size for _, p in members)))
+    await asyncio.to_thread(_write_archive, out, members, manifest, progress)
+    return out, manifest
 
 
 @contextlib.contextmanager

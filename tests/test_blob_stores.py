@@ -362,12 +362,39 @@ async def test_a_referenced_object_missing_from_the_bucket_is_a_404_problem(s3_c
     assert "missing from the blob store" in caplog.text
 
 
-async def test_server_backups_refuse_a_bucket_plainly(s3_client):
+async def test_a_server_backup_streams_the_objects_out_of_the_bucket_and_restores_to_files(s3_client, tmp_path,
+                                                                                          aiohttp_client):
+    from adiuva_server.app import create_app
     from adiuva_server.keys import SETTINGS
-    from adiuva_server.server_backup import BackupError, create_backup
+    from adiuva_server.server_backup import create_backup, restore_backup, verify_backup
+    from tests.conftest import make_settings, register
 
-    with pytest.raises(BackupError, match="S3_BUCKET"):
-        await create_backup(s3_client.server.app[SETTINGS])
+    client = s3_client
+    acct = await register(client, "backup@example.org")
+    bodies = [os.urandom(3 * MiB + 1), b"small one"]
+    ids = []
+    for body in bodies:
+        resp = await client.post(RECORDS, params={"table": "notes"}, data=body,
+                                 headers={**acct.headers, "X-Checksum": sha(body)})
+        assert resp.status == 201, await resp.text()
+        ids.append((await resp.json())["id"])
+    path, manifest = await create_backup(client.server.app[SETTINGS], tmp_path / "s3.tar")
+    assert manifest.counts["records"] == 2
+    assert {f"blobs/{sha(b)[:2]}/{sha(b)}" for b in bodies} <= set(manifest.files)
+    await asyncio.to_thread(verify_backup, path)
+    restored = tmp_path / "restored"
+    await asyncio.to_thread(restore_backup, path, restored)
+    # Served from the restored data dir's files (no bucket): the same account, the same bytes.
+    other = await aiohttp_client(create_app(make_settings(restored, rate_limits={"free": 10_000, "pro": 10_000,
+                                                                                 "power": 10_000, "team": 10_000})))
+    resp = await other.post("/api/v1/auth/login", json={"email": acct.email, "password": acct.password})
+    assert resp.status == 200
+    headers = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+    for rid, body in zip(ids, bodies):
+        resp = await other.get(f"{RECORDS}/{rid}", headers=headers)
+        assert resp.status == 200 and await resp.read() == body
+    # The old token too: the JWT secret travelled in the archive.
+    assert (await other.get("/api/v1/auth/me", headers=acct.headers)).status == 200
 
 
 async def test_the_doctor_checks_the_bucket(s3_client):

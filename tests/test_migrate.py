@@ -9,6 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from adiuva_server.app import create_app
@@ -154,3 +155,82 @@ async def test_migrate_refuses_while_the_homelab_server_runs(server_process, dat
     done = await asyncio.to_thread(run_migrate, data_dir, pg_url, s3_bucket)
     assert done.exit_code == 1 and "a server is running" in done.output
     server.stop()
+
+
+@pytest.fixture
+def second_pg(postgres_server):
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def second_bucket(s3_endpoint):
+    import uuid
+
+    import boto3
+
+    from tests.servers_s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Bucket
+
+    bucket = S3Bucket(s3_endpoint, f"test-{uuid.uuid4().hex[:16]}")
+    boto3.client("s3", region_name=REGION, endpoint_url=s3_endpoint, aws_access_key_id=ACCESS_KEY,
+                 aws_secret_access_key=SECRET_KEY).create_bucket(Bucket=bucket.name)
+    return bucket
+
+
+def cluster_env(pg_url: str, bucket) -> dict[str, str]:
+    return {"DATABASE_URL": pg_url, "S3_BUCKET": bucket.name, "S3_ENDPOINT_URL": bucket.endpoint_url,
+            "S3_REGION": bucket.region, "AWS_ACCESS_KEY_ID": bucket.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": bucket.secret_access_key, "ADIUVA_SINGLE_NODE": "true",
+            "JWT_SECRET": "a-cluster-secret-of-at-least-32-bytes!!"}
+
+
+async def test_a_postgresql_server_backup_restores_into_either_backend(aiohttp_client, data_dir, tmp_path, pg_url,
+                                                                       s3_bucket, second_pg, second_bucket):
+    want = await homelab(aiohttp_client, data_dir)
+    assert (await asyncio.to_thread(run_migrate, data_dir, pg_url, s3_bucket)).exit_code == 0
+    node = tmp_path / "node"  # a cluster node's data dir: nothing of the data in it
+    archive = tmp_path / "cluster.tar"
+    env = {"ADIUVA_DATA_DIR": str(node), **cluster_env(pg_url, s3_bucket)}
+    made = await asyncio.to_thread(CliRunner().invoke, cli_app, ["backup", "create", "--out", str(archive)], env=env)
+    assert made.exit_code == 0, made.output
+    assert "3 users" in made.output and f"{len(want['records'])} records" in made.output
+    checked = await asyncio.to_thread(CliRunner().invoke, cli_app, ["backup", "verify", str(archive)])
+    assert checked.exit_code == 0, checked.output
+
+    # Into a data dir (SQLite and files), served: the same logins, bytes and installs.
+    home = tmp_path / "home"
+    back = await asyncio.to_thread(CliRunner().invoke, cli_app, ["backup", "restore", str(archive), "--data-dir", str(home)])
+    assert back.exit_code == 0, back.output
+    client = await aiohttp_client(create_app(make_settings(home, rate_limits=FAST)))
+    resp = await client.post(f"{API}/auth/login", json={"email": "ada@example.org", "password": want["ada"].password})
+    assert resp.status == 200
+    ada = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+    for (who, rid), body in want["records"].items():
+        if who == "ada":
+            resp = await client.get(f"{API}/storage/records/{rid}", headers=ada)
+            assert resp.status == 200 and await resp.read() == body
+    resp = await client.post(f"{API}/storage/vectors/search", headers=ada, json={"values": [3.0, 1.0, -1.5], "top_k": 1})
+    assert (await resp.json())["matches"][0]["id"] == "v3"
+    installed = await (await client.get(f"{API}/plugins/installed", headers=ada)).json()
+    assert [i["plugin_id"] for i in installed["items"]] == ["github-sync"]
+    await client.close()
+
+    # Into another, empty PostgreSQL and bucket.
+    restored = await asyncio.to_thread(CliRunner().invoke, cli_app, [
+        "backup", "restore", str(archive), "--data-dir", str(tmp_path / "node2"), "--to", second_pg,
+        "--s3-bucket", second_bucket.name, "--s3-endpoint-url", second_bucket.endpoint_url],
+        env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    assert restored.exit_code == 0, restored.output
+    pg = await PgDatabase.open(second_pg)
+    blobs = second_bucket.store()
+    await blobs.open()
+    try:
+        assert await pg.fetchval("SELECT count(*) FROM users") == 3
+        assert await pg.fetchval("SELECT count(*) FROM storage_records WHERE checksum IS NOT NULL") == len(want["records"])
+        for body in [*want["records"].values(), *want["backups"].values()]:
+            assert (await blobs.read_many([sha(body)]))[0] == body
+    finally:
+        await blobs.close()
+        await pg.close()
+    assert (tmp_path / "node2" / "jwt_secret").is_file()

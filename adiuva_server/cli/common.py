@@ -34,7 +34,7 @@ def load_settings(*, existing: bool = False, create: bool = True, missing_hint: 
     empty server."""
     try:
         settings = Settings.from_env(**overrides)
-        if existing and not settings.db_path.exists():
+        if existing and settings.backend == "sqlite" and not settings.db_path.exists():
             fail(f"no Adiuva database in {settings.data_dir}; pass the data dir of your server "
                  "(--data-dir or ADIUVA_DATA_DIR), or " + (missing_hint or "start the server there once with adiuva serve"),
                  EXIT_USAGE)

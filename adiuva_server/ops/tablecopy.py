@@ -220,7 +220,7 @@ async def pg_to_sqlite(pg: Any, path: Path, progress: Progress | None = None) ->
                     # A PostgreSQL-only `n` column keeps SQLite's insertion order (its rowid), which
                     # listings and "the latest backup" rely on.
                     order = ' ORDER BY "n"' if "n" in source[table] and "n" not in dict(cols) else ""
-                    cursor = await conn.cursor(f'SELECT {select} FROM "{table}"{order}', prefetch=PAGE)
+                    cursor = await conn.cursor(f'SELECT {select} FROM "{table}"{order}')
                     while rows := await cursor.fetch(PAGE):
                         values = [[_to_sqlite(v, t, d) for v, (t, d) in zip(row, types)] for row in rows]
                         await asyncio.to_thread(writer.executemany, insert, values)
