@@ -317,6 +317,10 @@ class Settings:
         if not self.database_url or self.single_node:
             return
         missing = [name for name, value in (("S3_BUCKET", self.s3_bucket), ("REDIS_URL", self.redis_url)) if not value]
+        if not missing and not self.jwt_secret:
+            raise ConfigError("DATABASE_URL is set (several nodes) but JWT_SECRET is not, so each node would sign "
+                              "tokens with a secret of its own and a token from one node would fail on the next; "
+                              "set the same JWT_SECRET (32 bytes or more) on every node")
         if missing:
             what = " and ".join(missing)
             raise ConfigError(

@@ -153,7 +153,10 @@ def test_a_shared_database_without_shared_blobs_or_limits_refuses_to_start(tmp_p
             Settings.from_env({**env, **extra})
         assert missing in str(caught.value) and "ADIUVA_SINGLE_NODE=true" in str(caught.value)
         assert "s3cret" not in str(caught.value)
-    both = Settings.from_env({**env, "S3_BUCKET": "blobs", "REDIS_URL": "redis://127.0.0.1:1"})
+    shared = {**env, "S3_BUCKET": "blobs", "REDIS_URL": "redis://127.0.0.1:1"}
+    with pytest.raises(errors.ConfigError, match="JWT_SECRET is not"):
+        Settings.from_env(shared)  # tokens of one node would fail on the next
+    both = Settings.from_env({**shared, "JWT_SECRET": "s" * 32})
     assert both.backend == "postgresql"
     # The real command: exit 2 with the message, before anything is opened.
     done = run_cli(tmp_path, "serve", DATABASE_URL=url)

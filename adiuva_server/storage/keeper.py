@@ -9,6 +9,8 @@ object deletions so that no committed row ever points at a missing object.
   then stores the object again).
 - Another process (e.g. an admin's sweep) cannot see these pins; it only deletes objects older
   than a grace period, and storing identical bytes again freshens the object's time.
+- Other nodes of a cluster see them through `pins` (storage/pins.py): an object is pinned there
+  too before it is stored, and deleted only under its shared lock with no pin anywhere.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 from adiuva_server.storage.blobs import BlobStore, Staged
+from adiuva_server.storage.pins import LocalPins, SharedPins
 from adiuva_server.storage.store import StorageStore
 
 T = TypeVar("T")
 
 
 class BlobKeeper:
-    def __init__(self, blobs: BlobStore, store: StorageStore) -> None:
+    def __init__(self, blobs: BlobStore, store: StorageStore, pins: SharedPins | None = None) -> None:
         self.blobs = blobs
         self.store = store
+        self.pins = pins or LocalPins()
         self._pins: Counter[str] = Counter()
         self._deleting: dict[str, asyncio.Future[None]] = {}
         self._writes: set[asyncio.Task] = set()
@@ -43,16 +47,20 @@ class BlobKeeper:
         If `write` fails, the object is freed again unless something else references it."""
         digest = staged.digest
         self._pins[digest] += 1
+        token = None
         try:
             while (deleting := self._deleting.get(digest)) is not None:
                 await asyncio.shield(deleting)
+            token = await self.pins.pin([digest])
             await self.blobs.store(staged)
         except BaseException:
             self._unpin(digest)
             with contextlib.suppress(Exception):
+                await asyncio.shield(self.pins.unpin(token))
+            with contextlib.suppress(Exception):
                 await asyncio.shield(self.blobs.discard(staged))
             raise
-        task = asyncio.ensure_future(write())
+        task = asyncio.ensure_future(self._then_unpin(write, token))
         self._writes.add(task)
         task.add_done_callback(lambda t: (self._writes.discard(t), self._unpin(digest)))
         try:
@@ -75,20 +83,24 @@ class BlobKeeper:
                 self._unpin(digest)
 
         storing: asyncio.Future[None] | None = None
+        token = None
         try:
             for digest in digests:
                 while (deleting := self._deleting.get(digest)) is not None:
                     await asyncio.shield(deleting)
+            token = await self.pins.pin(digests)
             storing = asyncio.ensure_future(self.blobs.put_many(objects))
             await asyncio.shield(storing)
         except BaseException:
             if storing is not None and not storing.done():  # cancelled: let the thread finish first
                 await asyncio.wait([storing])
             unpin_all()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.pins.unpin(token))
             with contextlib.suppress(Exception):  # what it put in place, if no row references it
                 await asyncio.shield(self.release(digests))
             raise
-        task = asyncio.ensure_future(write())
+        task = asyncio.ensure_future(self._then_unpin(write, token))
         self._writes.add(task)
         task.add_done_callback(lambda t: (self._writes.discard(t), unpin_all()))
         try:
@@ -98,6 +110,14 @@ class BlobKeeper:
         except BaseException:
             await self.release(digests)
             raise
+
+    async def _then_unpin(self, write: Callable[[], Awaitable[T]], token: str | None) -> T:
+        """The referencing transaction, then the shared pin goes (whatever its outcome)."""
+        try:
+            return await write()
+        finally:
+            with contextlib.suppress(Exception):  # an unpin lost with the database expires
+                await self.pins.unpin(token)
 
     async def release(self, digests: Iterable[str], *, older_than: float | None = None) -> int:
         """Delete those of `digests` that nothing references (and, with `older_than`, that were
@@ -110,8 +130,10 @@ class BlobKeeper:
             done = loop.create_future()
             self._deleting[digest] = done
             try:
-                if not await self.store.referenced([digest]) and await self.blobs.delete(digest, older_than=older_than):
-                    freed += 1
+                async with self.pins.deleting(digest) as pinned_elsewhere:
+                    if (not pinned_elsewhere and not await self.store.referenced([digest])
+                            and await self.blobs.delete(digest, older_than=older_than)):
+                        freed += 1
             finally:
                 del self._deleting[digest]
                 done.set_result(None)
