@@ -128,6 +128,45 @@ async def test_a_homelab_server_migrates_into_postgresql_and_s3_verified(aiohttp
     assert again.exit_code == 1 and "already has users" in again.output
 
 
+async def test_a_migrated_server_is_served_by_two_nodes_byte_identical(aiohttp_client, data_dir, tmp_path, pg_url,
+                                                                       s3_bucket, redis_url):
+    want = await homelab(aiohttp_client, data_dir)
+    assert (await asyncio.to_thread(run_migrate, data_dir, pg_url, s3_bucket)).exit_code == 0
+    secret = (data_dir / "jwt_secret").read_text().strip()
+    nodes = []
+    for i in range(2):
+        settings = make_settings(
+            tmp_path / f"node{i}", database_url=pg_url, s3_bucket=s3_bucket.name, s3_endpoint_url=s3_bucket.endpoint_url,
+            s3_region=s3_bucket.region, aws_access_key_id=s3_bucket.access_key_id,
+            aws_secret_access_key=s3_bucket.secret_access_key, redis_url=redis_url, jwt_secret=secret,
+            rate_limits=FAST)
+        nodes.append(await aiohttp_client(create_app(settings)))
+    for node in nodes:
+        # Tokens the homelab server issued work on both nodes; so do the passwords.
+        me = await (await node.get(f"{API}/auth/me", headers=want["ada"].headers)).json()
+        assert me["email"] == "ada@example.org"
+        resp = await node.post(f"{API}/auth/login", json={"email": "bob@example.org", "password": want["bob"].password})
+        assert resp.status == 200
+        admin = await node.get(f"{API}/admin/status", headers=want["admin"].headers)
+        assert admin.status == 200
+        for (who, rid), body in want["records"].items():
+            resp = await node.get(f"{API}/storage/records/{rid}", headers=want[who].headers)
+            assert resp.status == 200 and await resp.read() == body
+        resp = await node.get(f"{API}/backup", headers=want["ada"].headers)
+        latest = list(want["backups"].values())[-1]  # the second one sent (1.1)
+        assert resp.status == 200 and await resp.read() == latest
+        history = await (await node.get(f"{API}/backup/history", headers=want["ada"].headers)).json()
+        assert [b["version"] for b in history["items"]] == ["1.1", "1.0"]
+        resp = await node.post(f"{API}/storage/vectors/search", headers=want["ada"].headers,
+                               json={"values": [7.2, 1.0, -3.6], "top_k": 3})
+        assert [m["id"] for m in (await resp.json())["matches"]] == ["v7", "v8", "v6"]
+        installed = await (await node.get(f"{API}/plugins/installed", headers=want["ada"].headers)).json()
+        assert [i["plugin_id"] for i in installed["items"]] == ["github-sync"]
+        changes = await (await node.get(f"{API}/storage/changes", params={"since": 0},
+                                        headers=want["ada"].headers)).json()
+        assert [c["op"] for c in changes["changes"]].count("delete") == 1  # the tombstone travelled too
+
+
 async def test_a_corrupt_object_stops_the_migration_before_any_row(aiohttp_client, data_dir, pg_url, s3_bucket):
     want = await homelab(aiohttp_client, data_dir)
     victim = sha(next(iter(want["backups"].values())))

@@ -147,6 +147,11 @@ REQUESTS: dict[tuple[str, str], Req] = {
     ("POST", "/admin/plugins/{plugin_id}/approve"): Req(json={"notes": "ok"}),
     ("POST", "/admin/plugins/{plugin_id}/reject"): Req(json={"reason": "no"}),
     ("POST", "/admin/plugins/{plugin_id}/revoke"): Req(json={"notes": "gone"}),
+    ("GET", "/plugins/earnings"): Req(params={"from": "2026-12-01", "to": "2026-12-31"}),
+    ("GET", "/admin/plugins/earnings"): Req(params={"developer": "ada@example.org"}),
+    ("GET", "/admin/plugins/purchases"): Req(),
+    # Homelab mode has no purchases: the id is a made-up one (404 for its admin, 403 for others).
+    ("POST", "/admin/plugins/purchases/{purchase_id}/refund"): Req(),
 }
 
 # Routes that answer without a bearer token on purpose.
@@ -210,7 +215,8 @@ async def _owner(client) -> Owner:
     victim_me = await (await client.get(f"{API}/auth/me", headers=victim.headers)).json()
     ids = {"user_id": victim_me["id"], "record_id": (await rec.json())["id"], "backup_id": (await bak.json())["id"], "vector_id": "ada-v1",
            "plan_id": (await plan.json())["plan_id"], "template_id": template_id,
-           "refresh_token": acct.refresh_token, "playbook_id": playbook_id, "plugin_id": "github-sync"}
+           "refresh_token": acct.refresh_token, "playbook_id": playbook_id, "plugin_id": "github-sync",
+           "purchase_id": "00000000-0000-4000-8000-000000000000"}
     return Owner(acct.headers, me["id"], ids)
 
 

@@ -225,8 +225,8 @@ class MarketplaceService:
     async def refund(self, purchase_id: str, *, by: str) -> revenue.Purchase:
         """Refund a paid purchase in full at Stripe (the transfer and the fee reversed), then here:
         the plugin is uninstalled and the ledger records the reversal."""
-        stripe = self._stripe()
         purchase = await self.store.refundable(purchase_id)
+        stripe = self._stripe()
         refund_id = await stripe.refund_plugin(purchase_id=purchase.id, payment_intent=purchase.payment_intent,
                                                transferred=purchase.destination is not None)
         outcome = await self.store.refunded(purchase_id=purchase.id, refund_id=refund_id, now=now_iso())
