@@ -337,7 +337,7 @@ async def test_the_api_stores_and_serves_records_from_the_bucket(s3_client, s3_b
     assert resp.status == 400 and (await resp.json())["code"] == "checksum_mismatch"
     assert await stored(blobs) == [sha(data)] and await blobs.temporary_count() == 0
 
-    report = await maintenance.check(client.server.app[DB], blobs)
+    report = await maintenance.check(client.server.app[STORAGE].store, blobs)
     assert report.ok and report.referenced == 1 and report.temporary == 0
 
     assert (await client.delete(url, headers=acct.headers)).status == 204

@@ -19,6 +19,7 @@ from adiuva_server.app import create_app
 from adiuva_server.db import Database
 from adiuva_server.keys import DB, STORAGE
 from adiuva_server.storage import maintenance, service
+from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tiers import GB
 
 from tests.conftest import make_settings, objects, register, set_tier
@@ -94,7 +95,7 @@ async def usage(client, email: str) -> int:
 async def referenced_only(client) -> None:
     """Every object on disk is referenced by a row, and nothing is left half-written."""
     app = client.server.app
-    report = await maintenance.check(app[DB], app[STORAGE].blobs)
+    report = await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)
     # (not report.ok: tests that fake a nearly full quota make the usage drift on purpose)
     assert not report.missing and not report.corrupt and report.unreferenced == 0 and report.temporary == 0, report
 
@@ -479,7 +480,7 @@ async def test_an_acknowledged_batch_survives_kill_9(server_process, data_dir):
     db = await Database.open(settings.db_path, readers=1)
     try:
         blobs = maintenance.open_blob_store(settings)
-        assert (await maintenance.check(db, blobs)).ok
+        assert (await maintenance.check(SQLiteStorageStore(db), blobs)).ok
     finally:
         await db.close()
 

@@ -184,15 +184,15 @@ async def test_each_app_has_its_own_registry(aiohttp_client, tmp_path):
 
 async def test_a_slow_scrape_read_does_not_stall_other_requests(client, monkeypatch):
     """The totals are read on the database's worker threads: the event loop goes on."""
-    import adiuva_server.http.metrics as metrics_module
+    import adiuva_server.admin.store as admin_store
 
-    real = metrics_module._read_totals
+    real = admin_store.read_totals
 
     def slow(conn):
         time.sleep(1.0)
         return real(conn)
 
-    monkeypatch.setattr(metrics_module, "_read_totals", slow)
+    monkeypatch.setattr(admin_store, "read_totals", slow)
     scraping = asyncio.create_task(client.get("/metrics", headers=SCRAPE))
     await asyncio.sleep(0.2)
     started = time.monotonic()

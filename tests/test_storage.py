@@ -451,10 +451,10 @@ async def test_deleting_a_user_lets_the_sweep_remove_their_objects(client, pro):
 
     await app[AUTH].store.delete_user(pro.email)
     assert len(objects(client)) == 3  # cascaded rows are gone; objects wait for a sweep
-    report = await maintenance.sweep(app[DB], app[STORAGE].blobs, grace_seconds=0)
+    report = await maintenance.sweep(app[STORAGE].store, app[STORAGE].blobs, grace_seconds=0)
     assert report.objects_removed == 2
     assert objects(client) == [sha(shared)]
-    check = await maintenance.check(app[DB], app[STORAGE].blobs)
+    check = await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)
     assert check.ok and check.referenced == 1 and check.unreferenced == 0
 
 
@@ -466,9 +466,9 @@ async def test_sweep_respects_the_grace_period_and_removes_stale_temporaries(cli
     orphan.write_bytes(b"orphan")
     (blobs.tmp / "upload-abandoned").write_bytes(b"half an upload")
     await created(client, pro, b"kept")
-    report = await maintenance.sweep(app[DB], blobs)  # default grace: everything is too fresh
+    report = await maintenance.sweep(app[STORAGE].store, blobs)  # default grace: everything is too fresh
     assert (report.objects_removed, report.temporary_removed) == (0, 0)
-    report = await maintenance.sweep(app[DB], blobs, grace_seconds=0)
+    report = await maintenance.sweep(app[STORAGE].store, blobs, grace_seconds=0)
     assert (report.objects_removed, report.temporary_removed) == (1, 1)
     assert objects(client) == [sha(b"kept")] and temporaries(client) == []
 
@@ -478,13 +478,13 @@ async def test_check_finds_missing_and_corrupt_objects(client, pro):
     blobs = app[STORAGE].blobs
     a = await created(client, pro, b"aaaa")
     b = await created(client, pro, b"bbbb")
-    assert (await maintenance.check(app[DB], blobs)).ok
+    assert (await maintenance.check(app[STORAGE].store, blobs)).ok
     blobs.local_path(a["checksum"]).write_bytes(b"AAAA")  # bit rot
     blobs.local_path(b["checksum"]).unlink()
-    report = await maintenance.check(app[DB], blobs)
+    report = await maintenance.check(app[STORAGE].store, blobs)
     assert not report.ok
     assert report.corrupt == [a["checksum"]] and report.missing == [b["checksum"]]
-    quick = await maintenance.check(app[DB], blobs, verify_hashes=False)
+    quick = await maintenance.check(app[STORAGE].store, blobs, verify_hashes=False)
     assert quick.missing == [b["checksum"]] and quick.corrupt == []  # same size: only hashing sees it
 
 
@@ -554,7 +554,7 @@ async def test_same_bytes_uploaded_while_deleted_stay_readable(client, pro):
             resp = await client.get(f"{RECORDS}/{rid}", headers=pro.headers)
             assert resp.status == 200 and await resp.read() == data
     app = client.server.app
-    report = await maintenance.check(app[DB], app[STORAGE].blobs)
+    report = await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)
     assert report.ok and report.unreferenced == 0, report
 
 
@@ -769,7 +769,7 @@ async def test_sweep_from_another_process_cannot_delete_an_object_being_stored_a
     doctor = FileBlobStore(app[STORAGE].blobs.root)  # its own lock descriptors, like another process
     doctor.local_path = lambda digest: Paused(FileBlobStore.local_path(doctor, digest))
     loop = asyncio.get_running_loop()
-    sweeping = asyncio.ensure_future(maintenance.sweep(app[DB], doctor, grace_seconds=60))
+    sweeping = asyncio.ensure_future(maintenance.sweep(app[STORAGE].store, doctor, grace_seconds=60))
     assert await loop.run_in_executor(None, checked.wait, 10)
     meta = await created(client, pro, data)
     stored.set()
@@ -777,7 +777,7 @@ async def test_sweep_from_another_process_cannot_delete_an_object_being_stored_a
 
     resp = await client.get(f"{RECORDS}/{meta['id']}", headers=pro.headers)
     assert resp.status == 200 and await resp.read() == data
-    assert (await maintenance.check(app[DB], app[STORAGE].blobs)).ok
+    assert (await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)).ok
 
 
 async def test_forgotten_tombstones_send_stale_devices_back_to_zero(client, pro):
@@ -819,7 +819,7 @@ async def test_forgotten_tombstones_send_stale_devices_back_to_zero(client, pro)
     # Live records, their bytes and the usage counters are untouched.
     resp = await client.get(f"{RECORDS}/{kept['id']}", headers=pro.headers)
     assert resp.status == 200 and await resp.read() == b"kept"
-    report = await maintenance.check(client.app[DB], storage.blobs)
+    report = await maintenance.check(client.app[STORAGE].store, storage.blobs)
     assert report.ok, report
 
 
