@@ -22,7 +22,10 @@ from adiuva_server.storage import maintenance, service
 from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tiers import GB
 
-from tests.conftest import make_settings, objects, register, set_tier
+from tests.conftest import both_backends, make_settings, objects, register, set_tier, set_usage, usage
+
+# Every test on SQLite and on PostgreSQL (DATABASE_URL), unless marked sqlite_only.
+pytestmark = both_backends
 
 RECORDS = "/api/v1/storage/records"
 BATCH = "/api/v1/storage/records/batch"
@@ -76,20 +79,6 @@ async def listed(client, acct) -> int:
     return (await (await client.get(RECORDS, headers=acct.headers)).json())["total"]
 
 
-async def set_usage(client, email: str, used: int) -> None:
-    await client.server.app[DB].execute_write(
-        "INSERT INTO storage_usage (user_id, kind, bytes) SELECT id, 'cloud', ? FROM users WHERE email = ? "
-        "ON CONFLICT (user_id, kind) DO UPDATE SET bytes = excluded.bytes",
-        (used, email),
-    )
-
-
-async def usage(client, email: str) -> int:
-    row = await client.server.app[DB].fetchone(
-        "SELECT s.bytes FROM storage_usage s JOIN users u ON u.id = s.user_id WHERE u.email = ? AND s.kind = 'cloud'",
-        (email,),
-    )
-    return row[0] if row else 0
 
 
 async def referenced_only(client) -> None:

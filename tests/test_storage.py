@@ -18,7 +18,10 @@ from adiuva_server.keys import AUTH, DB, STORAGE
 from adiuva_server.storage import maintenance
 from adiuva_server.tiers import GB
 
-from tests.conftest import make_settings, objects, register, set_tier
+from tests.conftest import both_backends, make_settings, objects, register, set_tier, set_usage, usage
+
+# Every test on SQLite and on PostgreSQL (DATABASE_URL), unless marked sqlite_only.
+pytestmark = both_backends
 
 RECORDS = "/api/v1/storage/records"
 CHANGES = "/api/v1/storage/changes"
@@ -63,6 +66,14 @@ async def created(client, acct, data: bytes, table: str = "notes") -> dict:
     return await resp.json()
 
 
+def set_utc_now(monkeypatch, now) -> None:
+    """The storage stores' clock, on either backend."""
+    from adiuva_server.storage import postgres, store
+
+    monkeypatch.setattr(store, "utc_now", now)
+    monkeypatch.setattr(postgres, "utc_now", now)
+
+
 async def problem(resp, status: int, code: str) -> dict:
     assert resp.status == status, await resp.text()
     assert resp.content_type == "application/problem+json"
@@ -71,12 +82,6 @@ async def problem(resp, status: int, code: str) -> dict:
     return body
 
 
-async def usage(client, acct_email: str, kind: str) -> int:
-    row = await client.server.app[DB].fetchone(
-        "SELECT s.bytes FROM storage_usage s JOIN users u ON u.id = s.user_id WHERE u.email = ? AND s.kind = ?",
-        (acct_email, kind),
-    )
-    return row[0] if row else 0
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -251,10 +256,7 @@ async def test_quota_counts_bytes_and_refuses_the_overflow(client, pro):
     cap = 5 * GB
     first = await created(client, pro, b"0123456789")
     # Pretend the user has filled the tier, minus 10 bytes (uploading 5 GB in a test is no test).
-    await client.server.app[DB].execute_write(
-        "UPDATE storage_usage SET bytes = ? WHERE user_id = (SELECT id FROM users WHERE email = ?)",
-        (cap - 10, pro.email),
-    )
+    await set_usage(client, pro.email, cap - 10)
     body = await problem(await post_record(client, pro, b"x" * 11), 402, "quota_exceeded")
     assert body["quota_bytes"] == cap
     assert objects(client) == [sha(b"0123456789")] and temporaries(client) == []
@@ -302,11 +304,7 @@ async def test_refused_from_content_length_before_the_body(client, pro):
         code, rest = await refused(start, 6 * GB)
         assert code == 413 and b"payload_too_large" in rest
     # Under the size limits, but the user's quotas are full.
-    await client.server.app[DB].execute_write(
-        "INSERT INTO storage_usage (user_id, kind, bytes) SELECT id, kind, ? FROM users, "
-        "(SELECT 'cloud' AS kind UNION SELECT 'backup') WHERE email = ?",
-        (5 * GB, pro.email),
-    )
+    await set_usage(client, pro.email, 5 * GB, ("cloud", "backup"))
     for start in (record, backup):
         code, rest = await refused(start, 1000)
         assert code == 402 and b"quota_exceeded" in rest
@@ -379,7 +377,7 @@ async def test_backups_latest_history_retention_and_delete(client, pro, monkeypa
     from adiuva_server.storage import store
 
     now, ticks = store.utc_now(), iter(range(100))  # each upload in a second of its own
-    monkeypatch.setattr(store, "utc_now", lambda: (now[0], now[1] - 100 + next(ticks)))
+    set_utc_now(monkeypatch, lambda: (now[0], now[1] - 100 + next(ticks)))
     resp = await client.get(BACKUP, headers=pro.headers)
     await problem(resp, 404, "not_found")
     blobs = [os.urandom(50_000 + i) for i in range(4)]
@@ -581,7 +579,7 @@ async def test_backups_in_the_same_second_never_get_a_wrong_304(client, pro, mon
     from adiuva_server.storage import store
 
     frozen = store.utc_now()
-    monkeypatch.setattr(store, "utc_now", lambda: frozen)  # both uploads land in the same second
+    set_utc_now(monkeypatch, lambda: frozen)  # both uploads land in the same second
     first, second = os.urandom(3000), os.urandom(3000)
     await put_backup(client, pro, first)
     resp = await client.get(BACKUP, headers=pro.headers)
@@ -621,7 +619,7 @@ async def test_backups_in_the_same_second_never_get_a_wrong_304(client, pro, mon
 
     # Backups a second apart have dates of their own, and 304 by them.
     async def put_at(second_offset: int) -> tuple[dict, str]:
-        monkeypatch.setattr(store, "utc_now", lambda: (frozen[0], frozen[1] + second_offset))
+        set_utc_now(monkeypatch, lambda: (frozen[0], frozen[1] + second_offset))
         meta = await put_backup(client, pro, os.urandom(3000))
         return meta, (await client.get(BACKUP, headers=pro.headers)).headers["Last-Modified"]
 
