@@ -296,7 +296,7 @@ async def s3_client(aiohttp_client, data_dir, s3_bucket):
 
 
 async def test_the_api_stores_and_serves_records_from_the_bucket(s3_client, s3_bucket, data_dir):
-    from adiuva_server.keys import DB, STORAGE
+    from adiuva_server.keys import STORAGE
     from adiuva_server.storage import maintenance
     from tests.conftest import register, set_tier
 

@@ -17,7 +17,7 @@ import pytest
 
 from adiuva_server.app import create_app
 from adiuva_server.db import Database
-from adiuva_server.keys import DB, STORAGE
+from adiuva_server.keys import STORAGE
 from adiuva_server.storage import maintenance, service
 from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tiers import GB

@@ -66,3 +66,40 @@ async def test_serve_on_postgresql_s3_and_redis_keeps_nothing_in_sqlite(server_p
                       aws_secret_access_key=SECRET_KEY)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket.name).get("Contents", [])]
     assert any(digest in k for k in keys), keys
+
+
+async def test_the_cli_works_on_postgresql(data_dir, pg_url):
+    """The commands that open the stores themselves (user, plugin, doctor) open the backend the
+    settings choose: on DATABASE_URL the accounts are PostgreSQL's, none lands in SQLite."""
+    env = {"DATABASE_URL": pg_url, "ADIUVA_SINGLE_NODE": "true"}
+
+    def cli(*args: str):
+        return run_cli(data_dir, *args, **env)
+
+    out = await asyncio.to_thread(cli, "user", "add", "ada@example.org", "--password", "correct horse battery",
+                                  "--admin", "--create")
+    assert out.returncode == 0, out.stderr
+    for args in (("user", "add", "bob@example.org", "--password", "correct horse battery"),
+                 ("user", "set-tier", "bob@example.org", "pro"), ("user", "disable", "bob@example.org")):
+        out = await asyncio.to_thread(cli, *args)
+        assert out.returncode == 0, (args, out.stderr)
+    out = await asyncio.to_thread(cli, "plugin", "pending")
+    assert out.returncode == 0 and "nothing waits for review" in out.stdout, out.stderr
+    out = await asyncio.to_thread(cli, "doctor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[  ok] database: PostgreSQL reachable" in out.stdout, out.stdout
+    pg = await asyncpg.connect(pg_url)
+    try:
+        rows = await pg.fetch("SELECT email, is_admin, disabled FROM users ORDER BY email")
+        assert [tuple(r) for r in rows] == [("ada@example.org", True, False), ("bob@example.org", False, True)]
+        assert await pg.fetchval("SELECT tier FROM users WHERE email = 'bob@example.org'") == "pro"
+        out = await asyncio.to_thread(cli, "user", "delete", "bob@example.org", "--yes")
+        assert out.returncode == 0, out.stderr
+        assert await pg.fetchval("SELECT count(*) FROM users") == 1
+    finally:
+        await pg.close()
+    conn = connect(data_dir / "adiuva.db", readonly=True)
+    try:
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+    finally:
+        conn.close()

@@ -14,7 +14,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 import pytest
 
 from adiuva_server.app import create_app
-from adiuva_server.keys import AUTH, DB, STORAGE
+from adiuva_server.keys import AUTH, STORAGE
 from adiuva_server.storage import maintenance
 from adiuva_server.tiers import GB
 
