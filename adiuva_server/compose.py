@@ -2,8 +2,11 @@
 every store, service and background job. Handlers and services never know which backend
 they run on; they find what they need on the app under the typed keys of `keys.py`.
 
-`services(app)` is the app's cleanup context (created first, closed last). The order below is
-the order of dependencies; an AsyncExitStack closes them in reverse.
+`open_stores` picks the metadata backend (`settings.backend`: the data dir's SQLite file, or
+DATABASE_URL's PostgreSQL) and builds every feature's store on it; the server
+(`open_services`) and the CLI commands (cli/common.run_with_stores) both open their stores
+there. `services(app)` is the app's cleanup context (created first, closed last). The order
+below is the order of dependencies; an AsyncExitStack closes them in reverse.
 """
 
 from __future__ import annotations
