@@ -53,8 +53,7 @@ class AdminService:
     sweep (0 when no server runs on the data dir)."""
 
     def __init__(self, settings: Settings, storage: StorageStore, store: AdminStore, accounts: AccountStore,
-                 hasher: PasswordHasher,
-                 blobs: BlobStore, *, keeper: BlobKeeper | None = None, mirror: VectorMirror | None = None,
+                 hasher: PasswordHasher, blobs: BlobStore, *, keeper: BlobKeeper | None = None, mirror: VectorMirror | None = None,
                  auth: AuthService | None = None, grace_seconds: float = maintenance.DEFAULT_GRACE_SECONDS) -> None:
         self.settings = settings
         self.storage = storage
