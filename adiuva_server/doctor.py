@@ -5,17 +5,23 @@ The server runs the same checks without `fix` in the background (DoctorMonitor) 
 admin status, as `adiuva doctor` would from outside: nothing blocks its event loop (file and
 SQLite work runs in threads), nothing takes a write lock (the checks read on connections of their
 own, so the server's read pools stay free; in WAL mode writers go on meanwhile) and nothing is
-deleted or changed."""
+deleted or changed.
+
+Both metadata backends: on SQLite the data dir's file is checked (integrity, foreign keys,
+schema version); on PostgreSQL (DATABASE_URL) the connection and the schema version. The
+storage check then reads the metadata through that backend's storage store."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import importlib.util
 import logging
 import os
 import stat
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from adiuva_server.config import JWT_SECRET_FILE, Settings
@@ -24,7 +30,7 @@ from adiuva_server.db.database import migrations
 from adiuva_server.server_backup import remove_leftovers, server_running
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.blobs import BlobStore
-from adiuva_server.storage.store import SQLiteStorageStore
+from adiuva_server.storage.store import SQLiteStorageStore, StorageStore
 from adiuva_server.tls import KEY_FILE
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,10 @@ class Finding:
 
 async def run_doctor(settings: Settings, fix: bool = False) -> list[Finding]:
     findings = await asyncio.to_thread(_permissions, settings, fix)
-    database, current = await asyncio.to_thread(_database, settings)
+    if settings.backend == "postgresql":
+        database, current = await _postgres_database(settings)
+    else:
+        database, current = await asyncio.to_thread(_database, settings)
     findings += database
     if not current:
         return findings  # the rest reads the database, and only at this adiuva's schema
@@ -112,20 +121,66 @@ def _database(settings: Settings) -> tuple[list[Finding], bool]:
     return out, all(f.level == OK for f in out)
 
 
+async def _postgres_database(settings: Settings) -> tuple[list[Finding], bool]:
+    """DATABASE_URL: reachable, and at this adiuva's schema version (every bundled migration
+    recorded; the next start applies missing ones)."""
+    from adiuva_server.db.postgres import PgDatabase
+    from adiuva_server.db.postgres.database import migrations as pg_migrations
+
+    try:
+        pg = await PgDatabase.open(settings.database_url, min_size=1, max_size=1, migrate=False)
+    except Exception as exc:  # any failure to connect is the finding
+        return [Finding(FAIL, "database", f"PostgreSQL (DATABASE_URL) is not reachable: {type(exc).__name__}: {exc}")], False
+    try:
+        if await pg.fetchval("SELECT to_regclass('schema_migrations')") is None:
+            done: set[int] = set()
+        else:
+            done = {r[0] for r in await pg.fetch("SELECT version FROM schema_migrations")}
+    finally:
+        await pg.close()
+    bundled = {v for v, _, _ in pg_migrations()}
+    latest = max(bundled)
+    if done and max(done) > latest:
+        return [Finding(FAIL, "database", f"PostgreSQL schema version {max(done)} is newer than this adiuva ({latest})")], False
+    if missing := sorted(bundled - done):
+        return [Finding(WARN, "database", f"PostgreSQL schema lacks migration(s) {', '.join(map(str, missing))}; "
+                                          "the next start applies them")], False
+    return [Finding(OK, "database", f"PostgreSQL reachable, schema version {latest}")], True
+
+
+@contextlib.asynccontextmanager
+async def _storage_store(settings: Settings) -> AsyncIterator[StorageStore]:
+    """The storage metadata on connections of the doctor's own, unmigrated (it only reads)."""
+    if settings.backend == "postgresql":
+        from adiuva_server.db.postgres import PgDatabase
+        from adiuva_server.storage.postgres import PostgresStorageStore
+
+        pg = await PgDatabase.open(settings.database_url, min_size=1, max_size=1, migrate=False)
+        try:
+            yield PostgresStorageStore(pg)
+        finally:
+            await pg.close()
+        return
+    # Its own connections, also inside the server: its long reads keep the server's pools free.
+    db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
+    try:
+        yield SQLiteStorageStore(db)
+    finally:
+        await db.close()
+
+
 async def _storage(settings: Settings, fix: bool) -> list[Finding]:
     async with maintenance.blob_store(settings) as blobs:
         return await _check_storage(settings, blobs, fix)
 
 
 async def _check_storage(settings: Settings, blobs: BlobStore, fix: bool) -> list[Finding]:
-    # Its own connections, also inside the server: its long reads keep the server's pools free.
-    db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1, migrate=False)
-    try:
-        report = await maintenance.check(db, blobs, verify_hashes=True)
+    async with _storage_store(settings) as store:
+        report = await maintenance.check(store, blobs, verify_hashes=True)
         if report.missing:
             # A record deleted or replaced while the check ran takes its object with it: only
             # objects still referenced now are missing.
-            still = await SQLiteStorageStore(db).referenced(report.missing)
+            still = await store.referenced(report.missing)
             report.missing = [d for d in report.missing if d in still]
         out = []
         if report.missing:
@@ -142,7 +197,7 @@ async def _check_storage(settings: Settings, blobs: BlobStore, fix: bool) -> lis
                 # A bucket may be shared with servers on other machines, which no local lock sees.
                 grace = (maintenance.DEFAULT_GRACE_SECONDS if settings.s3_bucket or server_running(settings.data_dir)
                          else 0.0)
-                swept = await maintenance.sweep(db, blobs, grace_seconds=grace)
+                swept = await maintenance.sweep(store, blobs, grace_seconds=grace)
                 left = leftovers - swept.objects_removed - swept.temporary_removed
                 note = (f"; {left} younger than {grace / 3600:.0f} h left alone while the server runs "
                         "(it may still be writing them)" if left > 0 and grace else "")
@@ -154,8 +209,6 @@ async def _check_storage(settings: Settings, blobs: BlobStore, fix: bool) -> lis
         if not (report.missing or report.corrupt or report.usage_drift):
             out.append(Finding(OK, "storage", f"{report.referenced} referenced object(s) present and hash right"))
         return out
-    finally:
-        await db.close()
 
 
 async def _llm(settings: Settings) -> list[Finding]:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from adiuva_server.cluster import Shared
     from adiuva_server.config import Settings
     from adiuva_server.console.routes import ConsoleState
-    from adiuva_server.console.store import SQLiteConsoleSessions
+    from adiuva_server.console.store import ConsoleSessions
     from adiuva_server.db import Database
     from adiuva_server.db.postgres import PgDatabase
     from adiuva_server.http.metrics import Metrics
@@ -46,7 +46,7 @@ BILLING = web.AppKey("billing", "BillingService")
 # The server's clock (tests put a movable one here before start-up) and the license's live state.
 CLOCK = web.AppKey("clock", "Clock")
 LICENSE = web.AppKey("license", "LicenseState")
-CONSOLE_SESSIONS = web.AppKey("console_sessions", "SQLiteConsoleSessions")
+CONSOLE_SESSIONS = web.AppKey("console_sessions", "ConsoleSessions")
 JOBS = web.AppKey("jobs", "Jobs")
 # What several server processes share (in process, or Redis): rate limits, socket slots, plans,
 # job leases, change notices.

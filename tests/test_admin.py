@@ -17,7 +17,10 @@ import pytest
 from adiuva_server import server_backup
 from adiuva_server.app import create_app
 from adiuva_server.keys import ROUTES, SETTINGS
-from tests.conftest import free_port, make_settings, register, run_cli
+from tests.conftest import both_backends, free_port, make_settings, register, run_cli, sql
+
+# Every test on SQLite and on PostgreSQL (DATABASE_URL), unless marked sqlite_only.
+pytestmark = both_backends
 
 # Generous limits, one per tier, so a tier change shows in X-RateLimit-Limit.
 FAST = {"rate_limits": {"free": 10_001, "pro": 10_002, "power": 10_003, "team": 10_004}}
@@ -251,7 +254,10 @@ async def test_the_last_admin_cannot_be_demoted_disabled_or_deleted(client, admi
         client.patch(f"/api/v1/admin/users/{bob}", json={"admin": False}, headers=admin.headers),
         client.patch(f"/api/v1/admin/users/{ada}", json={"admin": False}, headers=bob_headers),
     )
-    assert sorted(r.status for r in results) == [200, 409]
+    # The other is refused: 409 (last admin) when both passed the admin check before either
+    # committed, 403 when the winner's commit came first (PostgreSQL's writers do not queue).
+    won, lost = sorted(r.status for r in results)
+    assert won == 200 and lost in (403, 409), [won, lost]
     (survivor,) = [h for h in (admin.headers, bob_headers)
                    if (await client.get("/api/v1/admin/status", headers=h)).status == 200]
     # An admin may delete themself, but only while another active admin remains.
@@ -296,7 +302,7 @@ async def test_delete_a_user(client, admin, user):
 # -- the server ---------------------------------------------------------------------------------
 
 
-async def test_status(aiohttp_client, data_dir):
+async def test_status(aiohttp_client, data_dir, backend):
     # Ollama configured on a port where nothing listens: the status says so, with the cause.
     client = await aiohttp_client(create_app(make_settings(data_dir, ollama_host=f"http://127.0.0.1:{free_port()}", **FAST)))
     admin = await register(client, "ada@example.org")
@@ -305,7 +311,7 @@ async def test_status(aiohttp_client, data_dir):
     from adiuva_server import __version__
 
     assert status["version"] == __version__ and status["uptime_seconds"] >= 0
-    assert status["backends"] == {"database": "sqlite", "blobs": "files", "rate_limits": "memory"}
+    assert status["backends"] == {"database": backend, "blobs": "files", "rate_limits": "memory"}
     assert status["counts"] == {"users": 1, "records": 0, "vectors": 0}
     assert status["database_bytes"] > 0 and status["default_tier"] == "team"
     assert status["llm"]["provider"] == "ollama" and status["llm"]["model"] == "ollama/llama3.2"
@@ -316,6 +322,7 @@ async def test_status(aiohttp_client, data_dir):
     assert "no license file" in lic["reason"] and "homelab mode" in lic["reason"] and lic["licensee"] is None
 
 
+@pytest.mark.sqlite_only("server backups archive the data dir's SQLite file (a PostgreSQL-mode export is not built yet)")
 async def test_server_backups_through_the_api(client, admin):
     assert (await (await client.get("/api/v1/admin/backups", headers=admin.headers)).json()) == {"items": []}
     resp = await client.post("/api/v1/admin/backups", headers=admin.headers)
@@ -371,7 +378,7 @@ def leaks(data: bytes, marks: dict[str, bytes]) -> list[str]:
 
 
 @pytest.mark.parametrize("how", ["api", "cli"])
-async def test_a_deleted_user_leaves_no_bytes_behind(client, admin, data_dir, how):
+async def test_a_deleted_user_leaves_no_bytes_behind(client, admin, data_dir, how, backend):
     """After the delete: her objects are gone from disk at once (a shared one stays), and
     neither the live database and its WAL nor a server backup taken after holds her email, a
     vector id, a payload or an embedding. (Before: free pages kept them, secure_delete off; the
@@ -397,6 +404,12 @@ async def test_a_deleted_user_leaves_no_bytes_behind(client, admin, data_dir, ho
         assert not (objects / digests[kind][:2] / digests[kind]).exists(), kind
     assert (objects / digests["shared"][:2] / digests["shared"]).exists()
     assert leaks(db_bytes(), marks) == []
+    assert await sql(client, "SELECT count(*) FROM users WHERE email = ?", EMAIL) == [(0,)]
+    assert await sql(client, "SELECT count(*) FROM vector_items WHERE item_id = ?", "eve-vector-id-9f3a0b") == [(0,)]
+    if backend != "sqlite":
+        # PostgreSQL's own files are its to scrub (and server backups archive the SQLite file).
+        assert (await client.get("/api/v1/auth/me", headers=bob.headers)).status == 200
+        return
 
     path, manifest = await server_backup.create_backup(client.app[SETTINGS])
     assert manifest.counts["users"] == 2
@@ -463,7 +476,7 @@ async def finished_doctor(client, admin, before: str | None = None) -> dict:
     raise AssertionError(f"no doctor run in 60 s: {doctor}")
 
 
-async def test_the_doctor_route_runs_the_checks_in_the_background(aiohttp_client, data_dir):
+async def test_the_doctor_route_runs_the_checks_in_the_background(aiohttp_client, data_dir, backend):
     client = await aiohttp_client(create_app(make_settings(data_dir, doctor_interval=0, **FAST)))
     admin = await register(client, "ada@example.org")
     bob = await register(client, "bob@example.org")
@@ -479,7 +492,8 @@ async def test_the_doctor_route_runs_the_checks_in_the_background(aiohttp_client
     assert run["problems"] == 0 and run["error"] is None and run["ok"] == sum(f["level"] == "ok" for f in run["findings"])
     messages = [f"{f['area']}: {f['message']}" for f in run["findings"]]
     assert "storage: 1 referenced object(s) present and hash right" in messages, messages
-    assert any(m.startswith("database: integrity ok") for m in messages)
+    assert any(m.startswith("database: integrity ok" if backend == "sqlite" else "database: PostgreSQL reachable")
+               for m in messages), messages
     # A stored object's bytes rot on disk: the next run finds it (it hashes every object), and
     # changes nothing (no --fix).
     digest = sha(b"bob's encrypted bytes")

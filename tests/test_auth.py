@@ -15,7 +15,10 @@ import pytest
 from adiuva_server.app import create_app
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.keys import AUTH
-from tests.conftest import make_settings, register, run_cli
+from tests.conftest import both_backends, make_settings, register, run_cli, sql
+
+# Every test on SQLite and on PostgreSQL (DATABASE_URL), unless marked sqlite_only.
+pytestmark = both_backends
 
 
 def secret_of(data_dir) -> str:
@@ -76,11 +79,8 @@ async def test_malformed_bodies_are_problems_not_500s(client, raw):
 async def test_first_user_is_admin_later_ones_are_not(client, data_dir):
     await register(client, "first@example.org")
     await register(client, "second@example.org")
-    from adiuva_server.db import connect
-
-    conn = connect(data_dir / "adiuva.db")
-    rows = dict(conn.execute("SELECT email, is_admin FROM users").fetchall())
-    assert rows == {"first@example.org": 1, "second@example.org": 0}
+    rows = dict(await sql(client, "SELECT email, is_admin FROM users"))
+    assert rows == {"first@example.org": True, "second@example.org": False}
 
 
 async def test_closed_signups(aiohttp_client, data_dir):
@@ -128,6 +128,7 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(aiohttp_client, data
     assert other.status == 200
 
 
+@pytest.mark.sqlite_only("reads the SQLite file and its WAL byte for byte")
 async def test_refresh_tokens_are_stored_only_as_hashes(client, account, data_dir):
     from adiuva_server.db import connect
 
@@ -198,15 +199,12 @@ async def test_undecodable_authorization_bytes_get_401(client, account):
 
 
 async def test_tier_comes_from_the_database_not_the_token(client, account, data_dir):
-    from adiuva_server.db import connect
-
-    conn = connect(data_dir / "adiuva.db")
-    conn.execute("UPDATE users SET tier = 'free'")
+    await sql(client, "UPDATE users SET tier = 'free'")
     claims = await _claims(client, account)
     forged = jwt.encode({**claims, "tier": "team"}, secret_of(data_dir), algorithm="HS256")
     resp = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {forged}"})
     assert (await resp.json())["tier"] == "free"
-    conn.execute("UPDATE users SET tier = 'pro'")
+    await sql(client, "UPDATE users SET tier = 'pro'")
     resp = await client.get("/api/v1/auth/me", headers=account.headers)
     assert (await resp.json())["tier"] == "pro"
     assert resp.headers["X-RateLimit-Limit"] == "60"
@@ -443,8 +441,6 @@ async def test_auth_service_unlock_lifts_a_backoff_in_process(client, account):
 
 
 async def test_new_hash_costs_upgrade_the_hash_without_ending_sessions(aiohttp_client, data_dir):
-    from adiuva_server.db import connect
-
     first = await aiohttp_client(create_app(make_settings(data_dir)))
     account = await register(first)
     await first.close()
@@ -452,7 +448,7 @@ async def test_new_hash_costs_upgrade_the_hash_without_ending_sessions(aiohttp_c
     client = await aiohttp_client(create_app(make_settings(data_dir, argon2_time_cost=3)))
     resp = await client.post("/api/v1/auth/login", json=login_json(account.email, account.password))
     assert resp.status == 200
-    (stored,) = connect(data_dir / "adiuva.db").execute("SELECT password_hash FROM users").fetchone()
+    [(stored,)] = await sql(client, "SELECT password_hash FROM users")
     assert ",t=3," in stored
     assert (await client.get("/api/v1/auth/me", headers=account.headers)).status == 200
     assert (await refresh(client, account.refresh_token)).status == 200

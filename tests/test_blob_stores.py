@@ -296,7 +296,7 @@ async def s3_client(aiohttp_client, data_dir, s3_bucket):
 
 
 async def test_the_api_stores_and_serves_records_from_the_bucket(s3_client, s3_bucket, data_dir):
-    from adiuva_server.keys import DB, STORAGE
+    from adiuva_server.keys import STORAGE
     from adiuva_server.storage import maintenance
     from tests.conftest import register, set_tier
 
@@ -337,7 +337,7 @@ async def test_the_api_stores_and_serves_records_from_the_bucket(s3_client, s3_b
     assert resp.status == 400 and (await resp.json())["code"] == "checksum_mismatch"
     assert await stored(blobs) == [sha(data)] and await blobs.temporary_count() == 0
 
-    report = await maintenance.check(client.server.app[DB], blobs)
+    report = await maintenance.check(client.server.app[STORAGE].store, blobs)
     assert report.ok and report.referenced == 1 and report.temporary == 0
 
     assert (await client.delete(url, headers=acct.headers)).status == 204

@@ -17,11 +17,15 @@ import pytest
 
 from adiuva_server.app import create_app
 from adiuva_server.db import Database
-from adiuva_server.keys import DB, STORAGE
+from adiuva_server.keys import STORAGE
 from adiuva_server.storage import maintenance, service
+from adiuva_server.storage.store import SQLiteStorageStore
 from adiuva_server.tiers import GB
 
-from tests.conftest import make_settings, objects, register, set_tier
+from tests.conftest import both_backends, make_settings, objects, register, set_tier, set_usage, usage
+
+# Every test on SQLite and on PostgreSQL (DATABASE_URL), unless marked sqlite_only.
+pytestmark = both_backends
 
 RECORDS = "/api/v1/storage/records"
 BATCH = "/api/v1/storage/records/batch"
@@ -75,26 +79,12 @@ async def listed(client, acct) -> int:
     return (await (await client.get(RECORDS, headers=acct.headers)).json())["total"]
 
 
-async def set_usage(client, email: str, used: int) -> None:
-    await client.server.app[DB].execute_write(
-        "INSERT INTO storage_usage (user_id, kind, bytes) SELECT id, 'cloud', ? FROM users WHERE email = ? "
-        "ON CONFLICT (user_id, kind) DO UPDATE SET bytes = excluded.bytes",
-        (used, email),
-    )
-
-
-async def usage(client, email: str) -> int:
-    row = await client.server.app[DB].fetchone(
-        "SELECT s.bytes FROM storage_usage s JOIN users u ON u.id = s.user_id WHERE u.email = ? AND s.kind = 'cloud'",
-        (email,),
-    )
-    return row[0] if row else 0
 
 
 async def referenced_only(client) -> None:
     """Every object on disk is referenced by a row, and nothing is left half-written."""
     app = client.server.app
-    report = await maintenance.check(app[DB], app[STORAGE].blobs)
+    report = await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)
     # (not report.ok: tests that fake a nearly full quota make the usage drift on purpose)
     assert not report.missing and not report.corrupt and report.unreferenced == 0 and report.temporary == 0, report
 
@@ -479,7 +469,7 @@ async def test_an_acknowledged_batch_survives_kill_9(server_process, data_dir):
     db = await Database.open(settings.db_path, readers=1)
     try:
         blobs = maintenance.open_blob_store(settings)
-        assert (await maintenance.check(db, blobs)).ok
+        assert (await maintenance.check(SQLiteStorageStore(db), blobs)).ok
     finally:
         await db.close()
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adiuva_server.app import create_app
 from adiuva_server.keys import METRICS
 from adiuva_server.server_backup import backup_dir, create_backup
-from tests.conftest import make_settings, register
+from tests.conftest import both_backends, make_settings, register
 from tests.fake_llm import FakeLLM, Reply
 
 TOKEN = "metrics-token-" + "x" * 24
@@ -112,6 +112,7 @@ async def test_route_label_is_the_canonical_path_however_many_urls(client):
     assert len(series) < 10
 
 
+@both_backends  # the totals come from the admin store of either backend
 async def test_storage_vectors_and_backup_age_from_the_server(client, settings):
     acct = await register(client)
     data = b"\x01sealed bytes" * 100
@@ -184,15 +185,15 @@ async def test_each_app_has_its_own_registry(aiohttp_client, tmp_path):
 
 async def test_a_slow_scrape_read_does_not_stall_other_requests(client, monkeypatch):
     """The totals are read on the database's worker threads: the event loop goes on."""
-    import adiuva_server.http.metrics as metrics_module
+    import adiuva_server.admin.store as admin_store
 
-    real = metrics_module._read_totals
+    real = admin_store.read_totals
 
     def slow(conn):
         time.sleep(1.0)
         return real(conn)
 
-    monkeypatch.setattr(metrics_module, "_read_totals", slow)
+    monkeypatch.setattr(admin_store, "read_totals", slow)
     scraping = asyncio.create_task(client.get("/metrics", headers=SCRAPE))
     await asyncio.sleep(0.2)
     started = time.monotonic()

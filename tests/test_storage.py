@@ -14,11 +14,14 @@ from email.utils import format_datetime, parsedate_to_datetime
 import pytest
 
 from adiuva_server.app import create_app
-from adiuva_server.keys import AUTH, DB, STORAGE
+from adiuva_server.keys import AUTH, STORAGE
 from adiuva_server.storage import maintenance
 from adiuva_server.tiers import GB
 
-from tests.conftest import make_settings, objects, register, set_tier
+from tests.conftest import both_backends, make_settings, objects, register, set_tier, set_usage, usage
+
+# Every test on SQLite and on PostgreSQL (DATABASE_URL), unless marked sqlite_only.
+pytestmark = both_backends
 
 RECORDS = "/api/v1/storage/records"
 CHANGES = "/api/v1/storage/changes"
@@ -63,6 +66,14 @@ async def created(client, acct, data: bytes, table: str = "notes") -> dict:
     return await resp.json()
 
 
+def set_utc_now(monkeypatch, now) -> None:
+    """The storage stores' clock, on either backend."""
+    from adiuva_server.storage import postgres, store
+
+    monkeypatch.setattr(store, "utc_now", now)
+    monkeypatch.setattr(postgres, "utc_now", now)
+
+
 async def problem(resp, status: int, code: str) -> dict:
     assert resp.status == status, await resp.text()
     assert resp.content_type == "application/problem+json"
@@ -71,12 +82,6 @@ async def problem(resp, status: int, code: str) -> dict:
     return body
 
 
-async def usage(client, acct_email: str, kind: str) -> int:
-    row = await client.server.app[DB].fetchone(
-        "SELECT s.bytes FROM storage_usage s JOIN users u ON u.id = s.user_id WHERE u.email = ? AND s.kind = ?",
-        (acct_email, kind),
-    )
-    return row[0] if row else 0
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -251,10 +256,7 @@ async def test_quota_counts_bytes_and_refuses_the_overflow(client, pro):
     cap = 5 * GB
     first = await created(client, pro, b"0123456789")
     # Pretend the user has filled the tier, minus 10 bytes (uploading 5 GB in a test is no test).
-    await client.server.app[DB].execute_write(
-        "UPDATE storage_usage SET bytes = ? WHERE user_id = (SELECT id FROM users WHERE email = ?)",
-        (cap - 10, pro.email),
-    )
+    await set_usage(client, pro.email, cap - 10)
     body = await problem(await post_record(client, pro, b"x" * 11), 402, "quota_exceeded")
     assert body["quota_bytes"] == cap
     assert objects(client) == [sha(b"0123456789")] and temporaries(client) == []
@@ -302,11 +304,7 @@ async def test_refused_from_content_length_before_the_body(client, pro):
         code, rest = await refused(start, 6 * GB)
         assert code == 413 and b"payload_too_large" in rest
     # Under the size limits, but the user's quotas are full.
-    await client.server.app[DB].execute_write(
-        "INSERT INTO storage_usage (user_id, kind, bytes) SELECT id, kind, ? FROM users, "
-        "(SELECT 'cloud' AS kind UNION SELECT 'backup') WHERE email = ?",
-        (5 * GB, pro.email),
-    )
+    await set_usage(client, pro.email, 5 * GB, ("cloud", "backup"))
     for start in (record, backup):
         code, rest = await refused(start, 1000)
         assert code == 402 and b"quota_exceeded" in rest
@@ -379,7 +377,7 @@ async def test_backups_latest_history_retention_and_delete(client, pro, monkeypa
     from adiuva_server.storage import store
 
     now, ticks = store.utc_now(), iter(range(100))  # each upload in a second of its own
-    monkeypatch.setattr(store, "utc_now", lambda: (now[0], now[1] - 100 + next(ticks)))
+    set_utc_now(monkeypatch, lambda: (now[0], now[1] - 100 + next(ticks)))
     resp = await client.get(BACKUP, headers=pro.headers)
     await problem(resp, 404, "not_found")
     blobs = [os.urandom(50_000 + i) for i in range(4)]
@@ -451,10 +449,10 @@ async def test_deleting_a_user_lets_the_sweep_remove_their_objects(client, pro):
 
     await app[AUTH].store.delete_user(pro.email)
     assert len(objects(client)) == 3  # cascaded rows are gone; objects wait for a sweep
-    report = await maintenance.sweep(app[DB], app[STORAGE].blobs, grace_seconds=0)
+    report = await maintenance.sweep(app[STORAGE].store, app[STORAGE].blobs, grace_seconds=0)
     assert report.objects_removed == 2
     assert objects(client) == [sha(shared)]
-    check = await maintenance.check(app[DB], app[STORAGE].blobs)
+    check = await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)
     assert check.ok and check.referenced == 1 and check.unreferenced == 0
 
 
@@ -466,9 +464,9 @@ async def test_sweep_respects_the_grace_period_and_removes_stale_temporaries(cli
     orphan.write_bytes(b"orphan")
     (blobs.tmp / "upload-abandoned").write_bytes(b"half an upload")
     await created(client, pro, b"kept")
-    report = await maintenance.sweep(app[DB], blobs)  # default grace: everything is too fresh
+    report = await maintenance.sweep(app[STORAGE].store, blobs)  # default grace: everything is too fresh
     assert (report.objects_removed, report.temporary_removed) == (0, 0)
-    report = await maintenance.sweep(app[DB], blobs, grace_seconds=0)
+    report = await maintenance.sweep(app[STORAGE].store, blobs, grace_seconds=0)
     assert (report.objects_removed, report.temporary_removed) == (1, 1)
     assert objects(client) == [sha(b"kept")] and temporaries(client) == []
 
@@ -478,13 +476,13 @@ async def test_check_finds_missing_and_corrupt_objects(client, pro):
     blobs = app[STORAGE].blobs
     a = await created(client, pro, b"aaaa")
     b = await created(client, pro, b"bbbb")
-    assert (await maintenance.check(app[DB], blobs)).ok
+    assert (await maintenance.check(app[STORAGE].store, blobs)).ok
     blobs.local_path(a["checksum"]).write_bytes(b"AAAA")  # bit rot
     blobs.local_path(b["checksum"]).unlink()
-    report = await maintenance.check(app[DB], blobs)
+    report = await maintenance.check(app[STORAGE].store, blobs)
     assert not report.ok
     assert report.corrupt == [a["checksum"]] and report.missing == [b["checksum"]]
-    quick = await maintenance.check(app[DB], blobs, verify_hashes=False)
+    quick = await maintenance.check(app[STORAGE].store, blobs, verify_hashes=False)
     assert quick.missing == [b["checksum"]] and quick.corrupt == []  # same size: only hashing sees it
 
 
@@ -554,7 +552,7 @@ async def test_same_bytes_uploaded_while_deleted_stay_readable(client, pro):
             resp = await client.get(f"{RECORDS}/{rid}", headers=pro.headers)
             assert resp.status == 200 and await resp.read() == data
     app = client.server.app
-    report = await maintenance.check(app[DB], app[STORAGE].blobs)
+    report = await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)
     assert report.ok and report.unreferenced == 0, report
 
 
@@ -581,7 +579,7 @@ async def test_backups_in_the_same_second_never_get_a_wrong_304(client, pro, mon
     from adiuva_server.storage import store
 
     frozen = store.utc_now()
-    monkeypatch.setattr(store, "utc_now", lambda: frozen)  # both uploads land in the same second
+    set_utc_now(monkeypatch, lambda: frozen)  # both uploads land in the same second
     first, second = os.urandom(3000), os.urandom(3000)
     await put_backup(client, pro, first)
     resp = await client.get(BACKUP, headers=pro.headers)
@@ -621,7 +619,7 @@ async def test_backups_in_the_same_second_never_get_a_wrong_304(client, pro, mon
 
     # Backups a second apart have dates of their own, and 304 by them.
     async def put_at(second_offset: int) -> tuple[dict, str]:
-        monkeypatch.setattr(store, "utc_now", lambda: (frozen[0], frozen[1] + second_offset))
+        set_utc_now(monkeypatch, lambda: (frozen[0], frozen[1] + second_offset))
         meta = await put_backup(client, pro, os.urandom(3000))
         return meta, (await client.get(BACKUP, headers=pro.headers)).headers["Last-Modified"]
 
@@ -769,7 +767,7 @@ async def test_sweep_from_another_process_cannot_delete_an_object_being_stored_a
     doctor = FileBlobStore(app[STORAGE].blobs.root)  # its own lock descriptors, like another process
     doctor.local_path = lambda digest: Paused(FileBlobStore.local_path(doctor, digest))
     loop = asyncio.get_running_loop()
-    sweeping = asyncio.ensure_future(maintenance.sweep(app[DB], doctor, grace_seconds=60))
+    sweeping = asyncio.ensure_future(maintenance.sweep(app[STORAGE].store, doctor, grace_seconds=60))
     assert await loop.run_in_executor(None, checked.wait, 10)
     meta = await created(client, pro, data)
     stored.set()
@@ -777,7 +775,7 @@ async def test_sweep_from_another_process_cannot_delete_an_object_being_stored_a
 
     resp = await client.get(f"{RECORDS}/{meta['id']}", headers=pro.headers)
     assert resp.status == 200 and await resp.read() == data
-    assert (await maintenance.check(app[DB], app[STORAGE].blobs)).ok
+    assert (await maintenance.check(app[STORAGE].store, app[STORAGE].blobs)).ok
 
 
 async def test_forgotten_tombstones_send_stale_devices_back_to_zero(client, pro):
@@ -819,7 +817,7 @@ async def test_forgotten_tombstones_send_stale_devices_back_to_zero(client, pro)
     # Live records, their bytes and the usage counters are untouched.
     resp = await client.get(f"{RECORDS}/{kept['id']}", headers=pro.headers)
     assert resp.status == 200 and await resp.read() == b"kept"
-    report = await maintenance.check(client.app[DB], storage.blobs)
+    report = await maintenance.check(client.app[STORAGE].store, storage.blobs)
     assert report.ok, report
 
 

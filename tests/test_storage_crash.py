@@ -12,6 +12,7 @@ import aiohttp
 
 from adiuva_server.db import Database
 from adiuva_server.storage import maintenance
+from adiuva_server.storage.store import SQLiteStorageStore
 
 from tests.conftest import make_settings
 
@@ -99,11 +100,11 @@ async def test_acknowledged_writes_survive_kill_9(server_process, data_dir):
     db = await Database.open(make_settings(data_dir).db_path, readers=1)
     try:
         blobs = maintenance.open_blob_store(make_settings(data_dir))
-        report = await maintenance.check(db, blobs)
+        report = await maintenance.check(SQLiteStorageStore(db), blobs)
         assert report.ok, report
         assert report.temporary == 0  # the restart removed abandoned uploads
-        await maintenance.sweep(db, blobs, grace_seconds=0)
-        report = await maintenance.check(db, blobs)
+        await maintenance.sweep(SQLiteStorageStore(db), blobs, grace_seconds=0)
+        report = await maintenance.check(SQLiteStorageStore(db), blobs)
         assert report.ok and report.unreferenced == 0, report
     finally:
         await db.close()

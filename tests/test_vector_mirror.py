@@ -348,7 +348,7 @@ async def test_cache_bound_is_kept_while_every_collection_is_searched(client, ac
 async def test_old_sqlite_vec_layout_is_moved_into_the_new_one(aiohttp_client, settings, data_dir):
     """A database written before migration 0009 (embeddings in vec0 tables, as the old store
     wrote them) is converted when the server starts: same answers, same quota, tables gone."""
-    from adiuva_server import quota
+    from adiuva_server.storage.store import SQLiteStorageStore, charge
     from adiuva_server.app import create_app
     from adiuva_server.auth.store import SQLiteAccountStore
     from adiuva_server.db import Database
@@ -381,12 +381,12 @@ async def test_old_sqlite_vec_layout_is_moved_into_the_new_one(aiohttp_client, s
                     (rowid,) = await cur.fetchone()
                 await conn.execute(f"INSERT INTO vec_f32_{x.shape[1]} (rowid, collection_id, embedding) VALUES (?, ?, {embed})",
                                    (rowid, cid, r.tobytes()))
-                await quota.apply(conn, uid, "pro", "cloud", stored_bytes(len(p), x.shape[1]))
+                await charge(conn, uid, "pro", "cloud", stored_bytes(len(p), x.shape[1]))
     await db.close()
 
     client = await aiohttp_client(create_app(settings))
     db = client.app[DB]
-    assert await quota.drift(db) == []
+    assert await SQLiteStorageStore(db).usage_drift() == []
     assert await db.fetchall("SELECT name FROM sqlite_master WHERE name LIKE 'vec_f32_%'") == []
     assert (await db.fetchone("SELECT count(*) FROM vector_items WHERE embedding IS NULL"))[0] == 0
     store = store_of(client)

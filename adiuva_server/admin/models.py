@@ -145,7 +145,7 @@ class Status(BaseModel):
     counts: StatusCounts
     storage_bytes: int = Field(description="records and vector payloads, all users")
     backup_bytes: int = Field(description="desktop backups, all users")
-    database_bytes: int = Field(description="the SQLite file and its WAL")
+    database_bytes: int = Field(description="the metadata database: the SQLite file and its WAL, or the PostgreSQL database")
     default_tier: Tier
     llm: Llm
     license: License

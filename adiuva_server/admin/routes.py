@@ -118,10 +118,10 @@ async def status(request: web.Request) -> Status:
     provider = "ollama" if settings.llm_model.startswith("ollama/") else "litellm"
     return Status(
         version=__version__, uptime_seconds=round(service.uptime(), 3),
-        backends=Backends(database="sqlite", blobs="s3" if settings.s3_bucket else "files", rate_limits=request.app[SHARED].backend),
+        backends=Backends(database=settings.backend, blobs="s3" if settings.s3_bucket else "files", rate_limits=request.app[SHARED].backend),
         counts=StatusCounts(users=counts.users, records=counts.records, vectors=counts.vectors),
         storage_bytes=counts.storage_bytes, backup_bytes=counts.backup_bytes,
-        database_bytes=service.database_bytes(), default_tier=request.app[LICENSE].default_tier,
+        database_bytes=await service.database_bytes(), default_tier=request.app[LICENSE].default_tier,
         llm=Llm(provider=provider, model=settings.llm_model, router_model=settings.llm_router_model,
                 models=list(settings.chat_models),
                 availability={m: ModelAvailability(**vars(a)) for m, a in (await request.app[CHAT].llm.availability()).items()}),

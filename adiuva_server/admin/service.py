@@ -3,9 +3,10 @@
 Deleting a user removes their bytes at once, not at the next sweep: the rows (every table
 cascades from users; SQLite's secure_delete overwrites them with zeros), the objects that no
 one else references (safely against a concurrent upload of the same bytes: see
-storage/maintenance.release_now), any in-memory copy of their vectors and its snapshot files
-(vectors/snapshots.py), and the page images the
-WAL still held (checkpointed and truncated). A server backup taken after holds none of it.
+storage/maintenance.release_now), any in-memory copy of their vectors, and what the backend
+keeps beyond the rows (the admin store's `scrub_deleted`: on SQLite the vector snapshot files,
+vectors/snapshots.py, and the page images the WAL still held, checkpointed and truncated). A
+server backup taken after holds none of it.
 """
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adiuva_server import errors
-from adiuva_server.admin.store import Counts, SQLiteAdminStore, UserWithUsage, user_objects
+from adiuva_server.admin.store import AdminStore, Counts, UserWithUsage
 from adiuva_server.auth.passwords import PasswordHasher
 from adiuva_server.auth.service import AuthService, UserAdmin, check_password, check_tier, normalise_email
-from adiuva_server.auth.store import AccountStore, SQLiteAccountStore, User
+from adiuva_server.auth.store import AccountStore, User
 from adiuva_server.config import Settings
-from adiuva_server.db import Database
 from adiuva_server.doctor import DoctorMonitor
 from adiuva_server.storage import maintenance
 from adiuva_server.storage.blobs import BlobStore
 from adiuva_server.storage.keeper import BlobKeeper
-from adiuva_server.vectors import snapshots
+from adiuva_server.storage.store import StorageStore
 from adiuva_server.vectors.mirror import VectorMirror
+
+if TYPE_CHECKING:
+    from adiuva_server.compose import Stores
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class Deletion:
     email: str
     objects_deleted: int
     objects_kept: int  # shared with another user, or (from another process) left for the sweep
-    wal_truncated: bool
+    wal_truncated: bool  # what the backend kept beyond the rows is gone (SQLite's WAL; always on PostgreSQL)
 
 
 class AdminService:
@@ -48,13 +52,13 @@ class AdminService:
     another process, which then leaves objects younger than `grace_seconds` to the server's
     sweep (0 when no server runs on the data dir)."""
 
-    def __init__(self, settings: Settings, db: Database, accounts: AccountStore, hasher: PasswordHasher,
-                 blobs: BlobStore, *, keeper: BlobKeeper | None = None, mirror: VectorMirror | None = None,
+    def __init__(self, settings: Settings, storage: StorageStore, store: AdminStore, accounts: AccountStore,
+                 hasher: PasswordHasher, blobs: BlobStore, *, keeper: BlobKeeper | None = None, mirror: VectorMirror | None = None,
                  auth: AuthService | None = None, grace_seconds: float = maintenance.DEFAULT_GRACE_SECONDS) -> None:
         self.settings = settings
-        self.db = db
+        self.storage = storage
         self.accounts = accounts
-        self.store = SQLiteAdminStore(db)
+        self.store = store
         self.users = UserAdmin(settings, accounts, hasher, auth.license if auth is not None else None)
         self.hasher = hasher
         self.blobs = blobs
@@ -116,16 +120,16 @@ class AdminService:
         user = await self.accounts.get_by_id(user_id)
         if user is None:
             raise errors.NotFound("no such user")
-        digests = await self.accounts.delete_user_by_id(user_id, inside=user_objects, keep_an_admin=keep_an_admin) or []
-        deleted = await maintenance.release_now(self.db, self.blobs, digests, keeper=self.keeper,
+        digests = await self.accounts.delete_user_by_id(user_id, inside=self.store.user_objects,
+                                                        keep_an_admin=keep_an_admin) or []
+        deleted = await maintenance.release_now(self.storage, self.blobs, digests, keeper=self.keeper,
                                                 grace_seconds=self.grace_seconds)
         if self.mirror is not None:  # her embeddings must not stay in memory either
             for key in self.mirror.keys():
                 if key[0] == user_id:
                     self.mirror.discard(key)
         # After the copies: a snapshot being written for one of them is then not kept.
-        await asyncio.to_thread(snapshots.delete_user, self.settings.data_dir / snapshots.DIRNAME, user_id)
-        truncated = await self.db.checkpoint_truncate()
+        truncated = await self.store.scrub_deleted(user_id)
         if not truncated:
             log.warning("the WAL could not be emptied after deleting a user (a long read was running); "
                         "it is at the next checkpoint")
@@ -136,14 +140,8 @@ class AdminService:
     async def counts(self) -> Counts:
         return await self.store.counts()
 
-    def database_bytes(self) -> int:
-        total = 0
-        for path in (self.db.path, Path(f"{self.db.path}-wal")):
-            try:
-                total += path.stat().st_size
-            except FileNotFoundError:
-                pass
-        return total
+    async def database_bytes(self) -> int:
+        return await self.store.database_bytes()
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
@@ -220,7 +218,7 @@ class BackupJob:
     finished: bool = False
 
 
-async def delete_user_from_cli(settings: Settings, db: Database, email: str) -> Deletion:
+async def delete_user_from_cli(settings: Settings, stores: Stores, email: str) -> Deletion:
     """`adiuva user delete`, in its own process: the same deletion as the admin API's. While no
     server runs on the data dir, its lock is held (none starts meanwhile) and every unreferenced
     object goes at once; while one runs, objects it may be storing again right now (written in
@@ -237,5 +235,6 @@ async def delete_user_from_cli(settings: Settings, db: Database, email: str) -> 
             grace = maintenance.DEFAULT_GRACE_SECONDS if settings.s3_bucket else 0.0
         except ConfigError:
             grace = maintenance.DEFAULT_GRACE_SECONDS
-        service = AdminService(settings, db, SQLiteAccountStore(db), PasswordHasher(settings), blobs, grace_seconds=grace)
+        service = AdminService(settings, stores.storage, stores.admin, stores.accounts, PasswordHasher(settings), blobs,
+                               grace_seconds=grace)
         return await service.delete_user((await service.by_email(email)).id, keep_an_admin=False)

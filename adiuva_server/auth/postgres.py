@@ -18,7 +18,7 @@ themselves instead of SQLite's one writer:
 - `auth_state`: one indexed query per call, no cache: a change committed on any node counts on
   the next request on every node.
 
-Ready for the composition root (`compose.build`): `PostgresAccountStore(pg)` on the shared pool
+Built by the composition root (`compose.postgres_stores`): `PostgresAccountStore(pg)` on the shared pool
 in place of `SQLiteAccountStore(db)` when `settings.backend == "postgresql"`.
 """
 

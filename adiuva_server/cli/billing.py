@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from adiuva_server.cli.common import EXIT_USAGE, DataDirOption, fail, load_settings, run_with_db
+from adiuva_server.cli.common import EXIT_USAGE, DataDirOption, fail, load_settings, run_with_stores
 
 app = typer.Typer(help="Stripe billing (licensed mode).", no_args_is_help=True)
 
 
-async def reconcile(settings, db) -> list[str]:
+async def reconcile(settings, stores) -> list[str]:
     """Read every subscription from Stripe, repair what disagrees; lines saying what changed."""
-    from adiuva_server.billing.policy import Policy
     from adiuva_server.billing.service import BillingService, stripe_gateway
-    from adiuva_server.billing.sqlite import SQLiteBillingStore
     from adiuva_server.license.state import LicenseState
 
     async with stripe_gateway(settings) as gateway:
-        service = BillingService(settings, SQLiteBillingStore(db, Policy.from_settings(settings)), gateway,
+        service = BillingService(settings, stores.billing, gateway,
                                  LicenseState.load(settings))
         result = await service.reconcile()
     lines = [f"{c.email}: {c.old} -> {c.new}" for c in result.changes]
@@ -37,6 +35,6 @@ def reconcile_command(data_dir: DataDirOption = None) -> None:
         fail("billing is not enabled on this server (homelab mode): there is nothing to reconcile", EXIT_USAGE)
     if not settings.stripe_secret_key:
         fail("STRIPE_SECRET_KEY is not set: cannot read subscriptions from Stripe", EXIT_USAGE)
-    lines = run_with_db(settings, lambda db: reconcile(settings, db))
+    lines = run_with_stores(settings, lambda stores: reconcile(settings, stores))
     for line in lines:
         typer.echo(line)

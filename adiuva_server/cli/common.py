@@ -34,6 +34,7 @@ def load_settings(*, existing: bool = False, create: bool = True, missing_hint: 
     empty server."""
     try:
         settings = Settings.from_env(**overrides)
+        # On PostgreSQL (DATABASE_URL) the server's data is there, not in the data dir.
         if existing and settings.backend == "sqlite" and not settings.db_path.exists():
             fail(f"no Adiuva database in {settings.data_dir}; pass the data dir of your server "
                  "(--data-dir or ADIUVA_DATA_DIR), or " + (missing_hint or "start the server there once with adiuva serve"),
@@ -44,17 +45,15 @@ def load_settings(*, existing: bool = False, create: bool = True, missing_hint: 
         raise  # unreachable
 
 
-def run_with_db(settings: Settings, fn: Callable[..., Awaitable[T]]) -> T:
-    """Open the database (migrating it if needed), run `fn(db)`, close; domain errors become
-    a message on stderr and an exit code."""
-    from adiuva_server.db import Database
+def run_with_stores(settings: Settings, fn: Callable[..., Awaitable[T]]) -> T:
+    """Open every store on the backend the settings choose (compose.open_stores: the data dir's
+    SQLite file, or DATABASE_URL's PostgreSQL; migrated if needed), run `fn(stores)`, close;
+    domain errors become a message on stderr and an exit code."""
+    from adiuva_server.compose import open_stores
 
     async def go() -> T:
-        db = await Database.open(settings.db_path, synchronous=settings.sqlite_synchronous, readers=1)
-        try:
-            return await fn(db)
-        finally:
-            await db.close()
+        async with open_stores(settings) as stores:
+            return await fn(stores)
 
     try:
         return asyncio.run(go())

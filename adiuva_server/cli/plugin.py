@@ -1,5 +1,5 @@
 """`adiuva plugin ...`: submit plugins and review them, also while the server runs (each
-decision is one SQLite transaction; the server reads the catalog on every request)."""
+decision is one database transaction; the server reads the catalog on every request)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from adiuva_server import errors
-from adiuva_server.cli.common import EXIT_FAILED, EXIT_USAGE, DataDirOption, fail, load_settings, run_with_db
+from adiuva_server.cli.common import EXIT_FAILED, EXIT_USAGE, DataDirOption, fail, load_settings, run_with_stores
 
 app = typer.Typer(help="Submit and review marketplace plugins.", no_args_is_help=True)
 
@@ -22,18 +22,17 @@ def _do(data_dir, op, *, stripe: bool = False):
     from adiuva_server.billing.service import stripe_gateway
     from adiuva_server.license.state import LicenseState
     from adiuva_server.marketplace.service import MarketplaceService
-    from adiuva_server.marketplace.sqlite import SQLiteMarketplaceStore
 
     settings = load_settings(data_dir=data_dir, existing=True)
 
-    async def go(db):
+    async def go(stores):
         license = LicenseState.load(settings)
         if not stripe:
-            return await op(MarketplaceService(settings, SQLiteMarketplaceStore(db), license))
+            return await op(MarketplaceService(settings, stores.marketplace, license))
         async with stripe_gateway(settings) as gateway:
-            return await op(MarketplaceService(settings, SQLiteMarketplaceStore(db), license, gateway))
+            return await op(MarketplaceService(settings, stores.marketplace, license, gateway))
 
-    return run_with_db(settings, go)
+    return run_with_stores(settings, go)
 
 
 def reviewer() -> str:

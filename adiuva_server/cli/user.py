@@ -1,5 +1,6 @@
 """`adiuva user ...`: account administration, safe while the server runs (every change is one
-SQLite transaction; the server reads tier and account state on every request)."""
+database transaction, on SQLite or DATABASE_URL's PostgreSQL; the server reads tier and account
+state on every request)."""
 
 from __future__ import annotations
 
@@ -9,26 +10,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from adiuva_server.cli.common import EXIT_USAGE, DataDirOption, fail, load_settings, run_with_db
+from adiuva_server.cli.common import EXIT_USAGE, DataDirOption, fail, load_settings, run_with_stores
 
 app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 
 
-def _admin(settings, db):
+def _admin(settings, stores):
     from adiuva_server.auth.passwords import PasswordHasher
     from adiuva_server.auth.service import UserAdmin
-    from adiuva_server.auth.store import SQLiteAccountStore
 
-    return UserAdmin(settings, SQLiteAccountStore(db), PasswordHasher(settings))
+    return UserAdmin(settings, stores.accounts, PasswordHasher(settings))
 
 
 def _do(data_dir, op, *, existing: bool = True, missing_hint: str | None = None):
     settings = load_settings(data_dir=data_dir, existing=existing, missing_hint=missing_hint)
 
-    async def go(db):
-        return await op(_admin(settings, db))
+    async def go(stores):
+        return await op(_admin(settings, stores))
 
-    return run_with_db(settings, go)
+    return run_with_stores(settings, go)
 
 
 @app.command("add")
@@ -137,7 +137,7 @@ def delete(
     from adiuva_server.admin.service import delete_user_from_cli
 
     settings = load_settings(data_dir=data_dir, existing=True)
-    deletion = run_with_db(settings, lambda db: delete_user_from_cli(settings, db, email))
+    deletion = run_with_stores(settings, lambda stores: delete_user_from_cli(settings, stores, email))
     typer.echo(f"{deletion.email} deleted ({deletion.objects_deleted} stored object(s) removed)")
     if deletion.objects_kept:
         typer.echo(f"{deletion.objects_kept} object(s) kept: shared with other users, or written in the last hour "

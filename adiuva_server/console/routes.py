@@ -33,7 +33,7 @@ from adiuva_server.auth.store import User
 from adiuva_server.config import ENV_NAMES, TIERS, Settings
 from adiuva_server.console.render import Asset, Safe, Templates, esc, join, load_assets
 from adiuva_server.console.settings_view import setting_rows
-from adiuva_server.console.store import ConsoleSession, SQLiteConsoleSessions
+from adiuva_server.console.store import ConsoleSession, ConsoleSessions
 from adiuva_server.http.forwarded import client_address
 from adiuva_server.keys import ADMIN, AUTH, CONSOLE, CONSOLE_SESSIONS, LICENSE, SETTINGS
 
@@ -54,7 +54,7 @@ _DONE = {  # ?done=<code> after a redirect: fixed texts only, so a link cannot p
 
 @dataclasses.dataclass
 class ConsoleState:
-    sessions: SQLiteConsoleSessions
+    sessions: ConsoleSessions
     templates: Templates
     assets: dict[str, Asset]
     setup_token: str | None = None  # while no account exists: the banner's one-time link

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 from adiuva_server.db import Database
 
@@ -19,6 +20,14 @@ class ConsoleSession:
 
 def session_hash(session_id: str) -> bytes:
     return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).digest()
+
+
+class ConsoleSessions(Protocol):
+    """SQLiteConsoleSessions here; PostgresConsoleSessions (console/postgres.py) on DATABASE_URL."""
+
+    async def start(self, user_id: str, session_version: int, now: int, lifetime: int) -> tuple[str, ConsoleSession]: ...
+    async def get(self, session_id: str, now: int) -> ConsoleSession | None: ...
+    async def end(self, session_id: str) -> None: ...
 
 
 class SQLiteConsoleSessions:

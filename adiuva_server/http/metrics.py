@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from adiuva_server import errors
 from adiuva_server.http.problem import PROBLEM_JSON
 from adiuva_server.http.routing import API_PREFIX, Api, RouteSpec
-from adiuva_server.keys import DB, INFLIGHT, METRICS, SETTINGS
+from adiuva_server.keys import ADMIN, INFLIGHT, METRICS, SETTINGS
 from adiuva_server.server_backup import _ARCHIVE_NAME, backup_dir
 
 METRICS_PATH = "/metrics"
@@ -46,16 +46,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 AUTH_ROUTES = frozenset(f"{API_PREFIX}/auth/{name}" for name in ("login", "register", "refresh"))
 LLM_ROUTES = frozenset((("POST", f"{API_PREFIX}/chat"), ("POST", f"{API_PREFIX}/plans/{{plan_id}}/run")))
 
-_TOTALS_SQL = """
-SELECT (SELECT count(*) FROM users),
-       (SELECT count(*) FROM storage_records WHERE checksum IS NOT NULL),
-       (SELECT coalesce(sum(size_bytes), 0) FROM storage_records WHERE checksum IS NOT NULL),
-       (SELECT count(*) FROM storage_backups),
-       (SELECT coalesce(sum(size_bytes), 0) FROM storage_backups),
-       (SELECT coalesce(sum(count), 0) FROM vector_collections)
-"""
-
-
 @dataclasses.dataclass(frozen=True)
 class Totals:
     users: int
@@ -66,10 +56,6 @@ class Totals:
     vectors: int
     server_backups: int
     newest_server_backup: float | None  # Unix time, from the archive's name
-
-
-def _read_totals(conn: Any) -> tuple[int, ...]:
-    return tuple(conn.execute(_TOTALS_SQL).fetchone())  # one statement: one snapshot
 
 
 def _server_backups(folder) -> tuple[int, float | None]:
@@ -150,7 +136,7 @@ class Metrics:
     async def totals(self) -> Totals:
         async with self._totals_lock:  # concurrent scrapes share one read
             if self._totals is None or time.monotonic() - self._totals_at >= self.totals_ttl:
-                counts = await self.app[DB].run_read(_read_totals)
+                counts = dataclasses.astuple(await self.app[ADMIN].store.totals())  # one snapshot
                 backups = await asyncio.to_thread(_server_backups, backup_dir(self.app[SETTINGS]))
                 self._totals = Totals(*counts, *backups)
                 self._totals_at = time.monotonic()

@@ -17,12 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adiuva_server import quota
 from adiuva_server.config import Settings
-from adiuva_server.db import Database
 from adiuva_server.storage.blobs import BlobStore, FileBlobStore
 from adiuva_server.storage.keeper import BlobKeeper
-from adiuva_server.storage.store import SQLiteStorageStore
+from adiuva_server.storage.store import StorageStore
 
 # Another process may be between storing an object and committing its row; a sweep from
 # outside the server leaves objects younger than this alone.
@@ -85,14 +83,13 @@ class ConsistencyReport:
 
 
 async def sweep(
-    db: Database, blobs: BlobStore, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    store: StorageStore, blobs: BlobStore, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
     object_grace_seconds: float | None = None, keeper: BlobKeeper | None = None,
 ) -> SweepReport:
     """Remove temporary files and unreferenced objects last written more than `grace_seconds`
     ago (`object_grace_seconds` for objects, if given). From another process the grace period
     protects the server's uploads in flight; inside the server, its keeper's pins do, so the
     server sweeps objects with no grace period."""
-    store = SQLiteStorageStore(db)
     keeper = keeper or BlobKeeper(blobs, store)
     now = time.time()
     report = SweepReport(temporary_removed=await blobs.sweep_temporary(now - grace_seconds))
@@ -106,10 +103,9 @@ async def sweep(
     return report
 
 
-async def check(db: Database, blobs: BlobStore, *, verify_hashes: bool = True) -> ConsistencyReport:
+async def check(store: StorageStore, blobs: BlobStore, *, verify_hashes: bool = True) -> ConsistencyReport:
     """Compare the metadata with the blob store. Reads every referenced object when
     `verify_hashes` (slow on a large store); otherwise checks presence and size only."""
-    store = SQLiteStorageStore(db)
     report = ConsistencyReport()
     referenced = dict(await store.referenced_objects())
     report.referenced = len(referenced)
@@ -129,12 +125,12 @@ async def check(db: Database, blobs: BlobStore, *, verify_hashes: bool = True) -
     async for batch in blobs.scan_async():
         report.unreferenced += sum(1 for digest, _ in batch if digest not in referenced)
     report.temporary = await temporary_count(blobs)
-    report.usage_drift = await quota.drift(db)
+    report.usage_drift = await store.usage_drift()
     return report
 
 
 async def release_now(
-    db: Database, blobs: BlobStore, digests: list[str], *, keeper: BlobKeeper | None = None,
+    store: StorageStore, blobs: BlobStore, digests: list[str], *, keeper: BlobKeeper | None = None,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
 ) -> int:
     """Delete at once those of `digests` that no row references any more (a deleted user's
@@ -145,5 +141,5 @@ async def release_now(
     objects were deleted."""
     if keeper is not None:
         return await keeper.release(digests)
-    keeper = BlobKeeper(blobs, SQLiteStorageStore(db))
+    keeper = BlobKeeper(blobs, store)
     return await keeper.release(digests, older_than=time.time() - grace_seconds if grace_seconds else None)

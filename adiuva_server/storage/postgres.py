@@ -19,7 +19,7 @@ that awaits nothing but the database:
 Locks are always taken in the order counter row, record rows, usage row (backups: usage row,
 backup rows), so writers of one user queue rather than deadlock.
 
-Ready for the composition root (`compose.build`): `PostgresStorageStore(pg)` on the shared pool
+Built by the composition root (`compose.postgres_stores`): `PostgresStorageStore(pg)` on the shared pool
 in place of `SQLiteStorageStore(db)` when `settings.backend == "postgresql"`.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from adiuva_server import errors, quota
 from adiuva_server.db.postgres import PgDatabase
-from adiuva_server.storage.store import Backup, Record, RecordWrite, batch_growth, utc_now
+from adiuva_server.storage.store import USAGE_DRIFT_SQL, Backup, Record, RecordWrite, batch_growth, utc_now
 
 _RECORD = "id, table_name, checksum, size_bytes, seq, created_at, updated_at, deleted_at"
 _BACKUP = "id, version, backup_timestamp, checksum, size_bytes, created_at, created_unix, shares_second"
@@ -186,6 +186,10 @@ class PostgresStorageStore:
             "UNION SELECT checksum, size_bytes FROM storage_backups"
         )
         return [(r[0], r[1]) for r in rows]
+
+    async def usage_drift(self) -> list[tuple[str, str, int, int]]:
+        """(user_id, kind, counted, actual) wherever the usage counters disagree with the rows."""
+        return [(r[0], r[1], r[2], r[3]) for r in await self.db.fetch(USAGE_DRIFT_SQL)]
 
     # -- record writes --------------------------------------------------------------------------
 

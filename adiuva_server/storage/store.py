@@ -119,6 +119,50 @@ async def _live_records(conn: Any, user_id: str, record_ids: Sequence[str]) -> l
     return found
 
 
+async def charge(conn: Any, user_id: str, tier: str, kind: str, delta: int) -> int:
+    """Inside a write transaction (SQLite's single writer: the read and the write cannot be
+    interleaved): check the quota for a growth of `delta` bytes of `kind` (negative to release)
+    and record it. Returns the new usage. The vector store charges its payloads here too."""
+    async with conn.execute("SELECT bytes FROM storage_usage WHERE user_id = ? AND kind = ?", (user_id, kind)) as cur:
+        row = await cur.fetchone()
+    used = row[0] if row else 0
+    quota.check(tier, kind, used, delta)
+    new = max(0, used + delta)
+    await conn.execute(
+        "INSERT INTO storage_usage (user_id, kind, bytes) VALUES (?, ?, ?) "
+        "ON CONFLICT (user_id, kind) DO UPDATE SET bytes = excluded.bytes",
+        (user_id, kind, new),
+    )
+    return new
+
+
+# What each feature charges, recomputed from its rows: records and vectors ("cloud"), desktop
+# backups ("backup"). A new feature that charges usage adds its source here. The same SQL on
+# both backends (sums cast: PostgreSQL's sum of bigint is numeric).
+ACTUAL_USAGE_SQL = """
+    SELECT user_id, kind, CAST(SUM(bytes) AS BIGINT) AS bytes FROM (
+        SELECT user_id, 'cloud' AS kind, size_bytes AS bytes FROM storage_records WHERE checksum IS NOT NULL
+        UNION ALL
+        SELECT user_id, 'backup', size_bytes FROM storage_backups
+        UNION ALL
+        SELECT c.user_id, 'cloud', length(i.payload) + 4 * i.dimension
+          FROM vector_items i JOIN vector_collections c ON c.id = i.collection_id
+    ) charged GROUP BY user_id, kind
+"""
+
+# (user_id, kind, counted, actual) wherever storage_usage disagrees with the rows.
+USAGE_DRIFT_SQL = f"""
+    WITH actual(user_id, kind, bytes) AS ({ACTUAL_USAGE_SQL})
+    SELECT u.user_id, u.kind, u.bytes, COALESCE(a.bytes, 0) FROM storage_usage u
+      LEFT JOIN actual a ON a.user_id = u.user_id AND a.kind = u.kind
+     WHERE u.bytes != COALESCE(a.bytes, 0)
+    UNION ALL
+    SELECT a.user_id, a.kind, 0, a.bytes FROM actual a
+     WHERE a.bytes != 0 AND NOT EXISTS (
+         SELECT 1 FROM storage_usage u WHERE u.user_id = a.user_id AND u.kind = a.kind)
+"""
+
+
 # Every object some row points at, with its size (also read from backup snapshots).
 REFERENCED_OBJECTS_SQL = (
     "SELECT checksum, size_bytes FROM storage_records WHERE checksum IS NOT NULL "
@@ -156,6 +200,8 @@ class StorageStore(Protocol):
                             retention: int) -> tuple[Backup, list[str]]: ...
     async def delete_backup(self, user_id: str, tier: str, backup_id: str) -> str: ...
     async def referenced(self, digests: Sequence[str]) -> set[str]: ...
+    async def referenced_objects(self) -> list[tuple[str, int]]: ...
+    async def usage_drift(self) -> list[tuple[str, str, int, int]]: ...
 
 
 class SQLiteStorageStore:
@@ -274,6 +320,10 @@ class SQLiteStorageStore:
         rows = await self.db.fetchall(REFERENCED_OBJECTS_SQL)
         return [(r[0], r[1]) for r in rows]
 
+    async def usage_drift(self) -> list[tuple[str, str, int, int]]:
+        """(user_id, kind, counted, actual) wherever the usage counters disagree with the rows."""
+        return [(r[0], r[1], r[2], r[3]) for r in await self.db.fetchall(USAGE_DRIFT_SQL)]
+
     # -- record writes --------------------------------------------------------------------------
 
     async def insert_record(self, user_id: str, tier: str, table: str, checksum: str, size: int, max_records: int) -> Record:
@@ -287,7 +337,7 @@ class SQLiteStorageStore:
                     f"this server keeps at most {max_records} records per user",
                     extra={"max_records": max_records},
                 )
-            await quota.apply(conn, user_id, tier, "cloud", size)
+            await charge(conn, user_id, tier, "cloud", size)
             seq = await _next_seq(conn, user_id)
             await conn.execute(
                 "INSERT INTO storage_records (id, user_id, table_name, checksum, size_bytes, seq, created_at, updated_at) "
@@ -314,7 +364,7 @@ class SQLiteStorageStore:
                     f"this server keeps at most {max_records} records per user; the batch would create {created} more",
                     extra={"max_records": max_records},
                 )
-            await quota.apply(conn, user_id, tier, "cloud", growth)
+            await charge(conn, user_id, tier, "cloud", growth)
             # A block of feed positions, one per item in request order.
             (last,) = await _one(
                 conn,
@@ -363,7 +413,7 @@ class SQLiteStorageStore:
         now, _ = utc_now()
         async with self.db.write() as conn:
             old = await self._live_record(conn, user_id, record_id, precondition)
-            await quota.apply(conn, user_id, tier, "cloud", size - old["size_bytes"])
+            await charge(conn, user_id, tier, "cloud", size - old["size_bytes"])
             seq = await _next_seq(conn, user_id)
             await conn.execute(
                 "UPDATE storage_records SET checksum = ?, size_bytes = ?, seq = ?, updated_at = ? WHERE id = ?",
@@ -376,7 +426,7 @@ class SQLiteStorageStore:
         now, _ = utc_now()
         async with self.db.write() as conn:
             old = await self._live_record(conn, user_id, record_id, precondition)
-            await quota.apply(conn, user_id, tier, "cloud", -old["size_bytes"])
+            await charge(conn, user_id, tier, "cloud", -old["size_bytes"])
             seq = await _next_seq(conn, user_id)
             await conn.execute(
                 "UPDATE storage_records SET checksum = NULL, size_bytes = 0, seq = ?, updated_at = ?, deleted_at = ? "
@@ -414,7 +464,7 @@ class SQLiteStorageStore:
                 (user_id, retention - 1),
             )
             freed = sum(r["size_bytes"] for r in pruned)
-            await quota.apply(conn, user_id, tier, "backup", size - freed)
+            await charge(conn, user_id, tier, "backup", size - freed)
             await conn.executemany("DELETE FROM storage_backups WHERE id = ?", [(r["id"],) for r in pruned])
             await conn.execute(
                 f"INSERT INTO storage_backups ({_BACKUP}, user_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -430,6 +480,6 @@ class SQLiteStorageStore:
             )
             if row is None:
                 raise errors.NotFound("no such backup")
-            await quota.apply(conn, user_id, tier, "backup", -row["size_bytes"])
+            await charge(conn, user_id, tier, "backup", -row["size_bytes"])
             await conn.execute("DELETE FROM storage_backups WHERE id = ?", (backup_id,))
         return row["checksum"]

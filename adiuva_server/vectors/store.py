@@ -35,8 +35,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adiuva_server import errors, quota
+from adiuva_server import errors
 from adiuva_server.db import Database
+from adiuva_server.storage.store import charge
 from adiuva_server.vectors import snapshots
 from adiuva_server.vectors.mirror import Key, MirrorEntry, VectorMirror, merge_top_k
 
@@ -221,7 +222,7 @@ class SQLiteVectorStore:
                 existing = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
             delta = sum(stored_bytes(len(v.payload), dimension) for v in vectors)
             delta -= sum(stored_bytes(size, dimension) for _, size in existing.values())
-            await quota.apply(conn, user_id, tier, "cloud", delta)
+            await charge(conn, user_id, tier, "cloud", delta)
             # New rows get rowids above every rowid in the table, so a collection's rowids grow
             # with its inserts (the in-memory copy appends instead of re-sorting).
             async with conn.execute("SELECT coalesce(max(vec_rowid), 0) FROM vector_items") as cur:
@@ -311,7 +312,7 @@ class SQLiteVectorStore:
                 gone = await cur.fetchall()
             if not gone:
                 return 0
-            await quota.apply(conn, user_id, tier, "cloud", -sum(stored_bytes(r[1], dimension) for r in gone))
+            await charge(conn, user_id, tier, "cloud", -sum(stored_bytes(r[1], dimension) for r in gone))
             async with conn.execute(
                 "UPDATE vector_collections SET count = count - ? WHERE id = ? RETURNING version, count",
                 (len(gone), coll_id),
