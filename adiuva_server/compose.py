@@ -52,6 +52,7 @@ from adiuva_server.marketplace.sqlite import SQLiteMarketplaceStore
 from adiuva_server.marketplace.store import MarketplaceStore
 from adiuva_server.ratelimit import RateLimitStore
 from adiuva_server.storage import maintenance
+from adiuva_server.storage.pins import LocalPins, SharedPins
 from adiuva_server.storage.service import StorageService
 from adiuva_server.storage.store import SQLiteStorageStore, StorageStore
 from adiuva_server.vectors import snapshots
@@ -83,6 +84,7 @@ class Stores:
     marketplace: MarketplaceStore
     batches: BatchStore
     console_sessions: ConsoleSessions
+    pins: SharedPins  # objects being stored, seen by every node (storage/pins.py)
 
     async def vectors(self, mirror: VectorMirror) -> VectorStore:
         if self.pg is not None:
@@ -103,6 +105,7 @@ def sqlite_stores(settings: Settings, db: Database) -> Stores:
         marketplace=SQLiteMarketplaceStore(db),
         batches=SQLiteBatchStore(db),
         console_sessions=SQLiteConsoleSessions(db),
+        pins=LocalPins(),
     )
 
 
@@ -113,6 +116,7 @@ def postgres_stores(settings: Settings, db: Database, pg: PgDatabase) -> Stores:
     from adiuva_server.chat.postgres import PostgresBatchStore
     from adiuva_server.console.postgres import PostgresConsoleSessions
     from adiuva_server.marketplace.postgres import PostgresMarketplaceStore
+    from adiuva_server.storage.pins import PostgresPins
     from adiuva_server.storage.postgres import PostgresStorageStore
 
     return Stores(
@@ -125,6 +129,7 @@ def postgres_stores(settings: Settings, db: Database, pg: PgDatabase) -> Stores:
         # A dead node's running batches stop counting after the longest run a plan can take.
         batches=PostgresBatchStore(pg, stale_after=plans.MAX_STEPS * settings.llm_timeout * 2),
         console_sessions=PostgresConsoleSessions(pg),
+        pins=PostgresPins(pg),
     )
 
 
@@ -202,7 +207,7 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
             time.time() - maintenance.DEFAULT_GRACE_SECONDS if settings.s3_bucket else float("inf"))
         if removed:
             log.info("removed %d abandoned upload(s)", removed)
-        storage = StorageService(settings, stores.storage, blobs)
+        storage = StorageService(settings, stores.storage, blobs, stores.pins)
         stack.push_async_callback(storage.keeper.drain)
 
         mirror = VectorMirror(settings.vector_cache_bytes, settings.vector_cache_min_vectors)
@@ -283,6 +288,9 @@ async def storage_sweep(storage: StorageService) -> None:
     past their retention: at start, then every few hours. The keeper's pins protect objects
     whose rows are being written; the grace period spares temporary files of uploads still
     being received."""
+    # No grace period for objects: this node's pins and every other node's (shared) protect
+    # the objects whose rows are being written.
+    await storage.keeper.pins.purge()
     report = await maintenance.sweep(storage.store, storage.blobs, object_grace_seconds=0, keeper=storage.keeper)
     if report.objects_removed or report.temporary_removed:
         log.info("storage sweep removed %d object(s), %d temporary file(s)",

@@ -17,7 +17,7 @@ from tests.servers_s3 import ACCESS_KEY, REGION, SECRET_KEY
 
 
 def shared_env(pg_url: str, s3_bucket, redis_url: str) -> dict[str, str]:
-    return {"DATABASE_URL": pg_url, "REDIS_URL": redis_url, "S3_BUCKET": s3_bucket.name,
+    return {"DATABASE_URL": pg_url, "REDIS_URL": redis_url, "JWT_SECRET": "the-same-secret-on-every-node-32b", "S3_BUCKET": s3_bucket.name,
             "S3_ENDPOINT_URL": s3_bucket.endpoint_url, "S3_REGION": REGION,
             "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 

@@ -19,9 +19,10 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from adiuva_server.db.postgres import PgDatabase, rows_changed
+if TYPE_CHECKING:  # asyncpg is loaded only by servers on PostgreSQL
+    from adiuva_server.db.postgres import PgDatabase
 
 # pg_advisory_(xact_)lock(key, hashtext(digest)); other keys: db/postgres, marketplace, chat.
 PIN_LOCK = 0x0AD1_0008
@@ -57,7 +58,7 @@ class LocalPins:
 
 
 class PostgresPins:
-    def __init__(self, db: PgDatabase) -> None:
+    def __init__(self, db: "PgDatabase") -> None:
         self.db = db
 
     async def pin(self, digests: Sequence[str]) -> str | None:
@@ -88,4 +89,6 @@ class PostgresPins:
                 await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", PIN_LOCK, digest)
 
     async def purge(self) -> int:
+        from adiuva_server.db.postgres import rows_changed
+
         return rows_changed(await self.db.execute("DELETE FROM blob_pins WHERE expires_at <= $1", int(time.time())))

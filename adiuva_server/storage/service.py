@@ -31,6 +31,7 @@ from adiuva_server import errors, quota
 from adiuva_server.config import Settings
 from adiuva_server.storage.blobs import BlobStore, Staged
 from adiuva_server.storage.keeper import BlobKeeper
+from adiuva_server.storage.pins import SharedPins
 from adiuva_server.storage.store import Backup, Record, RecordWrite, StorageStore, batch_growth
 
 CHECKSUM = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -184,11 +185,11 @@ def parse_backup_headers(version: str | None, timestamp: str | None) -> tuple[st
 
 
 class StorageService:
-    def __init__(self, settings: Settings, store: StorageStore, blobs: BlobStore) -> None:
+    def __init__(self, settings: Settings, store: StorageStore, blobs: BlobStore, pins: SharedPins | None = None) -> None:
         self.settings = settings
         self.store = store
         self.blobs = blobs
-        self.keeper = BlobKeeper(blobs, store)
+        self.keeper = BlobKeeper(blobs, store, pins)
 
     def object_path(self, checksum: str) -> Path:
         return self.blobs.local_path(checksum)
