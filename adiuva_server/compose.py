@@ -198,6 +198,9 @@ async def open_services(settings: Settings, clock: Clock | None = None) -> Async
         stack.callback(hasher.close)
         rate_limits = shared.rate_limits
         auth = AuthService(settings, stores.accounts, hasher, rate_limits, license=license)
+        if stores.pg is not None:  # its per-request account check from a cache kept by notices
+            await stores.accounts.listen()
+            stack.push_async_callback(stores.accounts.stop_listening)
 
         blobs = await stack.enter_async_context(maintenance.blob_store(settings))
         # Nothing of this process is uploading yet: every temporary file is a leftover of an

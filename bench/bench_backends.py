@@ -82,10 +82,16 @@ async def main() -> None:
     redis = RedisServer(tmp / "redis")
     try:
         base = {"ADIUVA_RATE_LIMITS": UNLIMITED, "JWT_SECRET": SECRET, "ADIUVA_MDNS": "off"}
+
+        async def database() -> str:
+            name = "bench_" + uuid.uuid4().hex[:12]
+            await pg._admin(f'CREATE DATABASE "{name}"')
+            return pg.url(name)
+
         modes = {
             "sqlite": base,
-            "postgresql": {**base, "DATABASE_URL": pg.url(pg.create_database()), "ADIUVA_SINGLE_NODE": "true"},
-            "cluster": {**base, "DATABASE_URL": pg.url(pg.create_database()), "ADIUVA_SINGLE_NODE": "true",
+            "postgresql": {**base, "DATABASE_URL": await database(), "ADIUVA_SINGLE_NODE": "true"},
+            "cluster": {**base, "DATABASE_URL": await database(), "ADIUVA_SINGLE_NODE": "true",
                         "REDIS_URL": redis.url},
         }
         results: dict[str, list[dict]] = {m: [] for m in modes}

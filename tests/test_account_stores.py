@@ -421,3 +421,94 @@ async def test_accounts_copied_from_sqlite_read_the_same_on_postgresql(tmp_path,
             await store.delete_user_by_id(ada.id)
     finally:
         await pg.close()
+
+
+async def _until(predicate, timeout: float = 5.0) -> float:
+    """Seconds until `predicate()` (a coroutine function) is true."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await predicate():
+        assert loop.time() - start < timeout, "timed out"
+        await asyncio.sleep(0.001)
+    return loop.time() - start
+
+
+async def test_a_listening_node_answers_from_its_cache_and_every_change_evicts(pg_url):
+    """PostgreSQL: the per-request check comes from memory while the node listens for the
+    change notices; a change on another node (or any tool) evicts the account at its commit."""
+    backend = Backend("postgresql", pg_url)
+    one, two = await backend.nodes(2)
+    try:
+        await one.create_user("admin@example.org", H, "team", True)
+        ada = await one.create_user("ada@example.org", H, "free", False)
+        await two.listen()
+        await _until(lambda: asyncio.sleep(0, two._listening))
+        reads = 0
+        real = two.db.fetchrow
+
+        async def counted(*args):
+            nonlocal reads
+            reads += 1
+            return await real(*args)
+
+        two.db.fetchrow = counted
+        assert (await two.auth_state(ada.id)).tier == "free"
+        assert (await two.auth_state(ada.id)).tier == "free" and reads == 1  # the second from memory
+        waits = []
+        for change, check in (({"tier": "team"}, lambda s: s.tier == "team"),
+                              ({"disabled": 1}, lambda s: s.disabled),
+                              ({"disabled": 0}, lambda s: not s.disabled)):
+            await one.update_user_by_id(ada.id, **change)
+
+            async def seen(check=check):
+                return check(await two.auth_state(ada.id))
+
+            waits.append(await _until(seen))
+        # A revoked token family (reuse detected on another node) evicts too.
+        await backend.value(one, "INSERT INTO revoked_families (family_id, user_id, until) VALUES (?, ?, ?)",
+                            "fam-1", ada.id, 2_000_000_000)
+
+        async def revoked():
+            return "fam-1" in (await two.auth_state(ada.id)).revoked_families
+
+        waits.append(await _until(revoked))
+        print(f"notice to eviction: {', '.join(f'{w * 1000:.1f}' for w in waits)} ms")
+        assert max(waits) < 1.0
+        # A read that overlapped a notice is not kept.
+        async def overlapping(*args):
+            row = await real(*args)
+            two._notice(None, 0, "adiuva_accounts", ada.id)
+            return row
+
+        two.db.fetchrow = overlapping
+        two._cache.clear()
+        await two.auth_state(ada.id)
+        assert ada.id not in two._cache
+        two.db.fetchrow = counted
+        # The listening connection killed: the cache is off at once, on again once it reconnects.
+        await two.auth_state(ada.id)
+        assert ada.id in two._cache
+        await backend.value(one, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE application_name = 'adiuva-listener'")
+        await _until(lambda: asyncio.sleep(0, not two._listening))
+        assert two._cache == {}
+        before = reads
+        await two.auth_state(ada.id)
+        await two.auth_state(ada.id)
+        assert reads == before + 2  # no cache without notices
+        await _until(lambda: asyncio.sleep(0, two._listening), timeout=10)
+        await one.update_user_by_id(ada.id, tier="pro")
+
+        async def pro():
+            return (await two.auth_state(ada.id)).tier == "pro"
+
+        await _until(pro)
+        await one.delete_user("ada@example.org")
+
+        async def gone():
+            return await two.auth_state(ada.id) is None
+
+        await _until(gone)
+    finally:
+        await two.stop_listening()
+        await backend.close()

@@ -15,8 +15,13 @@ themselves instead of SQLite's one writer:
   UPDATE`), the order every writer of both takes (user, then tokens), so of concurrent
   rotations of one token one rotates and the others, once it commits, find it used: RETRIED
   within the grace (its successor committed and unused), else the family is revoked.
-- `auth_state`: one indexed query per call, no cache: a change committed on any node counts on
-  the next request on every node.
+- `auth_state`: from a per-node cache of the accounts it checked, while the node listens on
+  channel `adiuva_accounts`: a trigger (migration postgres/0009) notifies every change to what
+  it returns, at commit, whoever wrote it, and the notice evicts that account. A read that
+  overlapped a notice is not cached (a generation counter). Whenever the listening connection is
+  not up (at start, lost, or its health check failing) the cache is off and every call is one
+  indexed query, so a missed notice can never leave a node stale; a change counts on another
+  node once its notice has arrived (well under a millisecond on a LAN: see README).
 
 Built by the composition root (`compose.postgres_stores`): `PostgresAccountStore(pg)` on the shared pool
 in place of `SQLiteAccountStore(db)` when `settings.backend == "postgresql"`.
@@ -24,7 +29,10 @@ in place of `SQLiteAccountStore(db)` when `settings.backend == "postgresql"`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -32,7 +40,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from adiuva_server import errors
-from adiuva_server.auth.store import LoginSubject, Rotated, Rotation, User
+from adiuva_server.auth.store import AUTH_CACHE_USERS, LoginSubject, Rotated, Rotation, User
 from adiuva_server.db.postgres import PgDatabase
 
 T = TypeVar("T")
@@ -42,6 +50,11 @@ _AUTH_STATE = ("SELECT id, email, tier, is_admin, disabled, session_version, cre
                " (SELECT array_agg(family_id) FROM revoked_families WHERE user_id = users.id)"
                " FROM users WHERE id = $1")
 _FLAGS = frozenset({"is_admin", "disabled"})
+CHANNEL = "adiuva_accounts"
+# The listening connection is checked this often; a check that fails turns the cache off.
+HEALTH_SECONDS = 2.0
+RECONNECT_SECONDS = 1.0
+log = logging.getLogger(__name__)
 
 
 def _count(status: str) -> int:
@@ -57,12 +70,77 @@ def _user(row: Any) -> User:
 class PostgresAccountStore:
     def __init__(self, db: PgDatabase) -> None:
         self.db = db
+        self._cache: dict[str, User | None] = {}
+        self._generation = 0  # moves with every notice: a read that overlapped one is not kept
+        self._listening = False
+        self._listener: asyncio.Task | None = None
 
     async def auth_state(self, user_id: str) -> User | None:
+        if self._listening:
+            try:
+                return self._cache[user_id]
+            except KeyError:
+                pass
+        generation = self._generation
         row = await self.db.fetchrow(_AUTH_STATE, user_id)
-        if row is None:
-            return None
-        return User(row[0], row[1], row[2], row[3], row[4], row[5], row[6], "", frozenset(row[7] or ()))
+        user = None if row is None else User(row[0], row[1], row[2], row[3], row[4], row[5], row[6], "",
+                                             frozenset(row[7] or ()))
+        if self._listening and generation == self._generation:
+            if len(self._cache) >= AUTH_CACHE_USERS:
+                self._cache.clear()
+            self._cache[user_id] = user
+        return user
+
+    # -- the cache's notices (servers only: commands read every time) ---------------------------
+
+    async def listen(self) -> None:
+        """Start keeping a cache, kept true by the change notices; until the listening connection
+        is up (and whenever it is down) every call reads the database."""
+        if self._listener is None:
+            self._listener = asyncio.ensure_future(self._listen_forever())
+
+    async def stop_listening(self) -> None:
+        self._off()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    def _off(self) -> None:
+        self._listening = False
+        self._cache.clear()
+        self._generation += 1
+
+    def _notice(self, _conn: Any, _pid: int, _channel: str, user_id: str) -> None:
+        self._generation += 1
+        self._cache.pop(user_id, None)
+
+    async def _listen_forever(self) -> None:
+        while True:
+            conn = None
+            try:
+                conn = await self.db.connect_listener()
+                await conn.add_listener(CHANNEL, self._notice)
+                conn.add_termination_listener(lambda _c: self._off())
+                self._cache.clear()  # what was read before listening is not covered by notices
+                self._generation += 1
+                self._listening = True
+                while not conn.is_closed():
+                    await asyncio.sleep(HEALTH_SECONDS)
+                    await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_SECONDS)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # PostgreSQL gone or unreachable: read every time meanwhile
+                if self._listening:
+                    log.warning("account change notices lost (%s); reading accounts on every request until "
+                                "they are back", type(exc).__name__)
+            finally:
+                self._off()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=1))
+            await asyncio.sleep(RECONNECT_SECONDS)
 
     async def get_by_email(self, email: str) -> User | None:
         row = await self.db.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE email = $1", email)

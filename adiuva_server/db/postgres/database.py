@@ -91,6 +91,11 @@ class PgDatabase:
         self.pool = pool
         self._url = url
 
+    async def connect_listener(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool, for LISTEN (held for the process's life)."""
+        return await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT,
+                                     server_settings={"application_name": "adiuva-listener"})
+
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 20, migrate: bool = True) -> PgDatabase:
         pool = await asyncpg.create_pool(
