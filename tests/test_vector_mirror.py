@@ -591,3 +591,52 @@ async def test_snapshots_stay_within_the_cache_budget(aiohttp_client, data_dir, 
     d = data_dir / "vector-snapshots"
     assert sum(p.stat().st_size for p in d.iterdir()) <= budget
     assert len(snapshot_files(data_dir)) == 4  # two collections' files
+
+
+def test_quantized_bound_holds_where_the_codes_rank_near_ties_wrongly():
+    """Rows whose distances differ by less than one quantization step, placed so that rounding
+    ranks them wrongly: the truly nearest rows (components at 0.51 step, rounded up) code as
+    farther than 200 decoys (4.6 steps away, rounded up to 5) and 10 exact ties (4 steps, on
+    the grid). The first candidate set (decoys and ties) must not be accepted: only the error
+    term of the bound says that the nearest rows may be left out, so with it zeroed the answer
+    comes out wrong, and with it the answer equals the float64 brute force (ties by rowid)."""
+    d, s = 32, 2000.0 / 254.0  # the step the two range rows below give (centre 0)
+    rng = np.random.default_rng(41)
+    range_rows = np.zeros((2, d)); range_rows[0, 0], range_rows[1, 0] = 127.0, -127.0
+    nearest = np.full((5, d), 0.51) + rng.uniform(0, 1e-3, (5, d))  # true 2.9 steps, coded 5.7
+    ties = np.zeros((10, d)); ties[:, 0] = 4.0  # true and coded 4
+    decoys = np.zeros((200, d)); decoys[:, 0] = 4.6; decoys[:, 1] = rng.uniform(0, 1e-3, 200)  # coded 5
+    far = np.clip(rng.standard_normal((12_000, d)) * 40.0, -126.0, 126.0)
+    parts = [range_rows, far[:6000], ties, decoys[:100], nearest, decoys[100:], far[6000:]]
+    x = (np.concatenate(parts) * s).astype(np.float32)
+    n = len(x)
+    rowids = np.arange(n, dtype=np.int64) * 2 + 5
+    entry = MirrorEntry.build(1, rowids, x)
+    assert entry.attach_coarse() and entry.coarse is not None
+    assert entry.coarse.centre == 0.0 and entry.coarse.step == pytest.approx(s)
+    q = np.zeros(d, dtype=np.float32)
+    for k in (1, 10, 15, 100):
+        got, d2 = entry.top_k(q, k)
+        assert got.tolist() == _exact_rowids(x, q, k, rowids)
+        np.testing.assert_allclose(d2, np.einsum("ij,ij->i", x[(got - 5) // 2].astype(np.float64),
+                                                 x[(got - 5) // 2].astype(np.float64)), rtol=1e-12)
+    # The same search believing the codes exact: the decoys are taken, the nearest rows missed.
+    entry.coarse.err = 0.0
+    assert entry.top_k(q, 10)[0].tolist() != _exact_rowids(x, q, 10, rowids)
+
+
+def test_quantized_candidates_stay_exact_on_a_shell_of_near_ties():
+    """Thousands of rows on a sphere around the query, their radii 1e-6 apart (the step is
+    ~0.3), some of them exact duplicates: exact order and rowid tie-breaks must survive."""
+    rng = np.random.default_rng(43)
+    d, shell, n_far = 48, 4000, 9000
+    u = rng.standard_normal((shell, d))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    radii = 10.0 + rng.permutation(shell) * 1e-6
+    x = np.concatenate([u * radii[:, None], u[:200] * 10.0, rng.standard_normal((n_far, d)) * 12.0]).astype(np.float32)
+    rowids = np.arange(len(x), dtype=np.int64) * 3 + 1
+    entry = MirrorEntry.build(1, rowids, x)
+    assert entry.attach_coarse() and entry.coarse is not None
+    for q in (np.zeros(d, dtype=np.float32), (rng.standard_normal(d) * 1e-4).astype(np.float32)):
+        for k in (1, 10, 100):
+            assert entry.top_k(q, k)[0].tolist() == _exact_rowids(x, q, k, rowids)
