@@ -640,3 +640,97 @@ def test_quantized_candidates_stay_exact_on_a_shell_of_near_ties():
     for q in (np.zeros(d, dtype=np.float32), (rng.standard_normal(d) * 1e-4).astype(np.float32)):
         for k in (1, 10, 100):
             assert entry.top_k(q, k)[0].tolist() == _exact_rowids(x, q, k, rowids)
+
+
+async def _two_users_store(tmp_path, mirror=None):
+    from adiuva_server.auth.store import SQLiteAccountStore
+    from adiuva_server.db import Database
+    from adiuva_server.vectors.store import NewVector, SQLiteVectorStore
+
+    db = await Database.open(tmp_path / "pieces.db")
+    accounts = SQLiteAccountStore(db)
+    users = [(await accounts.create_user(f"{n}@pieces.example", "pw", "team", False)).id for n in "abc"]
+    store = SQLiteVectorStore(db, mirror)
+    rng = np.random.default_rng(47)
+
+    def batch(prefix: str, n: int, start: int) -> list:
+        x = rng.standard_normal((n, 6)).astype(np.float32)
+        x[:, 0] = 0.0  # all-zero bytes
+        x[::2, 1] = -0.0
+        x[::3, 2] = np.float32(1e-45)  # a subnormal
+        return [NewVector(f"{prefix}{start + i}", r.tobytes(), b"p", hashlib.sha256(b"p").hexdigest()) for i, r in enumerate(x)]
+
+    # a's rows interleaved with three times as many of b's (read through the index); c's
+    # rows written together (read by rowid range), with a gap left by deletions.
+    for i in range(8):
+        await store.upsert(users[0], "team", "default", "l2", 6, batch("a", 5, 5 * i))
+        await store.upsert(users[1], "team", "default", "l2", 6, batch("b", 15, 15 * i))
+    await store.upsert(users[2], "team", "default", "l2", 6, batch("c", 90, 0))
+    await store.delete(users[2], "team", "default", [f"c{i}" for i in range(30, 45)])
+    return db, store, users
+
+
+async def test_rows_read_in_pieces_equal_the_rows_byte_for_byte(tmp_path, monkeypatch):
+    """A collection is read a piece (one aggregate query) at a time, and grouped into scan
+    blocks: rowids and embeddings must come out exactly as stored, in rowid order, whether its
+    rows are read through the index (interleaved with another user's) or by rowid range."""
+    from adiuva_server.vectors import store as store_module
+
+    monkeypatch.setattr(store_module, "PIECE_ROWS", 7)
+    monkeypatch.setattr(store_module, "SCAN_BLOCK", 20)
+    db, store, users = await _two_users_store(tmp_path)
+    try:
+        for uid in users:
+            coll = await store.get_collection(uid, "default")
+
+            def read(conn, coll=coll):
+                conn.execute("BEGIN")
+                want = conn.execute("SELECT vec_rowid, embedding FROM vector_items WHERE collection_id = ? "
+                                    "ORDER BY vec_rowid", (coll.id,)).fetchall()
+                pieces = list(store_module._read_pieces(conn, coll.id, 6, coll.count))
+                blocks = [(i.copy(), x.copy()) for i, x in store_module._read_blocks(conn, coll.id, 6, coll.count)]
+                entry = store_module._read_entry(conn, coll.id, 6, coll.count, 1)
+                stopped = store_module._read_entry(conn, coll.id, 6, coll.count, 1, stop=lambda: True)
+                return want, pieces, blocks, entry, stopped
+
+            want, pieces, blocks, entry, stopped = await db.run_read(read)
+            rowids = np.array([r[0] for r in want])
+            x = np.frombuffer(b"".join(r[1] for r in want), dtype=np.float32).reshape(-1, 6)
+            assert len(pieces) == -(-coll.count // 7) and all(len(p[0]) <= 7 for p in pieces)
+            assert [len(b[0]) for b in blocks][:-1] == [20] * (len(blocks) - 1)
+            for got_ids, got_x in (
+                    (np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])),
+                    (np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])),
+                    (entry.rowids, entry.x)):
+                assert got_ids.tolist() == rowids.tolist()
+                assert got_x.tobytes() == x.tobytes()  # -0.0 and subnormals included
+            assert stopped is None
+    finally:
+        await db.close()
+
+
+async def test_warm_up_gives_way_to_a_search_reading_the_same_rows(tmp_path, monkeypatch):
+    """A search that starts reading a collection's rows while the warm-up reads them too makes
+    the warm-up stop (the search keeps the copy it reads); without one, the warm-up loads it."""
+    from adiuva_server.vectors import store as store_module
+
+    monkeypatch.setattr(store_module, "PIECE_ROWS", 4)
+    db, store, users = await _two_users_store(tmp_path, VectorMirror(2**20, 1))
+    try:
+        coll = await store.get_collection(users[1], "default")
+        key = (users[1], coll.id)
+        original = store_module._read_pieces
+
+        def search_arrives(*args):
+            for i, piece in enumerate(original(*args)):
+                if i == 2:
+                    store._reading.add(key)
+                yield piece
+
+        monkeypatch.setattr(store_module, "_read_pieces", search_arrives)
+        assert not await store._load(key, False) and store.mirror.peek(key) is None
+        store._reading.discard(key)
+        monkeypatch.setattr(store_module, "_read_pieces", original)
+        assert await store._load(key, False) and store.mirror.peek(key).n == coll.count
+    finally:
+        await db.close()
