@@ -671,14 +671,14 @@ async def _two_users_store(tmp_path, mirror=None):
 
 
 async def test_rows_read_in_pieces_equal_the_rows_byte_for_byte(tmp_path, monkeypatch):
-    """A collection is read a piece (one aggregate query) at a time, and grouped into scan
-    blocks: rowids and embeddings must come out exactly as stored, in rowid order, whether its
-    rows are read through the index (interleaved with another user's) or by rowid range."""
+    """A collection is read a piece (one aggregate query) at a time: rowids and embeddings
+    must come out exactly as stored, in rowid order, whether its rows are read through the
+    index (interleaved with another user's) or by rowid range; the scan over the pieces is exact."""
     from adiuva_server.vectors import store as store_module
 
     monkeypatch.setattr(store_module, "PIECE_ROWS", 7)
-    monkeypatch.setattr(store_module, "SCAN_BLOCK", 20)
     db, store, users = await _two_users_store(tmp_path)
+    q = np.random.default_rng(49).standard_normal(6).astype(np.float32)
     try:
         for uid in users:
             coll = await store.get_collection(uid, "default")
@@ -688,49 +688,65 @@ async def test_rows_read_in_pieces_equal_the_rows_byte_for_byte(tmp_path, monkey
                 want = conn.execute("SELECT vec_rowid, embedding FROM vector_items WHERE collection_id = ? "
                                     "ORDER BY vec_rowid", (coll.id,)).fetchall()
                 pieces = list(store_module._read_pieces(conn, coll.id, 6, coll.count))
-                blocks = [(i.copy(), x.copy()) for i, x in store_module._read_blocks(conn, coll.id, 6, coll.count)]
                 entry = store_module._read_entry(conn, coll.id, 6, coll.count, 1)
-                stopped = store_module._read_entry(conn, coll.id, 6, coll.count, 1, stop=lambda: True)
-                return want, pieces, blocks, entry, stopped
+                scans = [store_module._scan(conn, coll.id, 6, coll.count, q, k) for k in (1, 10, 1000)]
+                return want, pieces, entry, scans
 
-            want, pieces, blocks, entry, stopped = await db.run_read(read)
+            want, pieces, entry, scans = await db.run_read(read)
             rowids = np.array([r[0] for r in want])
             x = np.frombuffer(b"".join(r[1] for r in want), dtype=np.float32).reshape(-1, 6)
             assert len(pieces) == -(-coll.count // 7) and all(len(p[0]) <= 7 for p in pieces)
-            assert [len(b[0]) for b in blocks][:-1] == [20] * (len(blocks) - 1)
-            for got_ids, got_x in (
-                    (np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])),
-                    (np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])),
-                    (entry.rowids, entry.x)):
+            for got_ids, got_x in ((np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])),
+                                   (entry.rowids, entry.x)):
                 assert got_ids.tolist() == rowids.tolist()
                 assert got_x.tobytes() == x.tobytes()  # -0.0 and subnormals included
-            assert stopped is None
+            for (got, _), k in zip(scans, (1, 10, 1000), strict=True):
+                assert got.tolist() == _exact_rowids(x, q, k, rowids)
     finally:
         await db.close()
 
 
-async def test_warm_up_gives_way_to_a_search_reading_the_same_rows(tmp_path, monkeypatch):
-    """A search that starts reading a collection's rows while the warm-up reads them too makes
-    the warm-up stop (the search keeps the copy it reads); without one, the warm-up loads it."""
+async def test_a_large_collection_without_a_copy_is_scanned_and_loaded_in_the_background(tmp_path, monkeypatch):
+    """No copy and no snapshot: the search answers exactly from the rows as it reads them (no
+    copy built on its path) and the copy loads in the background, once, whoever asks for it:
+    searches meanwhile do not wait for it, and the warm-up joins it instead of reading again."""
+    import asyncio
+
     from adiuva_server.vectors import store as store_module
 
-    monkeypatch.setattr(store_module, "PIECE_ROWS", 4)
+    monkeypatch.setattr(store_module, "PIECE_ROWS", 16)
+    monkeypatch.setattr(store_module.SQLiteVectorStore, "stream_min_rows", 100)
     db, store, users = await _two_users_store(tmp_path, VectorMirror(2**20, 1))
     try:
-        coll = await store.get_collection(users[1], "default")
+        coll = await store.get_collection(users[1], "default")  # 120 vectors
         key = (users[1], coll.id)
-        original = store_module._read_pieces
+        rows = await db.fetchall("SELECT item_id, vec_rowid, embedding FROM vector_items WHERE collection_id = ? "
+                                 "ORDER BY vec_rowid", (coll.id,))
+        rowid_of = {r[0]: r[1] for r in rows}
+        rowids = np.array([r[1] for r in rows])
+        x = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(-1, 6)
+        gate, loads, original = asyncio.Event(), [], store._load
 
-        def search_arrives(*args):
-            for i, piece in enumerate(original(*args)):
-                if i == 2:
-                    store._reading.add(key)
-                yield piece
+        async def held_load(k, evict):
+            loads.append((k, evict))
+            await gate.wait()
+            return await original(k, evict)
 
-        monkeypatch.setattr(store_module, "_read_pieces", search_arrives)
-        assert not await store._load(key, False) and store.mirror.peek(key) is None
-        store._reading.discard(key)
-        monkeypatch.setattr(store_module, "_read_pieces", original)
-        assert await store._load(key, False) and store.mirror.peek(key).n == coll.count
+        store._load = held_load
+        for q in x[:3]:
+            matches = await asyncio.wait_for(store.search(coll, q.tobytes(), 10), 10)
+            assert [rowid_of[m.id] for m in matches] == _exact_rowids(x, q, 10, rowids)
+            assert store.mirror.peek(key) is None
+        assert loads == [(key, True)]  # one load for the three searches
+        warm = store.start_warm_up()
+        await asyncio.sleep(0.05)
+        assert not warm.done()  # waiting for that load
+        gate.set()
+        await asyncio.wait_for(warm, 10)
+        assert [load for load in loads if load[0] == key] == [(key, True)]
+        assert store.mirror.peek(key).n == coll.count
+        matches = await store.search(coll, x[5].tobytes(), 1)
+        assert rowid_of[matches[0].id] == rowids[5] and matches[0].distance == 0.0
     finally:
+        await store.close()
         await db.close()

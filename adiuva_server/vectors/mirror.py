@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -247,16 +247,12 @@ class MirrorEntry:
         return cls(version, rows, rows.used)
 
     @classmethod
-    def from_blocks(cls, version: int, count: int, dimension: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]],
-                    stop: Callable[[], bool] | None = None) -> MirrorEntry | None:
+    def from_blocks(cls, version: int, count: int, dimension: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> MirrorEntry:
         """Built from (rowids, x) blocks in ascending rowid order, each copied once into place
-        (a second copy of a large collection costs as much as reading it). None when `stop()`,
-        asked before each block, turns true."""
+        (a second copy of a large collection costs as much as reading it)."""
         rows = _Rows(count, dimension)
         n = 0
         for ids, x in blocks:
-            if stop is not None and stop():
-                return None
             if n + len(ids) > rows.capacity:  # more rows than counted: grow (cannot happen in one snapshot)
                 bigger = _Rows(n + len(ids), dimension)
                 bigger.write(0, rows.rowids[:n], rows.x[:n])

@@ -11,11 +11,12 @@ for 1,000 users x 3 vectors of 384), and its 0.1.9 wheel has no SIMD.
 
 Search: every searched collection gets an in-memory float32 copy within the cache budget
 (vectors/mirror.py: exact numpy search, versioned, keyed by user and collection). Without a
-current copy the search reads the collection's rows in its own read transaction, answers from
-them, and keeps them as the copy when they fit; a collection larger than the whole budget is
-scanned block by block. Writes of this process move a copy forward instead of dropping it.
-After a restart the largest collections are loaded in the background (`warm_up`); a search
-never waits for that: it loads the copy itself when it is not there yet. Copies of large
+current copy the search reads the collection's rows in its own read transaction: a small
+collection's rows become its copy; a large one (`stream_min_rows`) is answered from its rows as
+they are read, a piece at a time, and its copy loads in the background; a collection larger
+than the whole budget is always scanned that way. Writes of this process move a copy forward
+instead of dropping it. After a restart the largest collections are loaded in the background
+(`warm_up`); a search never waits for that. Copies of large
 collections are persisted as snapshot files (vectors/snapshots.py) after they change, off the
 event loop and debounced; a load memory-maps the snapshot of exactly the database's state when
 there is one, and reads the rows otherwise.
@@ -28,7 +29,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 
 MAX_DIMENSION = 4096
 METRICS = ("l2", "cosine")
-# Rows read per step of a scan; also the block of a scan over a collection larger than the
-# cache budget (its memory is bounded by this many rows).
-SCAN_BLOCK = 16384
 # Vectors x dimensions above which normalising a batch leaves the event loop.
 OFFLOAD_VALUES = 65536
 
@@ -184,30 +182,17 @@ def _read_pieces(conn: Any, coll_id: int, dimension: int, count: int):
         after = top
 
 
-def _read_blocks(conn: Any, coll_id: int, dimension: int, count: int):
-    """The same, SCAN_BLOCK rows at a time, in one buffer reused for every block (the caller is
-    done with a block when it asks for the next one)."""
-    x = np.empty((SCAN_BLOCK, dimension), dtype=np.float32)
-    rowids = np.empty(SCAN_BLOCK, dtype=np.int64)
-    n = 0
-    for ids, piece in _read_pieces(conn, coll_id, dimension, count):
-        at = 0
-        while at < len(ids):
-            take = min(len(ids) - at, SCAN_BLOCK - n)
-            x[n:n + take], rowids[n:n + take] = piece[at:at + take], ids[at:at + take]
-            n, at = n + take, at + take
-            if n == SCAN_BLOCK:
-                yield rowids, x
-                n = 0
-    if n:
-        yield rowids[:n], x[:n]
+def _scan(conn: Any, coll_id: int, dimension: int, count: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest over the rows as they are read, a piece at a time (memory: one
+    piece): for a collection with no copy in memory, or too large for one."""
+    best = (np.empty(0, np.int64), np.empty(0, np.float64))
+    for ids, x in _read_pieces(conn, coll_id, dimension, count):
+        best = merge_top_k([best, MirrorEntry.wrap(0, ids, x).top_k(q, k)], k)
+    return best
 
 
-def _read_entry(conn: Any, coll_id: int, dimension: int, count: int, version: int,
-                stop: Callable[[], bool] | None = None) -> MirrorEntry | None:
-    """The copy of the collection read from its rows; None when `stop()` turned true meanwhile
-    (it is asked between pieces)."""
-    return MirrorEntry.from_blocks(version, count, dimension, _read_pieces(conn, coll_id, dimension, count), stop)
+def _read_entry(conn: Any, coll_id: int, dimension: int, count: int, version: int) -> MirrorEntry:
+    return MirrorEntry.from_blocks(version, count, dimension, _read_pieces(conn, coll_id, dimension, count))
 
 
 class SQLiteVectorStore:
@@ -217,6 +202,11 @@ class SQLiteVectorStore:
     # writes the file once, not once a batch).
     snapshot_quiet = 2.0
     snapshot_min_rows = snapshots.MIN_ROWS
+    # A collection this large with no current copy (and no snapshot of its state) is searched
+    # straight from its rows, a piece at a time, while its copy loads in the background:
+    # building a copy of 100k x 384 on the request path added 20-330 ms of page faults on fresh
+    # memory here to the ~120 ms of reading.
+    stream_min_rows = 8192
 
     def __init__(self, db: Database, mirror: VectorMirror | None = None, snapshot_dir: Path | None = None) -> None:
         self.db = db
@@ -231,6 +221,8 @@ class SQLiteVectorStore:
         # Collections whose rows a search is reading now: the warm-up leaves them to it (two
         # threads reading the same rows would slow that search for nothing).
         self._reading: set[Key] = set()
+        self._loading: dict[Key, asyncio.Task[bool]] = {}  # one background load of a key at a time
+        self._closing = False
 
     async def get_collection(self, user_id: str, name: str) -> Collection | None:
         # An indexed single-row read: cheaper on the event loop than a thread hand-off.
@@ -373,11 +365,14 @@ class SQLiteVectorStore:
 
     async def search(self, collection: Collection, query: bytes, k: int) -> list[Match]:
         # On a pooled reader connection (its own thread): a large search never blocks the loop.
-        matches, entry = await self.db.run_read(self._search_sync, collection, query, k)
+        matches, entry, load = await self.db.run_read(self._search_sync, collection, query, k)
+        key = (collection.user_id, collection.id)
         if entry is not None:
             if entry.wants_coarse:
                 self._attach_coarse(entry)
-            self._snapshot_later((collection.user_id, collection.id))
+            self._snapshot_later(key)
+        elif load:
+            self._load_in_background(key, True)
         return matches
 
     # -- snapshots ----------------------------------------------------------------------------
@@ -391,7 +386,7 @@ class SQLiteVectorStore:
             return
         self._dirty.add(key)
         self._changed_at = time.monotonic()
-        if self._snapshotter is None or self._snapshotter.done():
+        if not self._closing and (self._snapshotter is None or self._snapshotter.done()):
             self._snapshotter = asyncio.create_task(self._snapshot_soon())
 
     async def _snapshot_soon(self) -> None:
@@ -426,15 +421,16 @@ class SQLiteVectorStore:
         if self._coarse is None or self._coarse.done():
             self._coarse = asyncio.ensure_future(asyncio.to_thread(entry.attach_coarse))
 
-    def _search_sync(self, conn: Any, coll: Collection, query: bytes, k: int) -> tuple[list[Match], MirrorEntry | None]:
+    def _search_sync(self, conn: Any, coll: Collection, query: bytes, k: int) -> tuple[list[Match], MirrorEntry | None, bool]:
         """In one read transaction: the collection's version (for this user), then numpy over
-        the current in-memory copy, or over the rows read now, and the payloads."""
+        the current in-memory copy, or over the rows read now, and the payloads. Also says
+        whether the copy should be loaded in the background (a large collection was scanned)."""
         conn.execute("BEGIN")
         row = conn.execute(
             "SELECT version, count FROM vector_collections WHERE id = ? AND user_id = ?", (coll.id, coll.user_id)
         ).fetchone()
         if row is None:  # deleted since the caller looked it up
-            return [], None
+            return [], None, False
         version, count = row
         q = np.frombuffer(query, dtype=np.float32)
         if coll.metric == "cosine":
@@ -442,21 +438,23 @@ class SQLiteVectorStore:
         key = (coll.user_id, coll.id)
         mirror = self.mirror
         entry = mirror.get(key, version) if mirror is not None else None
+        load = False
         if entry is None and mirror is not None and mirror.wants(count) and mirror.fits(count, coll.dimension):
             self._reading.add(key)
             try:
-                entry = self._new_entry(conn, key, coll.dimension, count, version)
+                entry = self._new_entry(conn, key, coll.dimension, count, version, count < self.stream_min_rows)
+                if entry is None:
+                    load = True
+                    rowids, d2 = _scan(conn, coll.id, coll.dimension, count, q, k)
             finally:
                 self._reading.discard(key)
-            mirror.put(key, entry)
+            if entry is not None:
+                mirror.put(key, entry)
         if entry is not None:
             rowids, d2 = entry.top_k(q, k)
-        else:  # no copy wanted or possible: exact over the rows, one block in memory at a time
-            best: list[tuple[np.ndarray, np.ndarray]] = []
-            for ids, block in _read_blocks(conn, coll.id, coll.dimension, count):
-                best = [merge_top_k([*best, MirrorEntry.build(version, ids, block).top_k(q, k)], k)]
-            rowids, d2 = best[0] if best else (np.empty(0, np.int64), np.empty(0))
-        return _matches(conn, coll, rowids, d2), entry
+        elif not load:  # no copy wanted or possible: exact over the rows, one piece in memory at a time
+            rowids, d2 = _scan(conn, coll.id, coll.dimension, count, q, k)
+        return _matches(conn, coll, rowids, d2), entry, load
 
     # -- in-memory copies -------------------------------------------------------------------
 
@@ -478,17 +476,13 @@ class SQLiteVectorStore:
             return False
         if not evict and (key in self._reading or self.mirror.estimate_bytes(count, dimension) > self.mirror.room()):
             return False
-        # The warm-up gives way: a search that starts reading the same rows meanwhile would
-        # share the cores with it and take twice as long, so the warm-up stops and the search
-        # keeps the copy it reads.
-        entry = self._new_entry(conn, key, dimension, count, version, None if evict else lambda: key in self._reading)
+        entry = self._new_entry(conn, key, dimension, count, version)
         return entry is not None and self.mirror.put(key, entry, evict=evict)
 
     def _new_entry(self, conn: Any, key: Key, dimension: int, count: int, version: int,
-                   stop: Callable[[], bool] | None = None) -> MirrorEntry | None:
+                   read_rows: bool = True) -> MirrorEntry | None:
         """The copy at `version` (read in `conn`'s transaction): its snapshot memory-mapped when
-        one of exactly this state is on disk, else the rows (None if `stop()` turns true while
-        they are read)."""
+        one of exactly this state is on disk, else the rows (None without `read_rows`)."""
         user_id, coll_id = key
         if self.snapshot_dir is not None and count >= self.snapshot_min_rows:
             found = snapshots.load(self.snapshot_dir, conn, user_id, coll_id, version, count, dimension)
@@ -496,20 +490,37 @@ class SQLiteVectorStore:
                 self._on_disk[key] = version
                 return MirrorEntry.wrap(version, *found)
             self._on_disk.pop(key, None)  # whatever is on disk is not this state: written anew
-        return _read_entry(conn, coll_id, dimension, count, version, stop)
+        return _read_entry(conn, coll_id, dimension, count, version) if read_rows else None
 
     async def warm(self, collection: Collection) -> bool:
         """Load the in-memory copy of `collection` now, with its quantized copy when it gets
         one (benchmarks, tests). True when a current copy is in memory afterwards."""
         return await self._load((collection.user_id, collection.id), True)
 
+    def _load_in_background(self, key: Key, evict: bool) -> asyncio.Task[bool]:
+        """The one load of `key` in flight, started if there is none (a search that scanned the
+        rows for want of a copy, or the warm-up, asks for it)."""
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load_logged(key, evict))
+            self._loading[key] = task
+            task.add_done_callback(lambda t: self._loading.pop(key) if self._loading.get(key) is t else None)
+        return task
+
+    async def _load_logged(self, key: Key, evict: bool) -> bool:
+        try:
+            return await self._load(key, evict)
+        except Exception:
+            log.exception("could not load vector collection %s into memory", key[1])
+            return False
+
     async def _load(self, key: Key, evict: bool) -> bool:
         if self.mirror is None or not await self.db.run_read(self._load_sync, key, evict):
             return False
-        entry = self.mirror.peek(key)
-        if entry is not None and entry.wants_coarse:
-            await asyncio.to_thread(entry.attach_coarse)
         self._snapshot_later(key)
+        entry = self.mirror.peek(key)
+        if entry is not None and entry.wants_coarse and not self._closing:
+            await asyncio.to_thread(entry.attach_coarse)
         return True
 
     def start_warm_up(self) -> asyncio.Task[int]:
@@ -538,21 +549,24 @@ class SQLiteVectorStore:
             if size > budget:
                 continue  # another, smaller one may still fit
             budget -= size
-            try:
-                if await self._load((user_id, coll_id), False):
-                    loaded += 1
-            except Exception:
-                log.exception("could not load vector collection %s into memory", coll_id)
+            key = (user_id, coll_id)
+            while key in self._reading:  # a search reads these rows now: load after it, not beside it
+                await asyncio.sleep(0.005)
+            if await asyncio.shield(self._load_in_background(key, False)):
+                loaded += 1
         log.info("vector warm-up: %d collections in memory (%d MB)", loaded, mirror.nbytes // 2**20)
         return loaded
 
     async def close(self) -> None:
-        """Stop the warm-up (it holds a database connection while it reads), and write the
-        snapshots still pending (the next start loads them instead of the rows)."""
+        """Stop the warm-up (it holds a database connection while it reads), let the loads under
+        way finish (a read runs to its end in its thread anyway) and write the snapshots still
+        pending (the next start loads them instead of the rows)."""
+        self._closing = True
         for task in (self._warming, self._coarse, self._snapshotter):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
         self._warming = self._coarse = self._snapshotter = None
         await self.write_snapshots()
 
