@@ -221,8 +221,12 @@ class SQLiteVectorStore:
         # Collections whose rows a search is reading now: the warm-up leaves them to it (two
         # threads reading the same rows would slow that search for nothing).
         self._reading: set[Key] = set()
+        # Large collections a search is scanning now (no copy yet): the warm-up lets the first
+        # such search finish before it loads the same rows (not longer: searches may keep coming).
+        self._scanning: set[Key] = set()
         self._loading: dict[Key, asyncio.Task[bool]] = {}  # one background load of a key at a time
         self._closing = False
+        self._writing: asyncio.Future[int] | None = None  # the snapshot file being written
 
     async def get_collection(self, user_id: str, name: str) -> Collection | None:
         # An indexed single-row read: cheaper on the event loop than a thread hand-off.
@@ -403,9 +407,13 @@ class SQLiteVectorStore:
             entry = self.mirror.peek(key)
             if entry is None or self._on_disk.get(key) == entry.version:
                 continue
+            # A write under way is not abandoned when its caller is cancelled (close awaits it):
+            # a half-written file would be the only copy on disk.
+            self._writing = asyncio.ensure_future(asyncio.to_thread(
+                snapshots.write, self.snapshot_dir, key[0], key[1], entry.version, entry.rowids, entry.x,
+                lambda e=entry, k=key: self.mirror.peek(k) is e))
             try:
-                if await asyncio.to_thread(snapshots.write, self.snapshot_dir, key[0], key[1], entry.version,
-                                           entry.rowids, entry.x, lambda e=entry, k=key: self.mirror.peek(k) is e):
+                if await asyncio.shield(self._writing):
                     self._on_disk[key] = entry.version
                     written += 1
             except OSError as e:  # a full disk, say: the copy in memory still serves
@@ -440,14 +448,16 @@ class SQLiteVectorStore:
         entry = mirror.get(key, version) if mirror is not None else None
         load = False
         if entry is None and mirror is not None and mirror.wants(count) and mirror.fits(count, coll.dimension):
-            self._reading.add(key)
+            inline = count < self.stream_min_rows
+            watch = self._reading if inline else self._scanning
+            watch.add(key)
             try:
-                entry = self._new_entry(conn, key, coll.dimension, count, version, count < self.stream_min_rows)
+                entry = self._new_entry(conn, key, coll.dimension, count, version, inline)
                 if entry is None:
                     load = True
                     rowids, d2 = _scan(conn, coll.id, coll.dimension, count, q, k)
             finally:
-                self._reading.discard(key)
+                watch.discard(key)
             if entry is not None:
                 mirror.put(key, entry)
         if entry is not None:
@@ -550,7 +560,8 @@ class SQLiteVectorStore:
                 continue  # another, smaller one may still fit
             budget -= size
             key = (user_id, coll_id)
-            while key in self._reading:  # a search reads these rows now: load after it, not beside it
+            until = time.monotonic() + 0.5
+            while key in self._scanning and time.monotonic() < until:  # after it, not beside it
                 await asyncio.sleep(0.005)
             if await asyncio.shield(self._load_in_background(key, False)):
                 loaded += 1
@@ -567,6 +578,8 @@ class SQLiteVectorStore:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(*self._loading.values(), return_exceptions=True)
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
         self._warming = self._coarse = self._snapshotter = None
         await self.write_snapshots()
 
