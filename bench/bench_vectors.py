@@ -7,7 +7,8 @@ Every row of issue 15's table, against numpy in the same run:
 1. restart: the target user's collection is written, the database closed and opened again as
    a restarting server would (empty cache, background warm-up started); the first search and
    the searches made during the warm-up are timed (none may wait for it): once without a
-   snapshot file (the rows are read from SQLite), then with the snapshot the first server wrote
+   snapshot file (searches scan the rows from SQLite while the copy loads), then with the
+   snapshot the first server wrote
    when it stopped (memory-mapped; the file is in the page cache, as after a server restart
    rather than a machine reboot);
 2. the target's k-NN search through the store, against numpy brute force over the same float32
@@ -250,7 +251,7 @@ async def main(a: argparse.Namespace) -> None:
         await warming
         warm_s = time.perf_counter() - t0
         during_ok = [got == exact_ids(x, q, a.k) for q, got in answers]  # checked afterwards: it is slow
-        how = "maps the snapshot" if with_snapshot else "no snapshot yet: it reads the rows itself"
+        how = "maps the snapshot" if with_snapshot else "no snapshot yet: it scans the rows, the copy loads behind it"
         print(f"restart            : first search at once {first_s * 1e3:.0f} ms (target < 300: {verdict(first_s < 0.3)}; "
               f"{how}); {len(during)} searches during the {warm_s:.2f} s warm-up, slowest "
               f"{max(during, default=0) * 1e3:.0f} ms; all exact: {all(during_ok)}")

@@ -591,3 +591,162 @@ async def test_snapshots_stay_within_the_cache_budget(aiohttp_client, data_dir, 
     d = data_dir / "vector-snapshots"
     assert sum(p.stat().st_size for p in d.iterdir()) <= budget
     assert len(snapshot_files(data_dir)) == 4  # two collections' files
+
+
+def test_quantized_bound_holds_where_the_codes_rank_near_ties_wrongly():
+    """Rows whose distances differ by less than one quantization step, placed so that rounding
+    ranks them wrongly: the truly nearest rows (components at 0.51 step, rounded up) code as
+    farther than 200 decoys (4.6 steps away, rounded up to 5) and 10 exact ties (4 steps, on
+    the grid). The first candidate set (decoys and ties) must not be accepted: only the error
+    term of the bound says that the nearest rows may be left out, so with it zeroed the answer
+    comes out wrong, and with it the answer equals the float64 brute force (ties by rowid)."""
+    d, s = 32, 2000.0 / 254.0  # the step the two range rows below give (centre 0)
+    rng = np.random.default_rng(41)
+    range_rows = np.zeros((2, d)); range_rows[0, 0], range_rows[1, 0] = 127.0, -127.0
+    nearest = np.full((5, d), 0.51) + rng.uniform(0, 1e-3, (5, d))  # true 2.9 steps, coded 5.7
+    ties = np.zeros((10, d)); ties[:, 0] = 4.0  # true and coded 4
+    decoys = np.zeros((200, d)); decoys[:, 0] = 4.6; decoys[:, 1] = rng.uniform(0, 1e-3, 200)  # coded 5
+    far = np.clip(rng.standard_normal((12_000, d)) * 40.0, -126.0, 126.0)
+    parts = [range_rows, far[:6000], ties, decoys[:100], nearest, decoys[100:], far[6000:]]
+    x = (np.concatenate(parts) * s).astype(np.float32)
+    n = len(x)
+    rowids = np.arange(n, dtype=np.int64) * 2 + 5
+    entry = MirrorEntry.build(1, rowids, x)
+    assert entry.attach_coarse() and entry.coarse is not None
+    assert entry.coarse.centre == 0.0 and entry.coarse.step == pytest.approx(s)
+    q = np.zeros(d, dtype=np.float32)
+    for k in (1, 10, 15, 100):
+        got, d2 = entry.top_k(q, k)
+        assert got.tolist() == _exact_rowids(x, q, k, rowids)
+        np.testing.assert_allclose(d2, np.einsum("ij,ij->i", x[(got - 5) // 2].astype(np.float64),
+                                                 x[(got - 5) // 2].astype(np.float64)), rtol=1e-12)
+    # The same search believing the codes exact: the decoys are taken, the nearest rows missed.
+    entry.coarse.err = 0.0
+    assert entry.top_k(q, 10)[0].tolist() != _exact_rowids(x, q, 10, rowids)
+
+
+def test_quantized_candidates_stay_exact_on_a_shell_of_near_ties():
+    """Thousands of rows on a sphere around the query, their radii 1e-6 apart (the step is
+    ~0.3), some of them exact duplicates: exact order and rowid tie-breaks must survive."""
+    rng = np.random.default_rng(43)
+    d, shell, n_far = 48, 4000, 9000
+    u = rng.standard_normal((shell, d))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    radii = 10.0 + rng.permutation(shell) * 1e-6
+    x = np.concatenate([u * radii[:, None], u[:200] * 10.0, rng.standard_normal((n_far, d)) * 12.0]).astype(np.float32)
+    rowids = np.arange(len(x), dtype=np.int64) * 3 + 1
+    entry = MirrorEntry.build(1, rowids, x)
+    assert entry.attach_coarse() and entry.coarse is not None
+    for q in (np.zeros(d, dtype=np.float32), (rng.standard_normal(d) * 1e-4).astype(np.float32)):
+        for k in (1, 10, 100):
+            assert entry.top_k(q, k)[0].tolist() == _exact_rowids(x, q, k, rowids)
+
+
+async def _two_users_store(tmp_path, mirror=None):
+    from adiuva_server.auth.store import SQLiteAccountStore
+    from adiuva_server.db import Database
+    from adiuva_server.vectors.store import NewVector, SQLiteVectorStore
+
+    db = await Database.open(tmp_path / "pieces.db")
+    accounts = SQLiteAccountStore(db)
+    users = [(await accounts.create_user(f"{n}@pieces.example", "pw", "team", False)).id for n in "abc"]
+    store = SQLiteVectorStore(db, mirror)
+    rng = np.random.default_rng(47)
+
+    def batch(prefix: str, n: int, start: int) -> list:
+        x = rng.standard_normal((n, 6)).astype(np.float32)
+        x[:, 0] = 0.0  # all-zero bytes
+        x[::2, 1] = -0.0
+        x[::3, 2] = np.float32(1e-45)  # a subnormal
+        return [NewVector(f"{prefix}{start + i}", r.tobytes(), b"p", hashlib.sha256(b"p").hexdigest()) for i, r in enumerate(x)]
+
+    # a's rows interleaved with three times as many of b's (read through the index); c's
+    # rows written together (read by rowid range), with a gap left by deletions.
+    for i in range(8):
+        await store.upsert(users[0], "team", "default", "l2", 6, batch("a", 5, 5 * i))
+        await store.upsert(users[1], "team", "default", "l2", 6, batch("b", 15, 15 * i))
+    await store.upsert(users[2], "team", "default", "l2", 6, batch("c", 90, 0))
+    await store.delete(users[2], "team", "default", [f"c{i}" for i in range(30, 45)])
+    return db, store, users
+
+
+async def test_rows_read_in_pieces_equal_the_rows_byte_for_byte(tmp_path, monkeypatch):
+    """A collection is read a piece (one aggregate query) at a time: rowids and embeddings
+    must come out exactly as stored, in rowid order, whether its rows are read through the
+    index (interleaved with another user's) or by rowid range; the scan over the pieces is exact."""
+    from adiuva_server.vectors import store as store_module
+
+    monkeypatch.setattr(store_module, "PIECE_ROWS", 7)
+    db, store, users = await _two_users_store(tmp_path)
+    q = np.random.default_rng(49).standard_normal(6).astype(np.float32)
+    try:
+        for uid in users:
+            coll = await store.get_collection(uid, "default")
+
+            def read(conn, coll=coll):
+                conn.execute("BEGIN")
+                want = conn.execute("SELECT vec_rowid, embedding FROM vector_items WHERE collection_id = ? "
+                                    "ORDER BY vec_rowid", (coll.id,)).fetchall()
+                pieces = list(store_module._read_pieces(conn, coll.id, 6, coll.count))
+                entry = store_module._read_entry(conn, coll.id, 6, coll.count, 1)
+                scans = [store_module._scan(conn, coll.id, 6, coll.count, q, k) for k in (1, 10, 1000)]
+                return want, pieces, entry, scans
+
+            want, pieces, entry, scans = await db.run_read(read)
+            rowids = np.array([r[0] for r in want])
+            x = np.frombuffer(b"".join(r[1] for r in want), dtype=np.float32).reshape(-1, 6)
+            assert len(pieces) == -(-coll.count // 7) and all(len(p[0]) <= 7 for p in pieces)
+            for got_ids, got_x in ((np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])),
+                                   (entry.rowids, entry.x)):
+                assert got_ids.tolist() == rowids.tolist()
+                assert got_x.tobytes() == x.tobytes()  # -0.0 and subnormals included
+            for (got, _), k in zip(scans, (1, 10, 1000), strict=True):
+                assert got.tolist() == _exact_rowids(x, q, k, rowids)
+    finally:
+        await db.close()
+
+
+async def test_a_large_collection_without_a_copy_is_scanned_and_loaded_in_the_background(tmp_path, monkeypatch):
+    """No copy and no snapshot: the search answers exactly from the rows as it reads them (no
+    copy built on its path) and the copy loads in the background, once, whoever asks for it:
+    searches meanwhile do not wait for it, and the warm-up joins it instead of reading again."""
+    import asyncio
+
+    from adiuva_server.vectors import store as store_module
+
+    monkeypatch.setattr(store_module, "PIECE_ROWS", 16)
+    monkeypatch.setattr(store_module.SQLiteVectorStore, "stream_min_rows", 100)
+    db, store, users = await _two_users_store(tmp_path, VectorMirror(2**20, 1))
+    try:
+        coll = await store.get_collection(users[1], "default")  # 120 vectors
+        key = (users[1], coll.id)
+        rows = await db.fetchall("SELECT item_id, vec_rowid, embedding FROM vector_items WHERE collection_id = ? "
+                                 "ORDER BY vec_rowid", (coll.id,))
+        rowid_of = {r[0]: r[1] for r in rows}
+        rowids = np.array([r[1] for r in rows])
+        x = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(-1, 6)
+        gate, loads, original = asyncio.Event(), [], store._load
+
+        async def held_load(k, evict):
+            loads.append((k, evict))
+            await gate.wait()
+            return await original(k, evict)
+
+        store._load = held_load
+        for q in x[:3]:
+            matches = await asyncio.wait_for(store.search(coll, q.tobytes(), 10), 10)
+            assert [rowid_of[m.id] for m in matches] == _exact_rowids(x, q, 10, rowids)
+            assert store.mirror.peek(key) is None
+        assert loads == [(key, True)]  # one load for the three searches
+        warm = store.start_warm_up()
+        await asyncio.sleep(0.05)
+        assert not warm.done()  # waiting for that load
+        gate.set()
+        await asyncio.wait_for(warm, 10)
+        assert [load for load in loads if load[0] == key] == [(key, True)]
+        assert store.mirror.peek(key).n == coll.count
+        matches = await store.search(coll, x[5].tobytes(), 1)
+        assert rowid_of[matches[0].id] == rowids[5] and matches[0].distance == 0.0
+    finally:
+        await store.close()
+        await db.close()
