@@ -162,3 +162,17 @@ def test_a_shared_database_without_shared_blobs_or_limits_refuses_to_start(tmp_p
     done = run_cli(tmp_path, "serve", DATABASE_URL=url)
     assert done.returncode == 2, done.stderr
     assert "S3_BUCKET and REDIS_URL are not" in done.stderr and "s3cret" not in done.stderr + done.stdout
+
+
+async def test_a_node_that_waited_for_another_nodes_migration_gets_the_new_types(pg_url):
+    """Its pool's connections were opened before pgvector's type existed: after the migration
+    (made by another node) they must bind vectors in the binary codec, not as text."""
+    early = await PgDatabase.open(pg_url, min_size=2, max_size=2, migrate=False)
+    other = await PgDatabase.open(pg_url)  # this node migrates (creates the vector type)
+    try:
+        await early.migrate()  # nothing left to apply here
+        got = await asyncio.gather(*(early.fetchval("SELECT $1::vector::text", [1.0, 2.5]) for _ in range(4)))
+        assert got == ["[1,2.5]"] * 4
+    finally:
+        await other.close()
+        await early.close()

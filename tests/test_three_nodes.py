@@ -44,6 +44,8 @@ async def nodes(cluster_env, tmp_path):
     finally:
         for n in started:
             n.kill()
+        for i, n in enumerate(started):  # shown when the test fails
+            print(f"--- node {i} ---\n{n.output[-6000:]}")
 
 
 class Client:

@@ -204,7 +204,6 @@ class PgDatabase:
                 # Every bundled version not recorded, not only those above the highest: numbers
                 # are reserved per feature, so one may land after a higher one was applied.
                 done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-                applied = False
                 if current > latest:
                     raise RuntimeError(
                         f"database schema version {current} is newer than this server ({latest}); upgrade adiuva"
@@ -216,12 +215,13 @@ class PgDatabase:
                     async with conn.transaction():
                         await conn.execute(sql)
                         await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
-                    applied = True
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
                 await conn.execute("RESET statement_timeout")
-        if applied:  # new types (pgvector's): connections made before them reconnect to get their codecs
-            await self.pool.expire_connections()
+        # New types (pgvector's) may have been made meanwhile, by this node or by another one that
+        # held the lock while this one waited: connections opened before them reconnect to get
+        # their codecs (a node starting beside the migrating one once bound vectors as text).
+        await self.pool.expire_connections()
         return latest
 
 
