@@ -306,3 +306,15 @@ async def test_a_developer_without_an_account_cannot_sell(service, backend, tmp_
     with pytest.raises(revenue.DeveloperNotPayable):
         await backend.store.open_purchase(buyer, "mood-board", str(uuid.uuid4()), "t", 1)
     assert await backend.store.purchases(None, 10) == [] and await backend.store.installed(buyer) == []
+
+
+async def test_a_plugin_installed_while_it_was_free_is_not_charged_when_it_gets_a_price(service, backend, tmp_path):
+    buyer = await backend.add_user()
+    await service.submit(package(tmp_path, id="was-free", name="Was Free"), submitted_by="cli", owner_id=None, admin=True)
+    await service.approve("was-free", reviewer="test")
+    assert (await backend.store.install(buyer, "was-free", "t")).payment_state == "free"
+    await service.submit(package(tmp_path, id="was-free", name="Was Free", version="1.1.0", price_cents=199),
+                         submitted_by="cli", owner_id=None, admin=True)
+    await service.approve("was-free", reviewer="test")
+    opened = await backend.store.open_purchase(buyer, "was-free", str(uuid.uuid4()), "t2", 2)
+    assert opened.installed and opened.purchase is None and await backend.store.purchases(None, 10) == []

@@ -132,6 +132,10 @@ async def open_purchase(tx: Tx, user_id: str, plugin_id: str, purchase_id: str, 
     plugin = await tx.row("SELECT status, price_cents, currency, owner_id FROM plugins WHERE id = ?", plugin_id)
     if plugin is None or plugin["status"] != "approved":
         raise errors.NotFound("no such plugin")
+    installed = await tx.row("SELECT 1 FROM plugin_installs WHERE user_id = ? AND plugin_id = ? AND state = 'installed'",
+                             user_id, plugin_id)
+    if installed is not None:  # installed already (paid, or while it was free): nothing to charge
+        return Opened(None, True)
     held = await tx.row(f"SELECT {_PURCHASE} FROM plugin_purchases WHERE user_id = ? AND plugin_id = ? "
                         f"AND state IN ('pending', 'paid'){tx.lock}", user_id, plugin_id)
     if held is not None and held["state"] == "paid":
