@@ -158,7 +158,6 @@ async def test_kill_9_of_a_node_under_uploads_loses_no_acknowledged_upload(nodes
             await asyncio.sleep(0.02)
         nodes[0].kill()  # SIGKILL with uploads in flight
         await asyncio.gather(*tasks)
-        assert 8 <= len(acked) < len(bodies) or len(acked) == len(bodies)
         for rid, body in acked.items():
             for i in (1, 2):
                 status, got, _ = await ada.call("GET", f"/storage/records/{rid}", node=i)

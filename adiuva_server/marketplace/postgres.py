@@ -51,7 +51,7 @@ def _changed(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-class PostgresMarketplaceStore:
+class PostgresMarketplaceStore(revenue.RevenueMethods):
     def __init__(self, db: PgDatabase) -> None:
         self.db = db
 
@@ -296,44 +296,6 @@ class PostgresMarketplaceStore:
 
     async def _read(self, fn, *args: Any, **kwargs: Any) -> Any:
         return await self.db.transaction(lambda conn: fn(_Tx(conn), *args, **kwargs), readonly=True)
-
-    async def open_purchase(self, user_id: str, plugin_id: str, purchase_id: str, now: str,
-                            now_unix: int) -> revenue.Opened:
-        return await self._write(revenue.open_purchase, user_id, plugin_id, purchase_id, now, now_unix)
-
-    async def set_checkout(self, purchase_id: str, session_id: str, url: str) -> revenue.Purchase:
-        return await self._write(revenue.set_checkout, purchase_id, session_id, url)
-
-    async def purchase(self, purchase_id: str) -> revenue.Purchase:
-        return await self._read(revenue.purchase, purchase_id)
-
-    async def purchases(self, user_id: str | None, limit: int) -> list[revenue.Purchase]:
-        return await self._read(revenue.purchases, user_id, limit)
-
-    async def complete_purchase(self, purchase_id: str, session_id: str, payment_intent: str | None, amount: int,
-                                currency: str, now: str) -> str:
-        return await self._write(revenue.complete, purchase_id, session_id, payment_intent, amount, currency, now)
-
-    async def expire_purchase(self, session_id: str) -> str:
-        return await self._write(revenue.expire, session_id)
-
-    async def refundable(self, purchase_id: str) -> revenue.Purchase:
-        return await self._read(revenue.refundable, purchase_id)
-
-    async def refunded(self, *, purchase_id: str | None = None, payment_intent: str | None = None,
-                       refund_id: str | None, now: str) -> str:
-        return await self._write(revenue.refunded, purchase_id=purchase_id, payment_intent=payment_intent,
-                                 refund_id=refund_id, now=now)
-
-    async def add_developer(self, email: str, stripe_account: str, plugin_ids: list[str], now: str) -> revenue.Developer:
-        return await self._write(revenue.add_developer, email, stripe_account, plugin_ids, now)
-
-    async def developers(self, user_id: str | None = None) -> list[revenue.Developer]:
-        return await self._read(revenue.developers, user_id)
-
-    async def earnings(self, developer_id: str | None, since: str, until: str, *,
-                       everyone: bool) -> list[revenue.Earnings]:
-        return await self._read(revenue.earnings, developer_id, since, until, everyone=everyone)
 
 
 async def _catalog_failures(conn: asyncpg.Connection, new: NewVersion) -> list[Failure]:

@@ -122,6 +122,49 @@ class PurchaseNotRefundable(errors.Conflict):
     title = "This purchase cannot be refunded"
 
 
+class RevenueMethods:
+    """The store methods of paid plugins, the same on both backends: each runs one function
+    below in one transaction; the store gives `_write` (a write transaction) and `_read`."""
+
+    async def open_purchase(self, user_id: str, plugin_id: str, purchase_id: str, now: str,
+                            now_unix: int) -> Opened:
+        return await self._write(open_purchase, user_id, plugin_id, purchase_id, now, now_unix)
+
+    async def set_checkout(self, purchase_id: str, session_id: str, url: str) -> Purchase:
+        return await self._write(set_checkout, purchase_id, session_id, url)
+
+    async def purchase(self, purchase_id: str) -> Purchase:
+        return await self._read(purchase, purchase_id)
+
+    async def purchases(self, user_id: str | None, limit: int) -> list[Purchase]:
+        return await self._read(purchases, user_id, limit)
+
+    async def complete_purchase(self, purchase_id: str, session_id: str, payment_intent: str | None, amount: int,
+                                currency: str, now: str) -> str:
+        return await self._write(complete, purchase_id, session_id, payment_intent, amount, currency, now)
+
+    async def expire_purchase(self, session_id: str) -> str:
+        return await self._write(expire, session_id)
+
+    async def refundable(self, purchase_id: str) -> Purchase:
+        return await self._read(refundable, purchase_id)
+
+    async def refunded(self, *, purchase_id: str | None = None, payment_intent: str | None = None,
+                       refund_id: str | None, now: str) -> str:
+        return await self._write(refunded, purchase_id=purchase_id, payment_intent=payment_intent,
+                                 refund_id=refund_id, now=now)
+
+    async def add_developer(self, email: str, stripe_account: str, plugin_ids: list[str], now: str) -> Developer:
+        return await self._write(add_developer, email, stripe_account, plugin_ids, now)
+
+    async def developers(self, user_id: str | None = None) -> list[Developer]:
+        return await self._read(developers, user_id)
+
+    async def earnings(self, developer_id: str | None, since: str, until: str, *,
+                       everyone: bool) -> list[Earnings]:
+        return await self._read(earnings, developer_id, since, until, everyone=everyone)
+
+
 # -- installs ----------------------------------------------------------------------------------
 
 

@@ -200,9 +200,7 @@ async def pg_to_sqlite(pg: Any, path: Path, progress: Progress | None = None) ->
             await asyncio.to_thread(writer.execute, f'DELETE FROM "{table}"')
         # The rows carry their counters: the triggers that keep them are dropped for the copy and
         # made again before the commit (DDL is transactional in SQLite).
-        triggers = writer.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
-        for name, _ in triggers:
-            writer.execute(f'DROP TRIGGER "{name}"')
+        triggers = await asyncio.to_thread(_drop_triggers, writer)
         async with pg.pool.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 source = await pg_columns(conn)
@@ -228,12 +226,7 @@ async def pg_to_sqlite(pg: Any, path: Path, progress: Progress | None = None) ->
                         if progress:
                             progress(len(rows))
                     copied[table] = n
-        for _, sql in triggers:
-            writer.execute(sql)
-        # PostgreSQL draws vector versions from a sequence; SQLite's counter goes on from the
-        # highest version copied.
-        writer.execute("INSERT INTO vector_version_counter (id, value) "
-                       "SELECT 1, coalesce(max(version), 0) FROM vector_collections")
+        await asyncio.to_thread(_restore_triggers, writer, triggers)
         await asyncio.to_thread(writer.execute, "COMMIT")
     except BaseException:
         if writer.in_transaction:
@@ -242,6 +235,22 @@ async def pg_to_sqlite(pg: Any, path: Path, progress: Progress | None = None) ->
     finally:
         writer.close()
     return copied
+
+
+def _drop_triggers(writer: Any) -> list[tuple[str, str]]:
+    triggers = writer.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    for name, _ in triggers:
+        writer.execute(f'DROP TRIGGER "{name}"')
+    return triggers
+
+
+def _restore_triggers(writer: Any, triggers: list[tuple[str, str]]) -> None:
+    for _, sql in triggers:
+        writer.execute(sql)
+    # PostgreSQL draws vector versions from a sequence; SQLite's counter goes on from the
+    # highest version copied.
+    writer.execute("INSERT INTO vector_version_counter (id, value) "
+                   "SELECT 1, coalesce(max(version), 0) FROM vector_collections")
 
 
 async def pg_counts(pg: Any, tables: list[str]) -> dict[str, int]:
